@@ -1,0 +1,1 @@
+"""Model definitions with the original checkpoints' module names."""

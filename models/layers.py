@@ -1,0 +1,208 @@
+"""Pieces shared by several models: timestep embedding, RMSNorm, modulation,
+RoPE, attention, MLP embedders, and the small fused-op entry points.
+
+The element-wise chains that dominate a DiT block outside its matmuls
+(norm + modulate, QK-norm + RoPE, gated residual, GELU) go through the
+functions at the bottom of this file. They run plain torch by default;
+`set_kernels("triton")` (or "auto" on CUDA) routes them to kernels.py, so
+that reading a model never requires reading Triton.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, time_factor: float = 1000.0) -> Tensor:
+    """Sinusoidal embedding of t (B,) -> (B, dim), [cos | sin] order.
+
+    FLUX passes t in [0, 1]; the x1000 happens here, as in the reference code.
+    Computed in fp32 whatever t's dtype, returned in t's dtype if floating.
+    """
+    t = time_factor * t.float()
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class MLPEmbedder(nn.Module):
+    """Linear -> SiLU -> Linear (FLUX time_in, guidance_in, vector_in)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden_dim, bias=True)
+        self.silu = nn.SiLU()
+        self.out_layer = nn.Linear(hidden_dim, hidden_dim, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out_layer(self.silu(self.in_layer(x)))
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm whose learned parameter is called `scale` (FLUX/SD3 QK-norm).
+    The statistics are computed in fp32 (eps 1e-6)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.scale, self.eps)
+
+
+def rms_norm(x: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
+    x_dtype = x.dtype
+    x = x.float()
+    rrms = torch.rsqrt(torch.mean(x * x, dim=-1, keepdim=True) + eps)
+    return (x * rrms).to(x_dtype) * scale
+
+
+class QKNorm(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.query_norm = RMSNorm(dim)
+        self.key_norm = RMSNorm(dim)
+
+
+@dataclass
+class ModulationOut:
+    shift: Tensor  # (B, 1, H)
+    scale: Tensor  # (B, 1, H)
+    gate: Tensor  # (B, 1, H)
+
+
+class Modulation(nn.Module):
+    """lin(silu(vec)) chunked as (shift, scale, gate), once or twice."""
+
+    def __init__(self, dim: int, double: bool):
+        super().__init__()
+        self.is_double = double
+        self.multiplier = 6 if double else 3
+        self.lin = nn.Linear(dim, self.multiplier * dim, bias=True)
+
+    def forward(self, vec: Tensor) -> tuple[ModulationOut, ModulationOut | None]:
+        out = self.lin(F.silu(vec))[:, None, :].chunk(self.multiplier, dim=-1)
+        return ModulationOut(*out[:3]), ModulationOut(*out[3:]) if self.is_double else None
+
+
+# --- RoPE on adjacent pairs (FLUX) ---------------------------------------------------------------
+
+
+def rope(pos: Tensor, dim: int, theta: int) -> Tensor:
+    """Rotation matrices for positions pos (B, L) on one axis -> (B, L, dim/2, 2, 2), fp32.
+    Frequencies are built in float64 (as diffusers does) and rounded once."""
+    assert dim % 2 == 0
+    scale = torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim
+    omega = 1.0 / (theta**scale)
+    out = torch.einsum("...n,d->...nd", pos.to(torch.float64), omega)
+    out = torch.stack([torch.cos(out), -torch.sin(out), torch.sin(out), torch.cos(out)], dim=-1)
+    return rearrange(out, "b n d (i j) -> b n d i j", i=2, j=2).float()
+
+
+class EmbedND(nn.Module):
+    """ids (B, L, n_axes) -> pe (B, 1, L, sum(axes_dim)/2, 2, 2); no parameters."""
+
+    def __init__(self, dim: int, theta: int, axes_dim: list[int]):
+        super().__init__()
+        self.dim = dim
+        self.theta = theta
+        self.axes_dim = axes_dim
+
+    def forward(self, ids: Tensor) -> Tensor:
+        n_axes = ids.shape[-1]
+        emb = torch.cat([rope(ids[..., i], self.axes_dim[i], self.theta) for i in range(n_axes)], dim=-3)
+        return emb.unsqueeze(1)
+
+
+def apply_rope(xq: Tensor, xk: Tensor, freqs_cis: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotate adjacent pairs (x[2k], x[2k+1]) of q and k (B, H, L, D) in fp32."""
+    xq_ = xq.float().reshape(*xq.shape[:-1], -1, 1, 2)
+    xk_ = xk.float().reshape(*xk.shape[:-1], -1, 1, 2)
+    xq_out = freqs_cis[..., 0] * xq_[..., 0] + freqs_cis[..., 1] * xq_[..., 1]
+    xk_out = freqs_cis[..., 0] * xk_[..., 0] + freqs_cis[..., 1] * xk_[..., 1]
+    return xq_out.reshape(*xq.shape).type_as(xq), xk_out.reshape(*xk.shape).type_as(xk)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """SDPA over (B, H, L, D) -> (B, L, H*D). `mask` is a boolean (B, L) key mask or None."""
+    if mask is not None:
+        mask = mask[:, None, None, :]  # broadcast over heads and queries
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return rearrange(x, "B H L D -> B L (H D)")
+
+
+# --- fused-op entry points -----------------------------------------------------------------------
+# Each function below is a chain of element-wise passes in eager torch. kernels.py provides a
+# Triton version of each with the same signature; `set_kernels` chooses which one runs.
+
+_kernel_mode = "torch"
+
+
+def set_kernels(mode: str) -> None:
+    """'torch' (reference), 'triton' (kernels.py), or 'auto' (Triton on CUDA when installed)."""
+    global _kernel_mode
+    if mode not in ("auto", "torch", "triton"):
+        raise ValueError(f"kernels must be 'auto', 'torch' or 'triton', got {mode!r}")
+    _kernel_mode = mode
+
+
+def _use_triton(x: Tensor) -> bool:
+    if _kernel_mode == "torch":
+        return False
+    if _kernel_mode == "triton":
+        return True
+    from importlib.util import find_spec
+
+    return x.is_cuda and find_spec("triton") is not None
+
+
+def layer_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """LayerNorm over the last dim without affine weights."""
+    return F.layer_norm(x, x.shape[-1:], eps=eps)
+
+
+def norm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
+    """(1 + scale) * LN(x) + shift, with shift and scale (B, 1, H) broadcast over tokens."""
+    if _use_triton(x):
+        from kernels import norm_modulate as fused
+
+        return fused(x, shift, scale, eps)
+    return (1 + scale) * layer_norm(x, eps) + shift
+
+
+def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
+    """x + gate * y, gate (B, 1, H)."""
+    if _use_triton(x):
+        from kernels import gated_residual as fused
+
+        return fused(x, gate, y)
+    return x + gate * y
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    if _use_triton(x):
+        from kernels import gelu_tanh as fused
+
+        return fused(x)
+    return F.gelu(x, approximate="tanh")
+
+
+def qk_norm_rope(q: Tensor, k: Tensor, q_scale: Tensor, k_scale: Tensor, pe: Tensor | None) -> tuple[Tensor, Tensor]:
+    """RMSNorm q and k (B, H, L, D) with their learned scales, then RoPE on adjacent pairs.
+    Returns q, k in the input dtype. pe=None skips the rotation (SD3)."""
+    if _use_triton(q) and pe is not None:
+        from kernels import qk_norm_rope as fused
+
+        return fused(q, k, q_scale, k_scale, pe)
+    q, k = rms_norm(q, q_scale), rms_norm(k, k_scale)
+    if pe is None:
+        return q, k
+    return apply_rope(q, k, pe)
