@@ -1,1 +1,102 @@
-"""Model definitions with the original checkpoints' module names."""
+"""Model definitions with the original checkpoints' module names, and the small glue that
+train.py and sample.py use so they never branch on a file layout:
+
+- `load_codec(ae_path)`: images <-> what the denoiser sees. The VAE for real models; pixels
+  as they are when no autoencoder is given (the CPU demo trains on tiny images directly).
+- `load_text_encoder(...)`: prompts -> conditioning tensors (see models/text.py).
+"""
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .loading import load_state_dict
+
+
+def file_identity(path: str | Path) -> str:
+    """What changes when a file is replaced: name, size and modification time."""
+    path = Path(path)
+    if path.is_dir():
+        parts = sorted(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in path.iterdir() if p.is_file())
+        return f"{path.resolve()}[{hashlib.sha256(''.join(parts).encode()).hexdigest()[:16]}]"
+    stat = os.stat(path)
+    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+class VAECodec:
+    """The autoencoder: encode to scaled latents (the mean), decode back to pixels."""
+
+    downscale = 8
+
+    def __init__(self, path: str, dtype: torch.dtype, device):
+        from .vae import AutoEncoder
+
+        self.vae = AutoEncoder.from_state_dict(load_state_dict(path), dtype=dtype, device=device).eval()
+        self.vae.requires_grad_(False)
+        self.channels = self.vae.params.z_channels
+        self.dtype = dtype
+        self.identity = f"vae:{file_identity(path)}:{dtype}"
+
+    @torch.no_grad()
+    def encode(self, pixels: Tensor) -> Tensor:
+        device = next(self.vae.parameters()).device
+        return self.vae.encode(pixels.to(device, self.dtype)).float()
+
+    @torch.no_grad()
+    def decode(self, latent: Tensor) -> Tensor:
+        device = next(self.vae.parameters()).device
+        return self.vae.decode(latent.to(device, self.dtype)).float()
+
+    def to(self, device) -> "VAECodec":
+        self.vae.to(device)
+        return self
+
+
+class PixelCodec:
+    """No autoencoder: the 'latent' is the image itself, 3 channels at full size."""
+
+    downscale = 1
+    channels = 3
+    identity = "pixels"
+
+    def encode(self, pixels: Tensor) -> Tensor:
+        return pixels.float()
+
+    def decode(self, latent: Tensor) -> Tensor:
+        return latent.float()
+
+    def to(self, device) -> "PixelCodec":
+        return self
+
+
+def load_codec(ae_path: str, dtype: torch.dtype = torch.bfloat16, device="cpu"):
+    return VAECodec(ae_path, dtype, device) if ae_path else PixelCodec()
+
+
+class FluxPromptEncoder:
+    """Prompts -> {"t5": (B, L, 4096), "clip_pooled": (B, 768)[, "t5_mask": (B, L)]}, the
+    tensors models.flux.denoise takes and cache.TextCache stores."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+        self.identity = encoder.identity
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> dict[str, Tensor]:
+        out = self.encoder(list(prompts))
+        cond = {"t5": out.t5.float(), "clip_pooled": out.clip_pooled.float()}
+        if out.t5_mask is not None:
+            cond["t5_mask"] = out.t5_mask.bool()
+        return cond
+
+
+def load_text_encoder(clip_path: str, t5_path: str, clip_tokenizer: str = "", t5_tokenizer: str = "",
+                      max_length: int = 512, apply_mask: bool = False, dtype=torch.bfloat16, device="cpu"):
+    from .text import FluxTextEncoder
+
+    encoder = FluxTextEncoder.load(clip_path, t5_path, clip_tokenizer=clip_tokenizer or None,
+                                   t5_tokenizer=t5_tokenizer or None, t5_max_length=max_length,
+                                   apply_t5_attn_mask=apply_mask, dtype=dtype, device=device)
+    return FluxPromptEncoder(encoder)

@@ -20,12 +20,13 @@ from .layers import (
     QKNorm,
     attention,
     gated_residual,
+    gated_residual_norm_modulate,
     gelu_tanh,
     norm_modulate,
     qk_norm_rope,
     timestep_embedding,
 )
-from .loading import check_family, load_into
+from .loading import check_family, load_into, load_state_dict
 
 
 @dataclass
@@ -101,10 +102,16 @@ class DoubleStreamBlock(nn.Module):
         attn = attention(q, k, v, mask)
         txt_attn, img_attn = attn[:, :txt_len], attn[:, txt_len:]
 
-        img = gated_residual(img, img_mod1.gate, self.img_attn.proj(img_attn))
-        img = gated_residual(img, img_mod2.gate, self._mlp(self.img_mlp, norm_modulate(img, img_mod2.shift, img_mod2.scale)))
-        txt = gated_residual(txt, txt_mod1.gate, self.txt_attn.proj(txt_attn))
-        txt = gated_residual(txt, txt_mod2.gate, self._mlp(self.txt_mlp, norm_modulate(txt, txt_mod2.shift, txt_mod2.scale)))
+        # x = x + gate1 * attn; x = x + gate2 * mlp(modulate2(LN(x))): the first residual update and
+        # the MLP's input norm are one fused step (same result as gated_residual then norm_modulate).
+        img, img_mlp_in = gated_residual_norm_modulate(
+            img, img_mod1.gate, self.img_attn.proj(img_attn), img_mod2.shift, img_mod2.scale
+        )
+        img = gated_residual(img, img_mod2.gate, self._mlp(self.img_mlp, img_mlp_in))
+        txt, txt_mlp_in = gated_residual_norm_modulate(
+            txt, txt_mod1.gate, self.txt_attn.proj(txt_attn), txt_mod2.shift, txt_mod2.scale
+        )
+        txt = gated_residual(txt, txt_mod2.gate, self._mlp(self.txt_mlp, txt_mlp_in))
         return img, txt
 
 
@@ -256,6 +263,11 @@ class Flux(nn.Module):
         return model
 
 
+def load(path, dtype: torch.dtype | None = None, device=None, allow_pickle: bool = False, **overrides) -> Flux:
+    """Flux from a file, a sharded index or a folder (memory-mapped; see models/loading.py)."""
+    return Flux.from_state_dict(load_state_dict(path, allow_pickle=allow_pickle), dtype=dtype, device=device, **overrides)
+
+
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 
@@ -333,3 +345,36 @@ def img_ids(batch: int, latent_h: int, latent_w: int, device=None, dtype=torch.f
 def txt_ids(batch: int, txt_len: int, device=None, dtype=torch.float32) -> Tensor:
     """(B, L_txt, 3) zeros: text tokens get the identity rotation."""
     return torch.zeros(batch, txt_len, 3, device=device, dtype=dtype)
+
+
+# --- the family surface used by train.py and sample.py ------------------------------------------
+
+
+def default_t5_max_length(params: FluxParams) -> int:
+    """512 tokens for dev, 256 for schnell (black-forest-labs/flux: cli.py)."""
+    return 512 if params.guidance_embed else 256
+
+
+def image_seq_len(latent_h: int, latent_w: int) -> int:
+    return (latent_h // 2) * (latent_w // 2)
+
+
+def denoise(model: Flux, x_t: Tensor, sigma: Tensor, cond: dict, guidance: Tensor | None) -> Tensor:
+    """Run the transformer on a latent (B, C, h, w) at noise level sigma (B,) in [0, 1].
+
+    cond holds "t5" (B, L, 4096), "clip_pooled" (B, 768) and optionally "t5_mask" (B, L).
+    Returns the model output unpacked to (B, C, h, w) (the velocity noise - x0 when trained)."""
+    b, _, h, w = x_t.shape
+    dtype = model.img_in.weight.dtype if model.img_in.weight.is_floating_point() else x_t.dtype
+    txt = cond["t5"].to(dtype)
+    out = model(
+        img=pack(x_t).to(dtype),
+        img_ids=img_ids(b, h, w, device=x_t.device),
+        txt=txt,
+        txt_ids=txt_ids(b, txt.shape[1], device=x_t.device),
+        timesteps=sigma.float(),  # fp32: the embedding multiplies by 1000
+        y=cond["clip_pooled"].to(dtype),
+        guidance=guidance.float() if (guidance is not None and model.params.guidance_embed) else None,
+        txt_mask=cond.get("t5_mask"),
+    )
+    return unpack(out.to(x_t.dtype), h, w)

@@ -151,7 +151,15 @@ def set_kernels(mode: str) -> None:
     global _kernel_mode
     if mode not in ("auto", "torch", "triton"):
         raise ValueError(f"kernels must be 'auto', 'torch' or 'triton', got {mode!r}")
+    if mode == "triton" and not _triton_installed():
+        raise ValueError("kernels='triton' needs the triton package (pip install triton); use 'auto' or 'torch'")
     _kernel_mode = mode
+
+
+def _triton_installed() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("triton") is not None
 
 
 def _use_triton(x: Tensor) -> bool:
@@ -159,9 +167,7 @@ def _use_triton(x: Tensor) -> bool:
         return False
     if _kernel_mode == "triton":
         return True
-    from importlib.util import find_spec
-
-    return x.is_cuda and find_spec("triton") is not None
+    return x.is_cuda and _triton_installed()
 
 
 def layer_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
@@ -187,6 +193,19 @@ def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
     return x + gate * y
 
 
+def gated_residual_norm_modulate(
+    x: Tensor, gate: Tensor, y: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6
+) -> tuple[Tensor, Tensor]:
+    """h = x + gate * y, and h's modulated norm (1 + scale) * LN(h) + shift: the residual update
+    that is followed directly by the next sub-block's input norm. Returns (h, normed)."""
+    if _use_triton(x):
+        from kernels import gated_residual_norm_modulate as fused
+
+        return fused(x, gate, y, shift, scale, eps)
+    h = gated_residual(x, gate, y)
+    return h, norm_modulate(h, shift, scale, eps)
+
+
 def gelu_tanh(x: Tensor) -> Tensor:
     if _use_triton(x):
         from kernels import gelu_tanh as fused
@@ -206,3 +225,13 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_scale: Tensor, k_scale: Tensor, pe: Ten
     if pe is None:
         return q, k
     return apply_rope(q, k, pe)
+
+
+def geglu(x: Tensor) -> Tensor:
+    """[a | b] = x split in halves on the last dim -> a * GELU(b), exact erf GELU (SDXL GEGLU)."""
+    if _use_triton(x):
+        from kernels import geglu as fused
+
+        return fused(x)
+    a, b = x.chunk(2, dim=-1)
+    return a * F.gelu(b)

@@ -43,7 +43,7 @@ def load_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, t
 
     Pickle files (.ckpt/.pt/.bin) can run code when loaded: they are refused unless
     allow_pickle=True, and even then are read with torch.load(weights_only=True)."""
-    sd = {}
+    sd, source = {}, {}
     for file in list_weight_files(path):
         if file.suffix != ".safetensors":
             if not allow_pickle:
@@ -56,7 +56,12 @@ def load_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, t
             continue
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for key in f.keys():
-                sd[key] = f.get_tensor(key)
+                if key in source:  # e.g. a folder holding two whole checkpoints
+                    raise ValueError(
+                        f"{key} is in both {source[key].name} and {file.name}: {path} holds more than one "
+                        "checkpoint. Pass the one file you mean, or a sharded index."
+                    )
+                sd[key], source[key] = f.get_tensor(key), file
     return sd
 
 

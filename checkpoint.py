@@ -1,0 +1,90 @@
+"""Resumable training state: one folder per saved step under <run>/state/.
+
+A state folder holds the trainable weights (safetensors), the optimizer, scheduler and
+EMA state, the RNG states, the position in the data order and the resolved config.
+It is written to a temporary folder and renamed into place, so a crash mid-save never
+leaves a folder that looks complete; the last `keep_last` folders are kept.
+"""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_DIR = "state"
+PREFIX = "step_"
+
+
+def state_dirs(run_dir: Path) -> list[Path]:
+    """Complete state folders, oldest first."""
+    root = Path(run_dir) / STATE_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").exists()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def find_resume_dir(run_dir: Path, resume: str) -> Path | None:
+    """resume = "" (fresh start), "latest" (newest in this run) or a state folder path."""
+    if not resume:
+        return None
+    if resume == "latest":
+        dirs = state_dirs(run_dir)
+        return dirs[-1] if dirs else None
+    path = Path(resume)
+    if not (path / "state.json").exists():
+        raise FileNotFoundError(f"resume={resume!r}: no state.json there; pass a folder like {run_dir}/state/step_000100")
+    return path
+
+
+def save_state(run_dir: Path, step: int, trainable: dict, optimizer, scheduler, ema, info: dict, keep_last: int) -> Path:
+    """Write everything needed to continue from `step`; returns the folder."""
+    root = Path(run_dir) / STATE_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:06d}"
+    tmp = root / f".tmp_{PREFIX}{step:06d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+    extra = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+        "rng": info.pop("rng"),
+    }
+    torch.save(extra, tmp / "training_state.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, **info}, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)  # the folder appears complete or not at all
+    for old in state_dirs(run_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old)
+    return final
+
+
+def load_state(state_dir: Path) -> tuple[dict, dict, dict]:
+    """(trainable tensors, training_state with optimizer/scheduler/ema/rng, state.json info)."""
+    state_dir = Path(state_dir)
+    trainable = load_file(str(state_dir / "trainable.safetensors"))
+    extra = torch.load(state_dir / "training_state.pt", map_location="cpu", weights_only=True)
+    info = json.loads((state_dir / "state.json").read_text())
+    return trainable, extra, info
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    """Every random stream the loop draws from: the noise/timestep generator and torch's global RNG
+    (LoRA dropout)."""
+    state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict, generator: torch.Generator) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,215 @@
+"""Training configuration: every setting with its default, and the checks that run
+before any model loads.
+
+A config file is plain Python assignments that differ from DEFAULTS (see configs/).
+`python train.py configs/x.py --key=value` overrides from the command line.
+Unknown keys, wrong types and impossible combinations are errors that say what to do.
+"""
+import ast
+import difflib
+import math
+from pathlib import Path
+
+# fmt: off
+DEFAULTS = dict(
+    # --- model files (see README "Where the files come from") ---
+    model_family="flux",          # only FLUX.1 for now
+    flux_path="",                 # flux1-dev.safetensors / flux1-schnell.safetensors (or a folder / sharded index)
+    ae_path="",                   # ae.safetensors; "" trains on pixels directly (the demo)
+    clip_l_path="",               # clip_l.safetensors or a CLIPTextModel folder
+    t5_path="",                   # t5xxl_fp16.safetensors / t5xxl_fp8_e4m3fn.safetensors or a folder
+    clip_tokenizer="",            # folder or tokenizer.json; "" looks next to clip_l_path
+    t5_tokenizer="",              # folder, tokenizer.json or spiece.model; "" looks next to t5_path
+    model_overrides={},           # FluxParams fields to override (tiny test models: axes_dim)
+    allow_pickle=False,           # read .ckpt/.pt files (with torch.load(weights_only=True))
+    # --- data ---
+    dataset_dir="",               # images with same-name .txt captions, or metadata.jsonl
+    caption_ext=".txt",
+    instance_prompt="",           # trigger word prepended to every caption
+    repeats=1,                    # each image counts this many times per epoch
+    resolution=1024,              # square training size in pixels
+    crop="center",                # "center" or "random" (random crops are seeded per image)
+    cache_dir="",                 # "" -> <dataset_dir>/.cache
+    recache=False,                # rebuild latent and text caches
+    hash_images=False,            # key image cache entries by content hash instead of size + mtime
+    on_bad_image="skip",          # "skip" (listed at the end) or "stop"
+    t5_max_length=0,              # 0 -> 512 for dev, 256 for schnell
+    apply_t5_attn_mask=False,     # mask T5 padding in the encoder and in attention
+    validation_count=0,           # hold out this many images for validation loss (0 = off)
+    # --- run ---
+    output_dir="runs",
+    run_name="flux_lora",
+    seed=42,
+    device="auto",                # "auto" (cuda if available), "cuda", "cpu"
+    dtype="bf16",                 # weights and compute: "bf16" or "fp32" (fp16 overflows in FLUX)
+    max_train_steps=1000,
+    batch_size=1,
+    gradient_accumulation_steps=1,
+    gradient_checkpointing=True,
+    num_workers=0,                # DataLoader workers (cached tensors load fast)
+    kernels="auto",               # fused element-wise ops: "auto", "torch", "triton"
+    # --- optimizer and schedule ---
+    optimizer="adamw",            # "adamw" or "adafactor"
+    learning_rate=1e-4,
+    weight_decay=0.01,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    max_grad_norm=1.0,            # 0 disables clipping
+    lr_scheduler="constant_with_warmup",  # constant, constant_with_warmup, cosine_with_warmup, polynomial, linear
+    lr_warmup_steps=0,
+    lr_end_ratio=0.0,             # polynomial/cosine end LR as a fraction of learning_rate
+    lr_power=1.0,                 # polynomial power
+    ema_decay=0.0,                # 0 disables EMA of the trainable weights
+    ema_every=1,
+    # --- flow matching (losses.py) ---
+    timestep_sampling="shift",    # uniform, sigmoid, shift, flux_shift, logit_normal, mode
+    sigmoid_scale=1.0,
+    discrete_flow_shift=3.1582,
+    logit_mean=0.0,
+    logit_std=1.0,
+    mode_scale=1.29,
+    model_prediction_type="raw",  # raw or additive
+    loss_type="l2",               # l2, huber, smooth_l1
+    huber_c=0.1,
+    huber_schedule="constant",    # constant or exponential
+    guidance_scale=1.0,           # embedded guidance fed during training (dev)
+    # --- what to train (lora.py) ---
+    train_mode="lora",            # "lora" or "full" (full fine-tuning)
+    network_dim=16,               # LoRA rank
+    network_alpha=16.0,           # scale = alpha / rank
+    network_dropout=0.0,
+    group_ranks={},               # img_attn, txt_attn, img_mlp, txt_mlp, img_mod, txt_mod, single, single_mod -> rank (0 = none)
+    train_double_blocks="all",    # "all", "none" or "0,1,4-7"
+    train_single_blocks="all",
+    lora_embedders=False,         # also LoRA on img_in, time_in, vector_in, guidance_in, txt_in
+    save_dtype="bf16",            # dtype of saved LoRA / model files
+    # --- checkpoints, samples, validation ---
+    save_every=250,               # steps between LoRA files + resumable state
+    keep_last=3,                  # resumable states kept
+    resume="",                    # "" (fresh), "latest", or a state folder
+    sample_every=250,             # 0 disables
+    sample_at_start=True,
+    sample_prompts="",            # file in kohya syntax (--n --w --h --d --l --g --s), or "" for none
+    sample_steps=20,
+    sample_guidance=3.5,          # default embedded guidance for samples (dev)
+    validate_every=100,           # 0 disables
+    log_every=1,
+)
+# fmt: on
+
+CHOICES = dict(
+    model_family=("flux",),
+    crop=("center", "random"),
+    on_bad_image=("skip", "stop"),
+    device=("auto", "cuda", "cpu"),
+    dtype=("bf16", "fp32", "fp16"),
+    kernels=("auto", "torch", "triton"),
+    optimizer=("adamw", "adafactor"),
+    lr_scheduler=("constant", "constant_with_warmup", "cosine_with_warmup", "polynomial", "linear"),
+    timestep_sampling=("uniform", "sigmoid", "shift", "flux_shift", "logit_normal", "mode"),
+    model_prediction_type=("raw", "additive"),
+    loss_type=("l2", "huber", "smooth_l1"),
+    huber_schedule=("constant", "exponential"),
+    train_mode=("lora", "full"),
+    save_dtype=("bf16", "fp16", "fp32"),
+)
+
+PATH_KEYS = ("flux_path", "ae_path", "clip_l_path", "t5_path", "dataset_dir")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(config_path: str | None, overrides: list[str] = ()) -> dict:
+    """DEFAULTS, then the config file's assignments, then --key=value overrides; validated."""
+    cfg = dict(DEFAULTS)
+    if config_path:
+        cfg.update(read_config_file(config_path))
+    for arg in overrides:
+        key, value = parse_override(arg)
+        cfg[key] = value
+    validate(cfg)
+    return cfg
+
+
+def read_config_file(path: str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    namespace: dict = {"__file__": str(path)}
+    exec(compile(path.read_text(), str(path), "exec"), namespace)
+    return {k: v for k, v in namespace.items() if not k.startswith("_") and not callable(v) and not _is_module(v)}
+
+
+def _is_module(value) -> bool:
+    return type(value).__name__ == "module"
+
+
+def parse_override(arg: str) -> tuple[str, object]:
+    if not arg.startswith("--") or "=" not in arg:
+        raise ConfigError(f"overrides look like --key=value, got {arg!r}")
+    key, text = arg[2:].split("=", 1)
+    check_known_key(key)
+    default = DEFAULTS[key]
+    if isinstance(default, str):
+        return key, text
+    try:
+        return key, ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise ConfigError(f"--{key}={text}: expected a {type(default).__name__} literal") from None
+
+
+def check_known_key(key: str) -> None:
+    if key not in DEFAULTS:
+        close = difflib.get_close_matches(key, DEFAULTS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown config key {key!r}.{hint} All keys and defaults are in config.py.")
+
+
+def validate(cfg: dict) -> None:
+    """Everything that can be checked without loading a model."""
+    for key, value in cfg.items():
+        check_known_key(key)
+        check_type(key, value, DEFAULTS[key])
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ConfigError(f"{key}={value!r}: choose one of {', '.join(map(repr, CHOICES[key]))}")
+    if cfg["dtype"] == "fp16":
+        raise ConfigError("dtype='fp16' overflows in FLUX (NaN losses); use 'bf16' (or 'fp32' on CPU)")
+    for key in ("max_train_steps", "batch_size", "gradient_accumulation_steps", "repeats", "resolution", "ema_every"):
+        if cfg[key] < 1:
+            raise ConfigError(f"{key} must be at least 1, got {cfg[key]}")
+    if cfg["resolution"] % 16:
+        raise ConfigError(f"resolution {cfg['resolution']} must be a multiple of 16 (8x VAE, 2x2 patches)")
+    if cfg["train_mode"] == "lora" and cfg["network_dim"] < 1:
+        raise ConfigError("network_dim must be at least 1 for LoRA training")
+    if not 0 <= cfg["ema_decay"] < 1:
+        raise ConfigError(f"ema_decay must be in [0, 1), got {cfg['ema_decay']}")
+    if not math.isfinite(cfg["learning_rate"]) or cfg["learning_rate"] <= 0:
+        raise ConfigError(f"learning_rate must be a positive number, got {cfg['learning_rate']}")
+    if not cfg["flux_path"]:
+        raise ConfigError("flux_path is empty: set it to flux1-dev.safetensors or flux1-schnell.safetensors")
+    if not cfg["dataset_dir"]:
+        raise ConfigError("dataset_dir is empty: set it to a folder of images with .txt captions")
+    for key in PATH_KEYS + ("sample_prompts",):
+        if cfg[key] and not Path(cfg[key]).exists():
+            raise ConfigError(f"{key}: file or folder not found: {cfg[key]}")
+    if bool(cfg["clip_l_path"]) != bool(cfg["t5_path"]):
+        raise ConfigError("set both clip_l_path and t5_path (FLUX needs CLIP-L pooled and T5 states)")
+    if not cfg["clip_l_path"]:
+        raise ConfigError("clip_l_path and t5_path are empty: FLUX needs clip_l and t5xxl files")
+
+
+def check_type(key: str, value, default) -> None:
+    expected = type(default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return  # 1 is fine where 1.0 is expected
+    if expected is tuple and isinstance(value, list):
+        return
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}={value!r} should be a {expected.__name__} (default {default!r})")
+
+
+def format_config(cfg: dict) -> str:
+    """The resolved config as Python assignments (also a valid config file)."""
+    return "".join(f"{k} = {v!r}\n" for k, v in cfg.items())

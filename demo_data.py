@@ -1,0 +1,146 @@
+"""Everything the CPU demo needs, made on the spot: no downloads.
+
+- a dataset of coloured shapes on a dark background, 32x32 px, captioned "a red circle";
+- a tiny FLUX-architecture transformer with random weights, saved in the original BFL key
+  layout (so it loads through the same code as flux1-dev.safetensors);
+- tiny CLIP-L-shaped and T5-shaped text encoders with random weights and a word-level
+  tokenizer over the demo's vocabulary, saved as Hugging Face folders.
+
+Random text encoders still give each word its own embedding, which is all the demo needs
+for the model to learn which colour and shape a prompt asks for.
+"""
+import json
+import random
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import save_file
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 230), "yellow": (235, 215, 40)}
+SHAPES = ("circle", "square", "triangle")
+IMAGE_SIZE = 32
+VARIANTS = 4  # images per (colour, shape)
+
+FLUX_TINY = dict(in_channels=12, out_channels=12, vec_in_dim=32, context_in_dim=32, hidden_size=96,
+                 num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[8, 20, 20])
+
+
+def draw_shape(colour: str, shape: str, rng: random.Random) -> Image.Image:
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (25, 25, 35))
+    draw = ImageDraw.Draw(image)
+    size = rng.randint(14, 22)
+    x, y = rng.randint(2, IMAGE_SIZE - size - 2), rng.randint(2, IMAGE_SIZE - size - 2)
+    fill = COLOURS[colour]
+    if shape == "circle":
+        draw.ellipse([x, y, x + size, y + size], fill=fill)
+    elif shape == "square":
+        draw.rectangle([x, y, x + size, y + size], fill=fill)
+    else:
+        draw.polygon([(x + size / 2, y), (x, y + size), (x + size, y + size)], fill=fill)
+    return image
+
+
+def make_dataset(folder: Path, seed: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for colour in COLOURS:
+        for shape in SHAPES:
+            for v in range(VARIANTS):
+                stem = folder / f"{colour}_{shape}_{v}"
+                if not stem.with_suffix(".png").exists():
+                    draw_shape(colour, shape, rng).save(stem.with_suffix(".png"))
+                    stem.with_suffix(".txt").write_text(f"a {colour} {shape}")
+    return folder
+
+
+def make_flux(path: Path, seed: int = 0) -> Path:
+    """Random tiny FLUX weights in the BFL layout, initialised like the reference (PyTorch defaults)."""
+    from models.flux import Flux, FluxParams
+
+    if not path.exists():
+        torch.manual_seed(seed)
+        model = Flux(FluxParams(**FLUX_TINY))
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def demo_sentences() -> list[str]:
+    words = [f"a {c} {s}" for c in COLOURS for s in SHAPES]
+    return words + ["a photo of a blurry shape", "the red green blue yellow circle square triangle"]
+
+
+def make_clip_tokenizer(folder: Path) -> int:
+    """vocab.json + merges.txt (byte-pair encoding with </w> word ends, the CLIP layout),
+    trained on the demo sentences. Returns the vocabulary size."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=200, end_of_word_suffix="</w>",
+                                  special_tokens=["<|startoftext|>", "<|endoftext|>"])
+    tokenizer.train_from_iterator(demo_sentences(), trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.model.save(str(folder))
+    return tokenizer.get_vocab_size()
+
+
+def make_t5_tokenizer(folder: Path) -> int:
+    """tokenizer.json with a Unigram model (the T5 layout: <pad>=0, </s>=1), trained on the
+    demo sentences. Returns the vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(vocab_size=100, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>")
+    tokenizer.train_from_iterator(demo_sentences(), trainer)  # tiny corpus: mostly letter pieces; fine for T5
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return tokenizer.get_vocab_size()
+
+
+def make_clip(folder: Path, seed: int = 1) -> Path:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if not (folder / "config.json").exists():
+        vocab_size = make_clip_tokenizer(folder)
+        torch.manual_seed(seed)
+        config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=2, max_position_embeddings=77, projection_dim=32,
+                                bos_token_id=0, eos_token_id=1, pad_token_id=1)  # ids of the special tokens above
+        CLIPTextModel(config).save_pretrained(folder)
+    return folder
+
+
+def make_t5(folder: Path, seed: int = 2) -> Path:
+    from transformers import T5Config, T5EncoderModel
+
+    if not (folder / "config.json").exists():
+        vocab_size = make_t5_tokenizer(folder)
+        torch.manual_seed(seed)
+        config = T5Config(vocab_size=vocab_size, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+                          feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+        T5EncoderModel(config).save_pretrained(folder)
+    return folder
+
+
+def make_prompts(path: Path) -> Path:
+    lines = ["# demo prompts: the step-0 samples are noise; the last ones show these colours and shapes",
+             "a red circle --d 1", "a blue square --d 2", "a green triangle --d 3", "a yellow circle --d 4"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def make_demo(root: str | Path = "runs/demo_data") -> dict:
+    """Create (once) and return the paths the demo config points at."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    return dict(
+        dataset_dir=str(make_dataset(root / "shapes")),
+        flux_path=str(make_flux(root / "flux_tiny.safetensors")),
+        clip_l_path=str(make_clip(root / "clip_l")),
+        t5_path=str(make_t5(root / "t5")),
+        sample_prompts=str(make_prompts(root / "prompts.txt")),
+    )

@@ -1,0 +1,807 @@
+"""LoRA for the FLUX.1 transformer: layers, targeting, the kohya / ComfyUI file format,
+merging, and reading diffusers-format files.
+
+A LoRA adds a low-rank path beside a frozen Linear W (out, in):
+
+    y = W x + up(down(x)) * multiplier * alpha / rank
+
+with `down` (rank, in) and `up` (out, rank). `up` starts at zero, so training starts
+from the base model. Merging folds the path into W: W += multiplier * alpha/rank * up @ down.
+
+The model is wrapped from outside, as kohya-ss/sd-scripts does: each target Linear's
+`forward` is patched to go through a LoRALinear, and the module tree of the model is left
+as it was. So the model's state dict keys, `model.to()`, gradient checkpointing and block
+swapping see only base weights, and the LoRA weights live in one LoRANetwork (an
+nn.Module of its own: move it with `network.to(device)`, train it with
+`network.parameters()`, switch dropout with `network.train()` / `network.eval()`).
+
+File format (kohya, read by ComfyUI, Forge/A1111 and diffusers): per module
+`<name>.lora_down.weight` (rank, in), `<name>.lora_up.weight` (out, rank) and `<name>.alpha`
+(0-dim), where `<name>` = "lora_unet_" + the module path with "." -> "_", e.g.
+`lora_unet_double_blocks_0_img_attn_qkv`. Training settings go in the safetensors header
+(`ss_*` keys as kohya writes them, `modelspec.*`), every value a string.
+"""
+import json
+import math
+import os
+import re
+import time
+import warnings
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+# --- the layer -----------------------------------------------------------------------------------
+
+
+class LoRALinear(nn.Module):
+    """The LoRA path of one nn.Linear `base`.
+
+    `base` is kept by reference and is not a child module: its weights never appear in this
+    module's parameters() or state_dict(). `attach()` patches `base.forward` so that calling
+    the base Linear (from inside the model) runs `self.forward`; `restore()` undoes that.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        multiplier: float = 1.0,
+        dtype: torch.dtype | None = None,
+        device=None,
+    ):
+        super().__init__()
+        if rank <= 0:
+            raise ValueError(f"LoRA rank must be a positive integer, got {rank}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        object.__setattr__(self, "base", base)  # plain attribute: not registered as a child
+        self.rank = rank
+        device = base.weight.device if device is None else device
+        dtype = torch.float32 if dtype is None else dtype
+        self.lora_down = nn.Linear(base.in_features, rank, bias=False, device=device, dtype=dtype)
+        self.lora_up = nn.Linear(rank, base.out_features, bias=False, device=device, dtype=dtype)
+        alpha = rank if alpha is None or alpha == 0 else alpha  # kohya: alpha None or 0 means alpha = rank
+        self.register_buffer("alpha", torch.tensor(float(alpha), device=device))
+        self.multiplier = multiplier
+        self.dropout = dropout  # on the rank-r features after lora_down, as kohya's `dropout`
+        self.merged_multiplier: float | None = None  # not None while the delta sits inside base.weight
+        self.attached = False
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        if self.lora_down.weight.is_meta:
+            return
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={float(self.alpha) if not self.alpha.is_meta else 'meta'}"
+
+    # -- patching the base Linear --
+
+    def attach(self) -> None:
+        if self.attached:
+            raise RuntimeError("this LoRALinear is already attached to its base Linear")
+        # Whatever forward the base has now (its class's, or an earlier LoRA's) becomes the inner call,
+        # so LoRAs attached one after another stack.
+        self._saved_forward = self.base.__dict__.get("forward")  # None: the class's forward
+        self._base_forward = self.base.forward
+        self.base.forward = self.forward
+        self.attached = True
+
+    def restore(self) -> None:
+        if not self.attached:
+            return
+        if self.base.__dict__.get("forward") != self.forward:
+            raise RuntimeError(
+                "another LoRA was attached to this Linear after this one: remove LoRAs in reverse order"
+            )
+        if self._saved_forward is None:
+            del self.base.forward  # back to the class's forward
+        else:
+            self.base.forward = self._saved_forward
+        self.attached = False
+
+    # -- math --
+
+    def scale(self) -> Tensor:
+        """alpha / rank as a 0-dim tensor (kept a tensor: no host sync in forward)."""
+        return self.alpha / self.rank
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self._base_forward(x)
+        if self.merged_multiplier is not None or self.multiplier == 0:
+            return out  # merged: the base weight already holds the delta
+        h = self.lora_down(x.to(self.lora_down.weight.dtype))  # (..., rank)
+        if self.training and self.dropout > 0:
+            h = F.dropout(h, p=self.dropout)
+        h = self.lora_up(h)  # (..., out)
+        return out + (h * (self.scale() * self.multiplier)).to(out.dtype)
+
+    def delta_weight(self, multiplier: float | None = None) -> Tensor:
+        """multiplier * alpha/rank * up @ down, (out, in), fp32."""
+        multiplier = self.multiplier if multiplier is None else multiplier
+        return lora_delta(self.lora_down.weight, self.lora_up.weight, self.alpha, multiplier)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged_multiplier is not None:
+            raise RuntimeError("LoRA is already merged; unmerge() first")
+        add_to_weight(self.base, self.delta_weight())
+        self.merged_multiplier = self.multiplier
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged_multiplier is None:
+            raise RuntimeError("LoRA is not merged")
+        add_to_weight(self.base, -self.delta_weight(self.merged_multiplier))
+        self.merged_multiplier = None
+
+
+def lora_delta(down: Tensor, up: Tensor, alpha: Tensor | float, multiplier: float = 1.0) -> Tensor:
+    """The weight change of one LoRA module, computed in fp32: (out, rank) @ (rank, in)."""
+    rank = down.shape[0]
+    scale = float(alpha) / rank
+    return (up.float() @ down.float()) * (scale * multiplier)
+
+
+FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+
+
+def add_to_weight(linear: nn.Linear, delta: Tensor) -> None:
+    """linear.weight += delta, summed in fp32 and rounded once to the weight's dtype."""
+    weight = linear.weight
+    if weight.dtype in FP8_DTYPES:
+        # fp8 keeps 3 mantissa bits: a LoRA delta is mostly below one rounding step and would vanish
+        raise ValueError("cannot merge a LoRA into fp8 weights (it would be rounded away); apply it on the fly")
+    merged = weight.float() + delta.to(weight.device)
+    weight.data.copy_(merged.to(weight.dtype))
+
+
+# --- which Linears get a LoRA --------------------------------------------------------------------
+
+DOUBLE_GROUPS = ("img_attn", "txt_attn", "img_mlp", "txt_mlp", "img_mod", "txt_mod")
+SINGLE_GROUPS = ("single", "single_mod")
+EMBEDDERS = ("img_in", "time_in", "vector_in", "guidance_in", "txt_in")
+
+
+def parse_block_indices(spec: str | list[int] | tuple[int, ...], depth: int, what: str) -> list[int]:
+    """'all', 'none', '0,1,4-7' or a list of ints -> sorted block indices, checked against depth."""
+    if isinstance(spec, (list, tuple)):
+        indices = {int(i) for i in spec}
+    elif not isinstance(spec, str):
+        raise TypeError(f"{what}: expected 'all', 'none', a string like '0,1,4-7' or a list of ints, got {spec!r}")
+    elif spec.strip().lower() == "all":
+        return list(range(depth))
+    elif spec.strip().lower() in ("none", ""):
+        return []
+    else:
+        indices = set()
+        for part in spec.split(","):
+            match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+            if not match:
+                raise ValueError(f"{what}={spec!r}: cannot read {part!r}; write e.g. '0,1,4-7', 'all' or 'none'")
+            first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+            if last < first:
+                raise ValueError(f"{what}={spec!r}: range {part.strip()!r} runs backwards; write {last}-{first}")
+            indices.update(range(first, last + 1))
+    out_of_range = sorted(i for i in indices if not 0 <= i < depth)
+    if out_of_range:
+        raise ValueError(
+            f"{what}={spec!r}: indices {out_of_range} are out of range; this model has {depth} {what} (0-{depth - 1})"
+        )
+    return sorted(indices)
+
+
+def _block_group(kind: str, sub_path: str) -> str:
+    """The per-layer rank group of a Linear inside a block ('img_attn', 'single_mod', ...)."""
+    if kind == "double_blocks":
+        return sub_path.split(".")[0]  # img_attn.qkv -> img_attn, txt_mlp.0 -> txt_mlp
+    return "single_mod" if sub_path.startswith("modulation.") else "single"  # linear1 / linear2
+
+
+def _embedder_names(model: nn.Module, embedders: bool | list[str] | tuple[str, ...]) -> list[str]:
+    present = [n for n in EMBEDDERS if any(isinstance(m, nn.Linear) for m in getattr(model, n).modules())]
+    if embedders is True:
+        return present
+    if embedders is False or embedders is None:
+        return []
+    unknown = [n for n in embedders if n not in EMBEDDERS]
+    if unknown:
+        raise ValueError(f"embedders: unknown {unknown}; choose among {list(EMBEDDERS)} (or True for all)")
+    absent = [n for n in embedders if n not in present]
+    if absent:
+        raise ValueError(f"embedders: {absent} not in this model (schnell has no guidance_in); remove them")
+    return list(embedders)
+
+
+def flux_lora_targets(
+    model: nn.Module,
+    rank: int,
+    group_ranks: dict[str, int] | None = None,
+    double_blocks: str | list[int] = "all",
+    single_blocks: str | list[int] = "all",
+    embedders: bool | list[str] = False,
+) -> dict[str, int]:
+    """Module path -> rank for every Linear that gets a LoRA.
+
+    Default: every Linear in every double and single block (kohya's default: 304 at full
+    size). `group_ranks` overrides the rank per group (img_attn, txt_attn, img_mlp, txt_mlp,
+    img_mod, txt_mod, single = linear1/linear2, single_mod = modulation.lin, or an embedder
+    name); 0 removes the group. `double_blocks` / `single_blocks` select blocks by index.
+    `embedders` adds the input embedders' Linears (True, or a list among EMBEDDERS). ComfyUI
+    loads those; diffusers 0.42's kohya converter names them without the "transformer." prefix
+    that its FLUX loader keeps, so there they appear to be skipped."""
+    group_ranks = dict(group_ranks or {})
+    known = DOUBLE_GROUPS + SINGLE_GROUPS + EMBEDDERS
+    unknown = sorted(set(group_ranks) - set(known))
+    if unknown:
+        raise ValueError(f"group_ranks: unknown groups {unknown}; valid groups are {list(known)}")
+    for name, r in {"rank": rank, **group_ranks}.items():
+        if not isinstance(r, int) or r < 0:
+            raise ValueError(f"LoRA {name} must be a non-negative integer, got {r!r}")
+
+    targets = {}
+    selection = {"double_blocks": double_blocks, "single_blocks": single_blocks}
+    for kind, spec in selection.items():
+        blocks = getattr(model, kind)
+        for i in parse_block_indices(spec, len(blocks), kind):
+            for sub_path, module in blocks[i].named_modules():
+                if isinstance(module, nn.Linear):
+                    targets[f"{kind}.{i}.{sub_path}"] = group_ranks.get(_block_group(kind, sub_path), rank)
+    for name in _embedder_names(model, embedders):
+        for sub_path, module in getattr(model, name).named_modules():
+            if isinstance(module, nn.Linear):
+                path = f"{name}.{sub_path}" if sub_path else name
+                targets[path] = group_ranks.get(name, rank)
+    return {path: r for path, r in targets.items() if r > 0}
+
+
+def kohya_name(module_path: str, prefix: str = "lora_unet") -> str:
+    """'double_blocks.0.img_attn.qkv' -> 'lora_unet_double_blocks_0_img_attn_qkv'."""
+    return f"{prefix}_{module_path.replace('.', '_')}"
+
+
+def linear_names(model: nn.Module, prefix: str = "lora_unet") -> dict[str, str]:
+    """kohya name -> module path for every Linear in the model (how a file's names are resolved)."""
+    return {kohya_name(path, prefix): path for path, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def targets_from_state_dict(model: nn.Module, sd: dict[str, Tensor], prefix: str = "lora_unet") -> dict[str, int]:
+    """Module path -> rank for the modules a kohya state dict holds (rank = lora_down rows)."""
+    names = linear_names(model, prefix)
+    down = ".lora_down.weight"
+    ranks = {k.removesuffix(down): v.shape[0] for k, v in sd.items() if k.endswith(down)}  # rank = rows of down
+    unknown = sorted(n for n in ranks if n.startswith(prefix + "_") and n not in names)
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} LoRA modules name no Linear of this model (a different model or prefix?): "
+            f"{_shorten(unknown)}"
+        )
+    return {names[n]: r for n, r in ranks.items() if n in names}
+
+
+def _shorten(items: list, limit: int = 12) -> str:
+    shown = ", ".join(map(str, items[:limit]))
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+# --- the network ---------------------------------------------------------------------------------
+
+
+class LoRANetwork(nn.Module):
+    """All LoRA modules of a model, keyed by kohya name. Its parameters() are the trainable ones."""
+
+    def __init__(self, loras: dict[str, LoRALinear], module_paths: dict[str, str], prefix: str = "lora_unet"):
+        super().__init__()
+        self.loras = nn.ModuleDict(loras)
+        self.module_paths = dict(module_paths)  # kohya name -> module path in the model
+        self.prefix = prefix
+
+    @classmethod
+    def inject(
+        cls,
+        model: nn.Module,
+        targets: dict[str, int],
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        dtype: torch.dtype | None = None,
+        prefix: str = "lora_unet",
+        device=None,
+    ) -> "LoRANetwork":
+        """Wrap each target Linear of `model` (module path -> rank; rank 0 is skipped).
+
+        alpha None means alpha = rank (scale 1). LoRA weights are made in `dtype` (default
+        fp32) on `device` (default: where the base weight is, meta included)."""
+        modules = dict(model.named_modules())
+        missing = sorted(p for p in targets if p not in modules)
+        not_linear = sorted(p for p in targets if p in modules and not isinstance(modules[p], nn.Linear))
+        if missing or not_linear:
+            raise ValueError(
+                f"LoRA targets must be Linear modules of the model; not found: {_shorten(missing)}; "
+                f"not nn.Linear: {_shorten(not_linear)}"
+            )
+        loras, paths = {}, {}
+        for path, rank in targets.items():
+            if rank == 0:
+                continue
+            name = kohya_name(path, prefix)
+            loras[name] = LoRALinear(modules[path], rank, alpha, dropout, dtype=dtype, device=device)
+            paths[name] = path
+        network = cls(loras, paths, prefix)
+        for lora in network.loras.values():
+            lora.attach()
+        return network
+
+    def remove(self) -> None:
+        """Put the original forwards back (unmerging first if merged); the network is then inert."""
+        for lora in reversed(list(self.loras.values())):
+            if lora.merged_multiplier is not None:
+                lora.unmerge()
+            lora.restore()
+
+    def set_multiplier(self, multiplier: float) -> None:
+        for lora in self.loras.values():
+            lora.multiplier = multiplier
+
+    def merge(self) -> None:
+        for lora in self.loras.values():
+            lora.merge()
+
+    def unmerge(self) -> None:
+        for lora in self.loras.values():
+            lora.unmerge()
+
+    def kohya_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """`<name>.lora_down.weight`, `<name>.lora_up.weight` in `dtype` (default: as stored) and
+        `<name>.alpha` as a 0-dim fp32 tensor (kept exact whatever the weight dtype)."""
+        sd = {}
+        for name, lora in self.loras.items():
+            down, up = lora.lora_down.weight.detach(), lora.lora_up.weight.detach()
+            sd[f"{name}.lora_down.weight"] = down if dtype is None else down.to(dtype)
+            sd[f"{name}.lora_up.weight"] = up if dtype is None else up.to(dtype)
+            sd[f"{name}.alpha"] = lora.alpha.detach().float()
+        return sd
+
+    def save(self, path: str | Path, metadata: dict[str, str] | None = None, dtype=torch.bfloat16) -> None:
+        """Write a kohya-format safetensors file atomically (temp file, then os.replace)."""
+        sd = {k: v.to("cpu").contiguous() for k, v in self.kohya_state_dict(dtype).items()}
+        write_safetensors_atomic(sd, path, metadata)
+
+    @torch.no_grad()
+    def load_kohya_state_dict(self, sd: dict[str, Tensor], strict: bool = True) -> tuple[list[str], list[str]]:
+        """Copy kohya-format tensors into the LoRA modules (resume, continue training).
+
+        A missing `.alpha` means alpha = rank (as ComfyUI and diffusers read such files).
+        strict: any missing or unknown key is an error that lists them. Returns (missing, unexpected)."""
+        expected = {f"{n}.{part}" for n in self.loras for part in ("lora_down.weight", "lora_up.weight")}
+        alphas = {f"{n}.alpha" for n in self.loras}
+        missing = sorted(expected - set(sd))
+        unexpected = sorted(set(sd) - expected - alphas)
+        if strict and (missing or unexpected):
+            raise KeyError(
+                "the LoRA state dict does not match this network (different targets, block selection or "
+                f"model?). Missing {len(missing)}: {_shorten(missing)}. Unknown {len(unexpected)}: "
+                f"{_shorten(unexpected)}. Build the network with the targets the file was trained with "
+                "(targets_from_state_dict), or pass strict=False."
+            )
+        self._check_shapes(sd)
+        for name, lora in self.loras.items():
+            if f"{name}.lora_down.weight" not in sd:
+                continue  # (strict=False) left as it is
+            lora.lora_down.weight.copy_(sd[f"{name}.lora_down.weight"].to(lora.lora_down.weight.dtype))
+            lora.lora_up.weight.copy_(sd[f"{name}.lora_up.weight"].to(lora.lora_up.weight.dtype))
+            lora.alpha.fill_(float(sd.get(f"{name}.alpha", lora.rank)))
+        return missing, unexpected
+
+    def _check_shapes(self, sd: dict[str, Tensor]) -> None:
+        wrong = []
+        for name, lora in self.loras.items():
+            for part, param in (("lora_down.weight", lora.lora_down.weight), ("lora_up.weight", lora.lora_up.weight)):
+                key = f"{name}.{part}"
+                if key in sd and tuple(sd[key].shape) != tuple(param.shape):
+                    wrong.append(f"{key}: file {tuple(sd[key].shape)} vs network {tuple(param.shape)}")
+        if wrong:
+            raise ValueError(
+                f"LoRA shapes differ (a different rank or model size?): {_shorten(wrong, 6)}. "
+                "Build the network with the file's ranks (targets_from_state_dict)."
+            )
+
+
+def write_safetensors_atomic(sd: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """save_file to a temp file beside `path`, then os.replace: a crash never leaves half a file."""
+    metadata = dict(metadata or {})
+    not_strings = sorted(k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str))
+    if not_strings:
+        raise TypeError(f"safetensors metadata values must be strings; convert these keys: {not_strings}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(sd, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# --- reading files -------------------------------------------------------------------------------
+
+# diffusers module name (inside one block) -> (BFL module path, index of the row slice of a fused
+# weight or None). Row slices follow comfy/utils.py flux_to_diffusers.
+DOUBLE_FROM_DIFFUSERS = {
+    "attn.to_q": ("img_attn.qkv", 0),
+    "attn.to_k": ("img_attn.qkv", 1),
+    "attn.to_v": ("img_attn.qkv", 2),
+    "attn.add_q_proj": ("txt_attn.qkv", 0),
+    "attn.add_k_proj": ("txt_attn.qkv", 1),
+    "attn.add_v_proj": ("txt_attn.qkv", 2),
+    "attn.to_out.0": ("img_attn.proj", None),
+    "attn.to_add_out": ("txt_attn.proj", None),
+    "ff.net.0.proj": ("img_mlp.0", None),
+    "ff.net.2": ("img_mlp.2", None),
+    "ff_context.net.0.proj": ("txt_mlp.0", None),
+    "ff_context.net.2": ("txt_mlp.2", None),
+    "norm1.linear": ("img_mod.lin", None),
+    "norm1_context.linear": ("txt_mod.lin", None),
+}
+SINGLE_FROM_DIFFUSERS = {
+    "attn.to_q": ("linear1", 0),
+    "attn.to_k": ("linear1", 1),
+    "attn.to_v": ("linear1", 2),
+    "proj_mlp": ("linear1", 3),
+    "proj_out": ("linear2", None),
+    "norm.linear": ("modulation.lin", None),
+}
+TOP_FROM_DIFFUSERS = {
+    "x_embedder": "img_in",
+    "context_embedder": "txt_in",
+    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+    "proj_out": "final_layer.linear",
+    "norm_out.linear": "final_layer.adaLN_modulation.1",  # rows are (scale, shift) in diffusers
+}
+MLP_RATIO = 4  # FLUX.1: the size of a single block's proj_mlp slice when a file leaves it out
+
+LORA_SUFFIXES = {  # how each format names the two matrices and alpha
+    ".lora_down.weight": "down",
+    ".lora_up.weight": "up",
+    ".lora_A.weight": "down",
+    ".lora_B.weight": "up",
+    ".lora.down.weight": "down",
+    ".lora.up.weight": "up",
+    ".alpha": "alpha",
+}
+BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+DIFFUSERS_PREFIXES = ("transformer.base_model.model.", "base_model.model.", "transformer.")
+TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "text_encoders.")
+
+
+def load_lora_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors (in kohya form) and header metadata of a FLUX LoRA file.
+
+    kohya files pass through unchanged. BFL-named files (`diffusion_model.<path>.lora_A.weight`)
+    and diffusers / PEFT files (`transformer.transformer_blocks.N.attn.to_q.lora_A.weight`) are
+    converted: split q/k/v (and proj_mlp) are fused back into qkv / linear1 with a block-diagonal
+    lora_up; alpha = rank unless the file says otherwise (diffusers' `lora_adapter_metadata`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file not found: {path}")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: LoRA files are read from .safetensors only")
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata() or {}
+    return to_kohya(sd, metadata), metadata
+
+
+def to_kohya(sd: dict[str, Tensor], metadata: dict[str, str] | None = None) -> dict[str, Tensor]:
+    """Any supported FLUX LoRA state dict -> kohya form (see load_lora_file)."""
+    if all(k.startswith(("lora_unet_", "lora_te")) for k in sd):
+        return dict(sd)  # kohya
+    text_encoder = sorted(k for k in sd if k.startswith(TEXT_ENCODER_PREFIXES))
+    if text_encoder:
+        warnings.warn(
+            f"ignoring {len(text_encoder)} text-encoder tensors of a non-kohya LoRA: {_shorten(text_encoder, 3)}"
+        )
+    modules = _group_by_module({k: v for k, v in sd.items() if not k.startswith(TEXT_ENCODER_PREFIXES)})
+    alphas = _peft_alphas(metadata or {})
+    fused: dict[str, dict[int, dict[str, Tensor]]] = {}  # BFL path -> slice index -> parts
+    out = {}
+    for module, parts in modules.items():
+        if "down" not in parts or "up" not in parts:
+            raise ValueError(f"LoRA module {module!r} lacks its down (lora_A) or up (lora_B) matrix")
+        if "alpha" not in parts:
+            parts["alpha"] = torch.tensor(alphas(module, parts["down"].shape[0]))
+        bfl_path, index = _bfl_path(module)
+        if index is None:
+            out.update(_kohya_entry(bfl_path, parts))
+        else:
+            fused.setdefault(bfl_path, {})[index] = parts
+    for bfl_path, slices in fused.items():
+        out.update(_kohya_entry(bfl_path, _fuse_slices(bfl_path, slices)))
+    return out
+
+
+def _group_by_module(sd: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """{'<module>.lora_A.weight': t, ...} -> {'<module>': {'down': t, 'up': t, 'alpha': t}}."""
+    modules: dict[str, dict[str, Tensor]] = {}
+    unreadable = []
+    for key, value in sd.items():
+        key = key.replace(".default.", ".")  # PEFT adapter name
+        suffix = next((s for s in LORA_SUFFIXES if key.endswith(s)), None)
+        if suffix is None:
+            unreadable.append(key)
+            continue
+        modules.setdefault(key[: -len(suffix)], {})[LORA_SUFFIXES[suffix]] = value
+    if unreadable:
+        raise ValueError(f"unsupported tensors in the LoRA file (not LoRA up/down/alpha): {_shorten(unreadable)}")
+    return modules
+
+
+def _bfl_path(module: str) -> tuple[str, int | None]:
+    """A module name of a BFL or diffusers file -> (BFL module path, fused slice index or None)."""
+    for prefix in BFL_PREFIXES:
+        if module.startswith(prefix):
+            return module[len(prefix) :], None
+    for prefix in DIFFUSERS_PREFIXES:
+        if module.startswith(prefix):
+            module = module[len(prefix) :]
+            break
+    match = re.fullmatch(r"(single_transformer_blocks|transformer_blocks)\.(\d+)\.(.+)", module)
+    if match:
+        kind, index, inner = match.groups()
+        table = SINGLE_FROM_DIFFUSERS if kind == "single_transformer_blocks" else DOUBLE_FROM_DIFFUSERS
+        block = "single_blocks" if kind == "single_transformer_blocks" else "double_blocks"
+        if inner in table:
+            path, piece = table[inner]
+            return f"{block}.{index}.{path}", piece
+    elif module in TOP_FROM_DIFFUSERS:
+        return TOP_FROM_DIFFUSERS[module], None
+    raise ValueError(f"LoRA module {module!r} has no FLUX.1 counterpart (is this a FLUX.1 LoRA?)")
+
+
+def _kohya_entry(bfl_path: str, parts: dict[str, Tensor]) -> dict[str, Tensor]:
+    up = parts["up"]
+    if bfl_path == "final_layer.adaLN_modulation.1":
+        up = torch.cat(up.chunk(2, dim=0)[::-1])  # diffusers (scale, shift) -> BFL (shift, scale)
+    name = kohya_name(bfl_path)
+    alpha = parts["alpha"].detach().float().reshape(())
+    return {f"{name}.lora_down.weight": parts["down"], f"{name}.lora_up.weight": up, f"{name}.alpha": alpha}
+
+
+def _fuse_slices(bfl_path: str, slices: dict[int, dict[str, Tensor]]) -> dict[str, Tensor]:
+    """LoRAs of the q/k/v (/mlp) row slices of one fused Linear -> one LoRA of the whole weight.
+
+    Each slice's scale alpha_i/r_i is folded into its down, so the fused alpha is the fused rank
+    (scale 1). When every slice has the same down and scale (a fused LoRA split by a converter),
+    the shared down is kept and the ups are stacked; otherwise the downs are stacked and the up
+    is block-diagonal, zero where a slice is absent."""
+    any_down = next(iter(slices.values()))["down"]
+    hidden = any_down.shape[1]  # q, k, v slices are each `hidden` rows; FLUX's input width is hidden
+    is_single = bfl_path.startswith("single_blocks.")
+    sizes = [hidden] * 3 + ([slices[3]["up"].shape[0] if 3 in slices else MLP_RATIO * hidden] if is_single else [])
+    dtype = torch.promote_types(any_down.dtype, torch.float32)
+    scaled = {i: p["down"].to(dtype) * (float(p["alpha"]) / p["down"].shape[0]) for i, p in slices.items()}
+    if len(slices) == len(sizes) and all(torch.equal(d, scaled[0]) for d in scaled.values()):
+        up = torch.cat([slices[i]["up"].to(dtype) for i in range(len(sizes))])
+        return {"down": scaled[0], "up": up, "alpha": torch.tensor(float(scaled[0].shape[0]))}
+    down = torch.cat([scaled[i] for i in sorted(slices)])  # (sum r_i, in)
+    up = torch.zeros(sum(sizes), down.shape[0], dtype=dtype)
+    row_starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    col = 0
+    for i in sorted(slices):
+        part_up = slices[i]["up"]
+        if part_up.shape[0] != sizes[i]:
+            raise ValueError(f"{bfl_path} slice {i}: {part_up.shape[0]} rows, expected {sizes[i]}")
+        up[row_starts[i] : row_starts[i] + sizes[i], col : col + part_up.shape[1]] = part_up.to(dtype)
+        col += part_up.shape[1]
+    return {"down": down, "up": up, "alpha": torch.tensor(float(down.shape[0]))}
+
+
+def _peft_alphas(metadata: dict[str, str]):
+    """alpha for a diffusers module from diffusers' `lora_adapter_metadata` header (PEFT config);
+    without it alpha = rank, which is how diffusers and ComfyUI read such a file."""
+    config = json.loads(metadata.get("lora_adapter_metadata") or "{}")
+    config = {k.removeprefix("transformer."): v for k, v in config.items()}
+    lora_alpha, pattern = config.get("lora_alpha"), config.get("alpha_pattern") or {}
+    rslora = bool(config.get("use_rslora"))
+
+    def alpha(module: str, rank: int) -> float:
+        name = module
+        for prefix in DIFFUSERS_PREFIXES:
+            name = name.removeprefix(prefix)
+        value = next((a for p, a in pattern.items() if re.fullmatch(rf"(.*\.)?({p})", name)), lora_alpha)
+        if value is None:
+            return float(rank)
+        # PEFT scales by alpha/r (or alpha/sqrt(r) with rsLoRA); kohya always by alpha/r.
+        return float(value) * math.sqrt(rank) if rslora else float(value)
+
+    return alpha
+
+
+# --- applying files for inference ----------------------------------------------------------------
+
+
+def apply_lora_file(
+    model: nn.Module,
+    path_or_sd: str | Path | dict[str, Tensor],
+    multiplier: float = 1.0,
+    merge: bool = True,
+    prefix: str = "lora_unet",
+) -> LoRANetwork | None:
+    """Apply a LoRA file (or state dict) to the model for inference.
+
+    merge=True adds multiplier * alpha/rank * up @ down into the base weights (no cost per step;
+    returns None). merge=False wraps the Linears and returns the LoRANetwork (change its
+    multiplier any time; `remove()` undoes it). Several files can be applied one after another."""
+    if isinstance(path_or_sd, (str, Path)):
+        sd, _ = load_lora_file(path_or_sd)
+    else:
+        sd = to_kohya(path_or_sd)
+    others = sorted({k.split(".")[0] for k in sd if not k.startswith(prefix + "_")})
+    if others:
+        warnings.warn(
+            f"{len(others)} LoRA modules are not for this model (text encoders?) and are skipped: "
+            f"{_shorten(others, 3)}"
+        )
+        sd = {k: v for k, v in sd.items() if k.startswith(prefix + "_")}
+    targets = targets_from_state_dict(model, sd, prefix)
+    modules = dict(model.named_modules())
+    if merge and any(modules[p].weight.dtype in FP8_DTYPES for p in targets):
+        warnings.warn("the base weights are fp8: applying the LoRA on the fly instead of merging it")
+        merge = False
+    if merge:
+        _merge_state_dict(model, sd, targets, multiplier, prefix)
+        return None
+    network = LoRANetwork.inject(model, targets, dtype=_inference_dtype(model, targets), prefix=prefix)
+    network.load_kohya_state_dict(sd)
+    network.set_multiplier(multiplier)
+    network.eval()
+    return network
+
+
+def _inference_dtype(model: nn.Module, targets: dict[str, int]) -> torch.dtype:
+    """The base weights' dtype for on-the-fly LoRA weights; bf16 when the base is stored in fp8."""
+    modules = dict(model.named_modules())
+    dtype = modules[next(iter(targets))].weight.dtype if targets else torch.float32
+    return dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+@torch.no_grad()
+def _merge_state_dict(model: nn.Module, sd: dict, targets: dict[str, int], multiplier: float, prefix: str):
+    modules = dict(model.named_modules())
+    for path in targets:
+        name, linear = kohya_name(path, prefix), modules[path]
+        down, up = sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"]
+        if up.shape[0] != linear.out_features or down.shape[1] != linear.in_features:
+            raise ValueError(
+                f"{name}: LoRA ({up.shape[0]}x{down.shape[1]}) does not fit {path} "
+                f"({linear.out_features}x{linear.in_features}); is it for another model size?"
+            )
+        alpha = sd.get(f"{name}.alpha", down.shape[0])
+        device = linear.weight.device
+        add_to_weight(linear, lora_delta(down.to(device), up.to(device), alpha, multiplier))
+
+
+# --- metadata ------------------------------------------------------------------------------------
+
+# kohya ss_* key -> the config keys it is read from (first present wins).
+CONFIG_METADATA = {
+    "ss_seed": ("seed",),
+    "ss_learning_rate": ("learning_rate",),
+    "ss_unet_lr": ("learning_rate",),
+    "ss_optimizer": ("optimizer",),
+    "ss_lr_scheduler": ("lr_scheduler",),
+    "ss_lr_warmup_steps": ("lr_warmup_steps",),
+    "ss_mixed_precision": ("dtype",),
+    "ss_max_train_steps": ("max_train_steps",),
+    "ss_gradient_checkpointing": ("gradient_checkpointing",),
+    "ss_gradient_accumulation_steps": ("gradient_accumulation_steps",),
+    "ss_batch_size_per_device": ("batch_size",),
+    "ss_max_grad_norm": ("max_grad_norm",),
+    "ss_timestep_sampling": ("timestep_sampling",),
+    "ss_discrete_flow_shift": ("discrete_flow_shift",),
+    "ss_model_prediction_type": ("model_prediction_type",),
+    "ss_guidance_scale": ("guidance_scale",),
+    "ss_sigmoid_scale": ("sigmoid_scale",),
+    "ss_logit_mean": ("logit_mean",),
+    "ss_logit_std": ("logit_std",),
+    "ss_mode_scale": ("mode_scale",),
+    "ss_apply_t5_attn_mask": ("apply_t5_attn_mask",),
+    "ss_loss_type": ("loss_type",),
+    "ss_huber_c": ("huber_c",),
+    "ss_huber_schedule": ("huber_schedule",),
+    "ss_output_name": ("run_name",),
+}
+# network_args recorded in ss_network_args when the caller passes none: these config keys.
+NETWORK_CONFIG_KEYS = (
+    "network_dim", "network_alpha", "network_dropout", "group_ranks",
+    "train_double_blocks", "train_single_blocks", "lora_embedders",
+)
+TRAINER_CONFIG_KEY = "trainer_config"  # the whole resolved config, JSON
+
+
+def _metadata_string(value) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, default=str)
+    return str(value)
+
+
+def kohya_metadata(
+    config: dict,
+    model_params,
+    variant: str,
+    network_args: dict | None = None,
+    *,
+    step: int = 0,
+    epoch: int = 0,
+    num_images: int | None = None,
+    training_started_at: float | None = None,
+    title: str | None = None,
+) -> dict[str, str]:
+    """Header metadata as kohya writes it for a FLUX LoRA (ss_* and modelspec.*), all strings.
+
+    config: the resolved training config; its known keys fill ss_* (CONFIG_METADATA) and all of
+    it goes, as JSON, under "trainer_config". network_args (default: the config's LoRA keys,
+    NETWORK_CONFIG_KEYS) go to ss_network_args as JSON."""
+    if variant not in ("dev", "schnell"):
+        raise ValueError(f"variant must be 'dev' or 'schnell', got {variant!r}")
+    if network_args is None:
+        network_args = {k: config[k] for k in NETWORK_CONFIG_KEYS if k in config}
+    now = time.time()
+    rank = network_args.get("network_dim", config.get("network_dim"))
+    alpha = network_args.get("network_alpha", config.get("network_alpha"))
+    meta = {
+        "ss_base_model_version": "flux1",
+        "ss_network_module": "networks.lora_flux",
+        "ss_network_dim": _metadata_string(rank),
+        "ss_network_alpha": _metadata_string(rank if alpha is None else alpha),  # alpha None trains with alpha = rank
+        "ss_network_args": json.dumps(network_args, default=str),
+        "ss_network_dropout": _metadata_string(network_args.get("network_dropout", config.get("network_dropout", 0.0))),
+        "ss_training_started_at": _metadata_string(training_started_at if training_started_at is not None else now),
+        "ss_training_finished_at": _metadata_string(now),
+        "ss_steps": str(step),
+        "ss_epoch": str(epoch),
+        "ss_v2": "False",
+    }
+    if num_images is not None:
+        meta["ss_num_train_images"] = str(num_images)
+    for key, names in CONFIG_METADATA.items():
+        value = next((config[n] for n in names if config.get(n) is not None), None)
+        if value is not None:
+            meta[key] = _metadata_string(value)
+    if config.get("resolution"):
+        size = config["resolution"]
+        width, height = (size, size) if isinstance(size, int) else size
+        meta["ss_resolution"] = f"({width}, {height})"  # kohya writes the tuple
+        meta["modelspec.resolution"] = f"{width}x{height}"
+    if config.get("instance_prompt"):
+        meta["modelspec.trigger_phrase"] = str(config["instance_prompt"])
+    params = asdict(model_params) if is_dataclass(model_params) else dict(model_params or {})
+    meta.update(
+        {
+            "modelspec.sai_model_spec": "1.0.1",
+            "modelspec.architecture": f"flux-1-{variant}/lora",
+            "modelspec.implementation": "https://github.com/black-forest-labs/flux",
+            "modelspec.title": title or str(config.get("run_name") or f"flux1-{variant}-lora"),
+            "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)),
+            "trainer_model_params": json.dumps(params, default=str),
+            TRAINER_CONFIG_KEY: json.dumps(config, default=str, sort_keys=True),
+        }
+    )
+    return meta

