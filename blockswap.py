@@ -41,10 +41,16 @@ when block b's outputs receive their gradient, block b + 1's backward is complet
 slot can be refilled.
 
 CUDA: copies run on one persistent side stream, ordered against the compute stream with
-events (no host synchronisation), from pinned host memory (`pin_memory=True`). Everywhere
-else (the tests run with device="cpu") the same code runs with synchronous copies: the
-"device slots" are then CPU tensors of their own, distinct from the host copies, so the
-bookkeeping, the re-pointing and the schedule are exercised all the same.
+events (no host synchronisation), from pinned host memory (`pin_memory=True`; with pageable
+memory a copy back to the host makes the CPU wait for the GPU, so there is less overlap).
+Everywhere else the same code runs with synchronous copies: with device="cpu" the "device
+slots" are CPU tensors of their own, distinct from the host copies, so the bookkeeping, the
+re-pointing and the schedule are exercised all the same (tests/test_blockswap.py also delays
+each copy until it is waited for, as a side stream would). `stalls` counts blocks whose load
+could not overlap any compute; it stays 0 in steady training and sampling.
+
+While attached, do not call `model.to()`; `remove()` first. Before reading swapped weights on
+the host (saving a full fine-tune), call `synchronize()`.
 """
 import contextlib
 
@@ -89,6 +95,9 @@ def swap_counts(
     """Blocks to swap per kind, from one kohya-style count or from per-kind counts."""
     kinds = tuple(model.block_kinds)
     sizes = {kind: len(getattr(model, kind)) for kind in kinds}
+    # None (or -1, the config's "derive from blocks_to_swap") means not given
+    double_blocks_to_swap = None if double_blocks_to_swap in (None, -1) else double_blocks_to_swap
+    single_blocks_to_swap = None if single_blocks_to_swap in (None, -1) else single_blocks_to_swap
     per_kind_given = double_blocks_to_swap is not None or single_blocks_to_swap is not None
     if blocks_to_swap is not None and per_kind_given:
         raise ValueError(
@@ -135,6 +144,7 @@ class _Group:
         self.weights = [swappable_weights(b) for b in blocks]  # block -> its Parameters, fixed order
         self.occupant = list(range(self.num_slots))  # slot -> block whose weights it holds
         self.ready: list = [None] * self.num_slots  # slot -> CUDA event recorded after its last load
+        self.loaded_at = [0] * self.num_slots  # slot -> the block start (BlockSwap.clock) of its last load
         self.host: list[list[Tensor] | None] = [None] * self.num_blocks  # block -> host tensors
         self.spare: list[Tensor] = []  # exchange: host buffers that receive the next outgoing block
         self.expects_backward = False  # did the last forward of a block build a graph?
@@ -195,6 +205,8 @@ class BlockSwap:
         self.stream = torch.cuda.Stream(self.device) if self.on_cuda else None
         self.forward_only = False  # set by inference(); no-grad forwards are detected by themselves
         self.transfers = {"h2d": 0, "d2h": 0}  # whole blocks copied, for tests and logs
+        self.stalls = 0  # blocks whose load was issued only as they started: no overlap
+        self.clock = 0  # counts block starts, forward and backward
         self.groups = {kind: _Group(kind, getattr(model, kind), n) for kind, n in counts.items() if n > 0}
         if mode == "h2d_only":
             self._check_frozen()
@@ -252,16 +264,15 @@ class BlockSwap:
         if outgoing == block:
             return
         device_tensors = [w.data for w in group.weights[outgoing]]  # the slot's storage
-        with self._side_stream():
-            if self.mode == "exchange":
-                for host, dev in zip(group.spare, device_tensors):
-                    host.copy_(dev, non_blocking=True)
-                group.host[outgoing], group.spare = group.spare, None
-                self.transfers["d2h"] += 1
-            for dev, host in zip(device_tensors, group.host[block]):
-                dev.copy_(host, non_blocking=True)
-            self.transfers["h2d"] += 1
-            group.ready[slot] = self.stream.record_event() if self.on_cuda else None
+        copies = []  # (destination, source), run in this order
+        if self.mode == "exchange":
+            copies += zip(group.spare, device_tensors)
+            group.host[outgoing], group.spare = group.spare, None
+            self.transfers["d2h"] += 1
+        copies += zip(device_tensors, group.host[block])
+        self.transfers["h2d"] += 1
+        group.ready[slot] = self._copy(copies)
+        group.loaded_at[slot] = self.clock
         if self.mode == "exchange":
             # The incoming block's host buffers are free once the copy above has run; later
             # copies on the same stream are ordered after it, so they can reuse them.
@@ -272,19 +283,31 @@ class BlockSwap:
             w.data = dev
         group.occupant[slot] = block
 
-    def _side_stream(self):
+    def _copy(self, copies: list[tuple[Tensor, Tensor]]):
+        """Issue the copies; returns what `_wait_for` needs to know they are done (a CUDA event)."""
         if not self.on_cuda:
-            return contextlib.nullcontext()
-        # The slot's previous block may still be computing: wait for it on the GPU, not the host.
+            for destination, source in copies:
+                destination.copy_(source)
+            return None
+        # The slot's previous block may still be computing: the side stream waits for it on the GPU.
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        return torch.cuda.stream(self.stream)
+        with torch.cuda.stream(self.stream):
+            for destination, source in copies:
+                destination.copy_(source, non_blocking=True)
+            return self.stream.record_event()
 
-    def _wait(self, group: _Group, block: int) -> None:
-        """Make `block` resident before it computes (a no-op wait if it was prefetched)."""
-        self._load(group, block)
-        event = group.ready[group.slot_of(block)]
+    def _wait_for(self, event) -> None:
+        """Make the compute stream wait (on the GPU) until a load is complete."""
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
+
+    def _wait(self, group: _Group, block: int) -> None:
+        """Make `block` resident before it computes."""
+        slot = group.slot_of(block)
+        self._load(group, block)  # nothing to do if it was prefetched
+        if group.loaded_at[slot] == self.clock:
+            self.stalls += 1  # issued as this block started: compute waits for the whole copy
+        self._wait_for(group.ready[slot])
 
     # -- forward (called by Flux._run_block, never during a checkpoint recompute) --
 
@@ -292,6 +315,7 @@ class BlockSwap:
         group = self.groups.get(kind)
         if group is not None:
             group.backward_started = None
+            self.clock += 1
             self._wait(group, index)
 
     def after_block(self, kind: str, index: int, block: nn.Module) -> None:
@@ -321,6 +345,7 @@ class BlockSwap:
         if group.backward_started == index:
             return  # the second output of the same block
         group.backward_started = index
+        self.clock += 1
         done = index + 1  # its backward is complete: refill its slot with the block before
         if done < group.num_blocks and done - group.num_slots >= 0:
             self._load(group, done - group.num_slots)
@@ -386,3 +411,32 @@ def _move_to_device_except(model: nn.Module, skip: set[int], device: torch.devic
         for name, buffer in module._buffers.items():
             if buffer is not None:
                 module._buffers[name] = buffer.to(device)
+
+
+# --- activations -----------------------------------------------------------------------------------
+
+
+def offload_activations(enabled: bool = True, pin_memory: bool = True):
+    """A context for the training forward: every tensor autograd saves goes to host memory and
+    comes back when backward needs it. With gradient checkpointing that is each block's inputs
+    (the block's own saved tensors belong to the checkpoint and are recomputed). Weights are
+    left alone: a Parameter, or a view of one (F.linear saves weight.t()), is kept as it is.
+    Costs a copy each way per saved tensor; sd-scripts reports up to ~1 GB less for FLUX LoRA."""
+    if not enabled:
+        return contextlib.nullcontext()
+
+    def pack(tensor: Tensor):
+        if isinstance(tensor, nn.Parameter) or isinstance(tensor._base, nn.Parameter):
+            return tensor
+        pin = pin_memory and tensor.device.type == "cuda"
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin)
+        host.copy_(tensor, non_blocking=pin)  # ordered on the compute stream before any reuse
+        return tensor.device, host
+
+    def unpack(packed):
+        if isinstance(packed, Tensor):
+            return packed
+        device, host = packed
+        return host.to(device, non_blocking=True)
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)

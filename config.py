@@ -46,7 +46,6 @@ DEFAULTS = dict(
     batch_size=1,
     gradient_accumulation_steps=1,
     gradient_checkpointing=True,
-    num_workers=0,                # DataLoader workers (cached tensors load fast)
     kernels="auto",               # fused element-wise ops: "auto", "torch", "triton"
     # --- optimizer and schedule ---
     optimizer="adamw",            # "adamw" or "adafactor"
@@ -54,7 +53,8 @@ DEFAULTS = dict(
     weight_decay=0.01,
     betas=(0.9, 0.999),
     eps=1e-8,
-    max_grad_norm=1.0,            # 0 disables clipping
+    max_grad_norm=1.0,            # global-norm clipping; 0 disables (must be 0 with fused_backward)
+    max_grad_norm_per_param=0.0,  # per-parameter clipping, the one kind fused_backward allows; 0 disables
     lr_scheduler="constant_with_warmup",  # constant, constant_with_warmup, cosine_with_warmup, polynomial, linear
     lr_warmup_steps=0,
     lr_end_ratio=0.0,             # polynomial/cosine end LR as a fraction of learning_rate
@@ -94,6 +94,17 @@ DEFAULTS = dict(
     sample_guidance=3.5,          # default embedded guidance for samples (dev)
     validate_every=100,           # 0 disables
     log_every=1,
+    # --- memory (blockswap.py, optim.py, fp8.py; `python train.py CONFIG --plan` shows the effect) ---
+    blocks_to_swap=0,             # kohya's count for FLUX: n -> n//2 double + (n - n//2)*2 single blocks live in host memory
+    double_blocks_to_swap=-1,     # finer control; -1 derives both from blocks_to_swap
+    single_blocks_to_swap=-1,
+    swap_mode="exchange",         # "exchange" (weights move both ways) or "h2d_only" (frozen base, host copy is the master)
+    pin_memory=True,              # pinned host memory for swapped blocks (faster copies; some systems prefer False)
+    fused_backward=False,         # optimizer step inside backward, one parameter at a time: no full set of gradients
+    stochastic_rounding=True,     # bf16 trainable weights get stochastically rounded updates (fused step, Adafactor)
+    fp8_base=False,               # frozen Linear weights stored as float8_e4m3fn, upcast inside the matmul
+    fp8_per_row=False,            # one fp8 scale per output row instead of per tensor
+    offload_activations=False,    # checkpointed block inputs go to host memory
 )
 # fmt: on
 
@@ -112,6 +123,7 @@ CHOICES = dict(
     huber_schedule=("constant", "exponential"),
     train_mode=("lora", "full"),
     save_dtype=("bf16", "fp16", "fp32"),
+    swap_mode=("exchange", "h2d_only"),
 )
 
 PATH_KEYS = ("flux_path", "ae_path", "clip_l_path", "t5_path", "dataset_dir")
@@ -121,15 +133,16 @@ class ConfigError(ValueError):
     pass
 
 
-def load_config(config_path: str | None, overrides: list[str] = ()) -> dict:
-    """DEFAULTS, then the config file's assignments, then --key=value overrides; validated."""
+def load_config(config_path: str | None, overrides: list[str] = (), check_files: bool = True) -> dict:
+    """DEFAULTS, then the config file's assignments, then --key=value overrides; validated.
+    check_files=False (the memory plan) skips the checks that model and data files exist."""
     cfg = dict(DEFAULTS)
     if config_path:
         cfg.update(read_config_file(config_path))
     for arg in overrides:
         key, value = parse_override(arg)
         cfg[key] = value
-    validate(cfg)
+    validate(cfg, check_files=check_files)
     return cfg
 
 
@@ -167,7 +180,7 @@ def check_known_key(key: str) -> None:
         raise ConfigError(f"unknown config key {key!r}.{hint} All keys and defaults are in config.py.")
 
 
-def validate(cfg: dict) -> None:
+def validate(cfg: dict, check_files: bool = True) -> None:
     """Everything that can be checked without loading a model."""
     for key, value in cfg.items():
         check_known_key(key)
@@ -187,6 +200,13 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"ema_decay must be in [0, 1), got {cfg['ema_decay']}")
     if not math.isfinite(cfg["learning_rate"]) or cfg["learning_rate"] <= 0:
         raise ConfigError(f"learning_rate must be a positive number, got {cfg['learning_rate']}")
+    check_memory_settings(cfg)
+    if check_files:
+        check_paths(cfg)
+
+
+def check_paths(cfg: dict) -> None:
+    """The model, data and prompt files are named and exist."""
     if not cfg["flux_path"]:
         raise ConfigError("flux_path is empty: set it to flux1-dev.safetensors or flux1-schnell.safetensors")
     if not cfg["dataset_dir"]:
@@ -198,6 +218,30 @@ def validate(cfg: dict) -> None:
         raise ConfigError("set both clip_l_path and t5_path (FLUX needs CLIP-L pooled and T5 states)")
     if not cfg["clip_l_path"]:
         raise ConfigError("clip_l_path and t5_path are empty: FLUX needs clip_l and t5xxl files")
+
+
+def check_memory_settings(cfg: dict) -> None:
+    """Combinations of the memory switches that cannot work."""
+    full = cfg["train_mode"] == "full"
+    swapping = cfg["blocks_to_swap"] > 0 or cfg["double_blocks_to_swap"] > 0 or cfg["single_blocks_to_swap"] > 0
+    if cfg["fused_backward"] and cfg["max_grad_norm"] > 0:
+        raise ConfigError("fused_backward updates each weight before the global gradient norm exists: set "
+                          "max_grad_norm=0 (and max_grad_norm_per_param if you want clipping)")
+    if cfg["fused_backward"] and cfg["gradient_accumulation_steps"] > 1:
+        raise ConfigError("fused_backward updates the weights in every backward: gradient accumulation is not "
+                          "possible; set gradient_accumulation_steps=1 or fused_backward=False")
+    if cfg["max_grad_norm_per_param"] > 0 and not cfg["fused_backward"]:
+        raise ConfigError("max_grad_norm_per_param is for fused_backward; without it use max_grad_norm")
+    if full and cfg["fp8_base"]:
+        raise ConfigError("fp8_base stores frozen weights in fp8: it needs train_mode='lora'")
+    if full and swapping and cfg["swap_mode"] == "h2d_only":
+        raise ConfigError("swap_mode='h2d_only' never copies weights back, so it cannot swap trained weights: "
+                          "use swap_mode='exchange' for full fine-tuning")
+    if full and swapping and not cfg["fused_backward"]:
+        raise ConfigError("full fine-tuning with block swap needs fused_backward=True: each block's weights are "
+                          "updated while the block is on the GPU")
+    if cfg["offload_activations"] and not cfg["gradient_checkpointing"]:
+        raise ConfigError("offload_activations moves the checkpointed block inputs: set gradient_checkpointing=True")
 
 
 def check_type(key: str, value, default) -> None:

@@ -86,15 +86,17 @@ def make_clip_tokenizer(folder: Path) -> int:
 
 
 def make_t5_tokenizer(folder: Path) -> int:
-    """tokenizer.json with a Unigram model (the T5 layout: <pad>=0, </s>=1), trained on the
-    demo sentences. Returns the vocabulary size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    """tokenizer.json with a Unigram model (the T5 layout: <pad>=0, </s>=1, <unk>=2) whose
+    pieces are the demo's whole words, plus single letters for anything else."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-    tokenizer = Tokenizer(models.Unigram())
+    words = sorted({w for sentence in demo_sentences() for w in sentence.split()})
+    letters = sorted({c for w in words for c in w})
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [(f"\u2581{w}", -1.0) for w in words] + [("\u2581", -5.0)] + [(c, -5.0) for c in letters]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
     tokenizer.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
-    trainer = trainers.UnigramTrainer(vocab_size=100, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>")
-    tokenizer.train_from_iterator(demo_sentences(), trainer)  # tiny corpus: mostly letter pieces; fine for T5
     tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(folder / "tokenizer.json"))

@@ -220,14 +220,20 @@ def fp8_state_dict_to_model(
 
 
 def load_flux_fp8(
-    sd: dict[str, Tensor], dtype: torch.dtype = torch.bfloat16, device=None, filter=None, per_row: bool = False
+    sd: dict[str, Tensor],
+    dtype: torch.dtype = torch.bfloat16,
+    device=None,
+    filter=None,
+    per_row: bool = False,
+    **overrides,
 ):
     """A FLUX.1 transformer with fp8 block Linears from an original or released fp8 state dict
-    (BFL names, optionally under `model.diffusion_model.`)."""
+    (BFL names, optionally under `model.diffusion_model.`). `overrides` go to FluxParams, as in
+    Flux.from_state_dict."""
     from models.flux import Flux, infer_params, strip_prefix
 
     sd = strip_prefix(sd)
-    params = infer_params(sd)
+    params = infer_params(sd, **overrides)
     with torch.device("meta"):
         model = Flux(params)
     return fp8_state_dict_to_model(model, sd, dtype=dtype, device=device, filter=filter, per_row=per_row)

@@ -51,10 +51,12 @@ except ImportError:  # the kernels below are then plain functions that are never
 # Triton reads this when a kernel is decorated, i.e. when this file is imported.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
-# Launch shapes. Reductions over tokens use at most REDUCTION_PROGRAMS programs per call (each
-# writes one partial sum); tests lower these to force several programs and loops.
+# Launch shapes. Reductions over tokens use at most REDUCTION_PROGRAMS programs per call, each
+# summing at least MIN_REDUCTION_TOKENS tokens into one partial sum (so the partial buffers stay
+# small next to the tensors); tests lower these to force several programs and loops.
 TILE_ELEMENTS = 4096  # elements in one (rows, whole row) tile
 REDUCTION_PROGRAMS = 256
+MIN_REDUCTION_TOKENS = 16
 QK_BLOCK_TOKENS = 16
 QK_HEADS_PER_PROGRAM = 4
 
@@ -183,7 +185,7 @@ def _token_chunks(batch: int, tokens: int, block_rows: int) -> tuple[int, int]:
     one program per (sample, chunk), about REDUCTION_PROGRAMS programs in all; rows_per_chunk
     is a multiple of block_rows so that every tile lies inside one chunk."""
     n_blocks = _cdiv(tokens, block_rows)
-    n_chunks = max(1, min(n_blocks, _cdiv(REDUCTION_PROGRAMS, batch)))
+    n_chunks = max(1, min(n_blocks, _cdiv(REDUCTION_PROGRAMS, batch), tokens // MIN_REDUCTION_TOKENS))
     rows_per_chunk = _cdiv(n_blocks, n_chunks) * block_rows
     return _cdiv(tokens, rows_per_chunk), rows_per_chunk
 
@@ -742,8 +744,10 @@ def _qk_norm_rope_fwd_kernel(
     pairs = tl.arange(0, BLOCK_PAIRS)
     mask = (rows[:, None] < L) & (pairs[None, :] < D // 2)
     r00, r01, r10, r11 = _load_rotation(pe_ptr + b * spe_b, rows, pairs, spe_l, spe_p, spe_i, spe_j, mask)
-    q_w_even, q_w_odd = _load_vector(q_scale_ptr, 2 * pairs, s_qs, D), _load_vector(q_scale_ptr + s_qs, 2 * pairs, s_qs, D)
-    k_w_even, k_w_odd = _load_vector(k_scale_ptr, 2 * pairs, s_ks, D), _load_vector(k_scale_ptr + s_ks, 2 * pairs, s_ks, D)
+    q_w_even = _load_vector(q_scale_ptr, 2 * pairs, s_qs, D)
+    q_w_odd = _load_vector(q_scale_ptr + s_qs, 2 * pairs, s_qs, D)  # element 2i + 1
+    k_w_even = _load_vector(k_scale_ptr, 2 * pairs, s_ks, D)
+    k_w_odd = _load_vector(k_scale_ptr + s_ks, 2 * pairs, s_ks, D)
     first_head = tl.program_id(2) * HEADS_PER_PROGRAM
     for head in range(first_head, first_head + HEADS_PER_PROGRAM):
         out_offset = (b * NH + head) * L * D  # outputs are contiguous (B, NH, L, D)
@@ -775,8 +779,10 @@ def _qk_norm_rope_bwd_kernel(
     pairs = tl.arange(0, BLOCK_PAIRS)
     mask = (rows[:, None] < L) & (pairs[None, :] < D // 2)
     r00, r01, r10, r11 = _load_rotation(pe_ptr + b * spe_b, rows, pairs, spe_l, spe_p, spe_i, spe_j, mask)
-    q_w_even, q_w_odd = _load_vector(q_scale_ptr, 2 * pairs, s_qs, D), _load_vector(q_scale_ptr + s_qs, 2 * pairs, s_qs, D)
-    k_w_even, k_w_odd = _load_vector(k_scale_ptr, 2 * pairs, s_ks, D), _load_vector(k_scale_ptr + s_ks, 2 * pairs, s_ks, D)
+    q_w_even = _load_vector(q_scale_ptr, 2 * pairs, s_qs, D)
+    q_w_odd = _load_vector(q_scale_ptr + s_qs, 2 * pairs, s_qs, D)  # element 2i + 1
+    k_w_even = _load_vector(k_scale_ptr, 2 * pairs, s_ks, D)
+    k_w_odd = _load_vector(k_scale_ptr + s_ks, 2 * pairs, s_ks, D)
     dq_scale_even = tl.zeros([BLOCK_PAIRS], dtype=tl.float32)
     dq_scale_odd = tl.zeros([BLOCK_PAIRS], dtype=tl.float32)
     dk_scale_even = tl.zeros([BLOCK_PAIRS], dtype=tl.float32)

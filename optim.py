@@ -13,13 +13,24 @@ Every per-parameter step does its arithmetic in fp32 and writes the result
 back once: in place for fp32 weights, by stochastic rounding for bf16
 weights (plain rounding when that is switched off), by a plain copy for fp16.
 Optimizer state is kept in fp32 whatever the weight dtype.
+
+adamw_step_ and adafactor_step_ are also the reference for the Triton
+updates in kernels_optim.py (one kernel pass instead of a dozen torch ops,
+rounding noise from Philox instead of a noise tensor). They call them when
+the kernel mode of models.layers.set_kernels allows ("triton", or "auto"
+with the parameter on CUDA) and the kernels handle the parameter
+(kernels_optim.can_update_with_triton); everything before the arithmetic
+(state, step count, lr and beta2 schedules) is shared.
 """
+import hashlib
 import math
 from contextlib import contextmanager
 from functools import partial
 
 import torch
 from torch import Tensor
+
+from models.layers import _use_triton
 
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine_with_warmup", "polynomial")
@@ -82,7 +93,7 @@ def _adafactor_lr(lr: float | None, step: int, weight: Tensor, eps2: float, scal
     if relative_step:
         lr = min(1e-6 * step if warmup_init else 1e-2, 1.0 / math.sqrt(step))
     if scale_parameter:
-        lr = lr * max(eps2, float(_rms(weight)))
+        lr = lr * max(eps2, float(_rms(weight.float())))
     return lr
 
 
@@ -90,7 +101,7 @@ def adafactor_step_(p: Tensor, grad: Tensor, state: dict, lr: float | None, eps:
                     clip_threshold: float = 1.0, decay_rate: float = -0.8, beta1: float | None = None,
                     weight_decay: float = 0.0, scale_parameter: bool = False, relative_step: bool = False,
                     warmup_init: bool = False, stochastic_rounding: bool = True,
-                    generator: torch.Generator | None = None) -> None:
+                    generator: torch.Generator | None = None, seed: int | None = None) -> None:
     """One Adafactor step of parameter p with gradient grad; `state` is p's state dict.
 
     The second moment of a >= 2-D gradient is stored factored: an EMA of the
@@ -98,25 +109,36 @@ def adafactor_step_(p: Tensor, grad: Tensor, state: dict, lr: float | None, eps:
     the second-to-last dim (`exp_avg_sq_col`, shape[:-2] + shape[-1:]); their
     outer product divided by the row mean approximates the full matrix.
     1-D parameters keep the full `exp_avg_sq`.
+
+    generator feeds the torch path's rounding noise, seed the Triton path's (see _kernel_seed).
     """
-    grad = grad.float()
     factored = grad.ndim >= 2
     if not state:
+        fp32 = dict(dtype=torch.float32, device=grad.device)
         state["step"] = 0
         if beta1 is not None:
-            state["exp_avg"] = torch.zeros_like(grad)
+            state["exp_avg"] = torch.zeros(grad.shape, **fp32)
         if factored:
-            state["exp_avg_sq_row"] = grad.new_zeros(grad.shape[:-1])
-            state["exp_avg_sq_col"] = grad.new_zeros(grad.shape[:-2] + grad.shape[-1:])
+            state["exp_avg_sq_row"] = torch.zeros(grad.shape[:-1], **fp32)
+            state["exp_avg_sq_col"] = torch.zeros(grad.shape[:-2] + grad.shape[-1:], **fp32)
         else:
-            state["exp_avg_sq"] = torch.zeros_like(grad)
+            state["exp_avg_sq"] = torch.zeros(grad.shape, **fp32)
 
-    weight = p.float()  # p itself when p is fp32: the update then happens in place
     state["step"] += 1
     step = state["step"]
-    lr = _adafactor_lr(lr, step, weight, eps[1], scale_parameter, relative_step, warmup_init)
-
+    lr = _adafactor_lr(lr, step, p, eps[1], scale_parameter, relative_step, warmup_init)
     beta2 = 1.0 - math.pow(step, decay_rate)  # 1 - step^-0.8: grows towards 1, so early steps adapt fast
+
+    moments = {key: state[key] for key in ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq", "exp_avg") if key in state}
+    if _triton_update_wanted(p, grad, list(moments.values()), stochastic_rounding, factored):
+        from kernels_optim import adafactor_update_triton_
+
+        adafactor_update_triton_(p, grad, **moments, lr=lr, beta2=beta2, eps1=eps[0], clip_threshold=clip_threshold,
+                                 beta1=beta1, weight_decay=weight_decay, seed=_kernel_seed(p, seed, generator))
+        return
+
+    grad = grad.float()
+    weight = p.float()  # p itself when p is fp32: the update then happens in place
     grad_sq = grad.square().add_(eps[0])
     if factored:
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
@@ -220,24 +242,32 @@ def restore_state_dtypes_(optimizer: torch.optim.Optimizer, state_dict: dict) ->
 
 def adamw_step_(p: Tensor, grad: Tensor, state: dict, lr: float, betas: tuple[float, float] = (0.9, 0.999),
                 eps: float = 1e-8, weight_decay: float = 0.0, stochastic_rounding: bool = True,
-                generator: torch.Generator | None = None) -> None:
+                generator: torch.Generator | None = None, seed: int | None = None) -> None:
     """One AdamW step of parameter p, with torch.optim.AdamW's operations in its
     order (single-tensor and foreach paths), so fp32 results agree bit for bit.
     The state layout is torch's as well ("step" a CPU fp32 tensor, "exp_avg",
     "exp_avg_sq"), so one state dict serves both the fused and the plain step.
+    generator feeds the torch path's rounding noise, seed the Triton path's (see _kernel_seed).
     """
-    grad = grad.float()
     if not state:
         state["step"] = torch.tensor(0.0)
-        state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+        state["exp_avg"] = torch.zeros_like(grad, dtype=torch.float32, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(grad, dtype=torch.float32, memory_format=torch.preserve_format)
     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
     beta1, beta2 = betas
     lr = float(lr)
-
-    weight = p.float()  # p itself when p is fp32
     state["step"] += 1
     step = state["step"].item()  # on the CPU: no device sync
+
+    if _triton_update_wanted(p, grad, [exp_avg, exp_avg_sq], stochastic_rounding):
+        from kernels_optim import adamw_update_triton_
+
+        adamw_update_triton_(p, grad, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                             weight_decay=weight_decay, step=step, seed=_kernel_seed(p, seed, generator))
+        return
+
+    grad = grad.float()
+    weight = p.float()  # p itself when p is fp32
     if weight_decay != 0:
         weight.mul_(1 - lr * weight_decay)  # decoupled weight decay
     exp_avg.lerp_(grad, 1 - beta1)
@@ -248,6 +278,36 @@ def adamw_step_(p: Tensor, grad: Tensor, state: dict, lr: float, betas: tuple[fl
     denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
     weight.addcdiv_(exp_avg, denom, value=-step_size)
     _write_back_(p, weight, stochastic_rounding, generator)
+
+
+def _triton_update_wanted(p: Tensor, grad: Tensor, moments: list[Tensor], stochastic_rounding: bool,
+                          factored: bool = False) -> bool:
+    """Whether this step runs as a Triton kernel (kernels_optim.py) instead of the torch code:
+    the kernel mode allows it and the kernels handle this weight and state."""
+    if not _use_triton(p):
+        return False
+    from kernels_optim import can_update_with_triton
+
+    return can_update_with_triton(p, grad, moments, stochastic_rounding, factored)
+
+
+def _kernel_seed(p: Tensor, seed: int | None, generator: torch.Generator | None) -> int:
+    """The Philox seed of a Triton update: `seed` if given (FusedBackwardStep passes one per step
+    and parameter), else drawn from `generator` or torch's global RNG (on the CPU; a CUDA
+    generator costs a host sync). fp32 weights are not rounded, so they draw nothing."""
+    if seed is not None:
+        return seed
+    if p.dtype == torch.float32:
+        return 0
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(2**62, (), generator=generator, device=device))
+
+
+def step_seed(seed: int, step: int, index: int) -> int:
+    """A 62-bit seed for (run seed, step number, parameter index): a hash, so that neighbouring
+    steps or parameters get unrelated Philox streams, and a resumed run gets the same ones."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
 
 
 # ---------------------------------------------------------------------------
@@ -321,8 +381,10 @@ class FusedBackwardStep:
 
     stochastic_rounding applies to bf16 weights for both optimizers (Adafactor's
     own option covers its plain step() only). With `seed`, the rounding noise
-    comes from per-device generators whose state is part of state_dict(), so a
-    resumed run continues bit for bit; without, it uses torch's global RNG.
+    comes from per-device generators whose state is part of state_dict() (torch
+    path) or from Philox seeded by step_seed(seed, step, parameter index)
+    (Triton path, see kernels_optim.py), so a resumed run continues bit for bit;
+    without, it uses torch's global RNG.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, max_grad_norm: float | None = 0.0,
@@ -356,6 +418,7 @@ class FusedBackwardStep:
         self._stepped: set[int] = set()            # id() of the parameters updated in this step
         # Group by index, not the dict itself: Optimizer.load_state_dict replaces the group dicts.
         self._group_index = {p: i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
+        self._param_index = {p: i for i, p in enumerate(self._group_index)}  # for step_seed
         self._handles = [p.register_post_accumulate_grad_hook(self._hook)
                          for p in self._group_index if p.requires_grad]
 
@@ -381,14 +444,13 @@ class FusedBackwardStep:
             grad = grad.float() * (self.max_grad_norm_per_param / (norm + 1e-6)).clamp(max=1.0)
         group = self.optimizer.param_groups[self._group_index[p]]
         state = self.optimizer.state[p]
-        generator = self._generator(p.device)
+        rounding = dict(stochastic_rounding=self.stochastic_rounding, generator=self._generator(p.device),
+                        seed=None if self.seed is None else step_seed(self.seed, self.num_steps, self._param_index[p]))
         if self.kind == "adamw":
             adamw_step_(p, grad, state, lr=group["lr"], betas=group["betas"], eps=group["eps"],
-                        weight_decay=group["weight_decay"], stochastic_rounding=self.stochastic_rounding,
-                        generator=generator)
+                        weight_decay=group["weight_decay"], **rounding)
         else:
-            adafactor_step_(p, grad, state, stochastic_rounding=self.stochastic_rounding, generator=generator,
-                            **Adafactor.step_options(group))
+            adafactor_step_(p, grad, state, **rounding, **Adafactor.step_options(group))
         p.grad = None  # the point of the exercise: this gradient's memory is free again
         self._stepped.add(id(p))
 

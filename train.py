@@ -18,13 +18,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import blockswap
 import cache
 import checkpoint
+import fp8
 import lora
 import losses
 import optim
 import sample
-from config import ConfigError, format_config, load_config
+from config import DEFAULTS, ConfigError, format_config, load_config
 from metrics import MetricsLog
 from models import flux, load_codec, load_text_encoder
 from models.layers import set_kernels
@@ -146,6 +148,17 @@ def install_stop_handler() -> dict:
     return flag
 
 
+def swap_counts(params, cfg: dict) -> dict[str, int]:
+    """Blocks to swap per kind, checked against the model's depth before anything loads."""
+    with torch.device("meta"):  # no memory: only the block lists are needed
+        skeleton = flux.Flux(params)
+    try:
+        return blockswap.swap_counts(skeleton, cfg["blocks_to_swap"] or None, cfg["double_blocks_to_swap"],
+                                     cfg["single_blocks_to_swap"])
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -166,7 +179,8 @@ def main(argv=None) -> Path:
     plan_only = "--plan" in argv
     argv = [a for a in argv if a != "--plan"]
     config_path = argv[0] if argv and not argv[0].startswith("--") else None
-    cfg = load_config(config_path, [a for a in argv if a.startswith("--")])  # all config errors surface here
+    # all config errors surface here; the plan reads no files, so they need not exist yet
+    cfg = load_config(config_path, [a for a in argv if a.startswith("--")], check_files=not plan_only)
     if plan_only:
         import plan
 
@@ -202,6 +216,7 @@ def train(cfg: dict) -> Path:
                                           guidance=cfg["sample_guidance"], seed=cfg["seed"])
     prompts = sample.read_prompt_file(cfg["sample_prompts"], prompt_defaults) if cfg["sample_prompts"] else []
     max_length = cfg["t5_max_length"] or flux.default_t5_max_length(params)
+    counts = swap_counts(params, cfg)
 
     # 2. Caches: latents and text embeddings on disk; the encoders leave the device after -------
     cache_dir = Path(cfg["cache_dir"] or Path(cfg["dataset_dir"]) / ".cache")
@@ -210,7 +225,9 @@ def train(cfg: dict) -> Path:
                                      dtype=torch.float32, hash_content=cfg["hash_images"], recache=cfg["recache"],
                                      on_error=cfg["on_bad_image"], seed=cfg["seed"])
     kept_train = latent_cache.build(train_items, codec.encode)
+    skipped = list(latent_cache.skipped)
     kept_val = latent_cache.build(val_items, codec.encode) if val_items else []
+    skipped += latent_cache.skipped if val_items else []
     codec.to("cpu")  # the decoder comes back for samples only
     text = load_text_encoder(cfg["clip_l_path"], cfg["t5_path"], cfg["clip_tokenizer"], cfg["t5_tokenizer"],
                              max_length=max_length, apply_mask=cfg["apply_t5_attn_mask"], dtype=dtype, device=device)
@@ -223,7 +240,12 @@ def train(cfg: dict) -> Path:
     val_data = cache.CachedDataset(kept_val, latent_cache, text_cache) if kept_val else None
 
     # 3. The denoiser, and what trains ----------------------------------------------------------
-    model = flux.Flux.from_state_dict(flux_sd, dtype=dtype, device=device, **cfg["model_overrides"])
+    # Built in host memory (the file stays memory-mapped); only what runs on the device moves there.
+    if cfg["fp8_base"]:  # frozen block Linears as float8_e4m3fn (released fp8 files load as they are)
+        model = fp8.load_flux_fp8(flux_sd, dtype=dtype, device="cpu", per_row=cfg["fp8_per_row"],
+                                  **cfg["model_overrides"])
+    else:
+        model = flux.Flux.from_state_dict(flux_sd, dtype=dtype, device="cpu", **cfg["model_overrides"])
     del flux_sd
     model.requires_grad_(False)
     model.gradient_checkpointing = cfg["gradient_checkpointing"]
@@ -234,13 +256,21 @@ def train(cfg: dict) -> Path:
                                          single_blocks=cfg["train_single_blocks"], embedders=cfg["lora_embedders"])
         # LoRA weights train in fp32 whatever the base dtype; LoRALinear casts them for the matmul.
         network = lora.LoRANetwork.inject(model, targets, alpha=cfg["network_alpha"], dropout=cfg["network_dropout"],
-                                          dtype=torch.float32)
-        network.to(device)
+                                          dtype=torch.float32, device=device)
         trainable = dict(network.named_parameters())
     else:
         model.requires_grad_(True)
         trainable = dict(model.named_parameters())
+    swap = None
+    if any(counts.values()):  # swapped blocks' big weights stay in host memory and stream in
+        swap = blockswap.BlockSwap(model, device, double_blocks_to_swap=counts["double_blocks"],
+                                   single_blocks_to_swap=counts["single_blocks"], mode=cfg["swap_mode"],
+                                   pin_memory=cfg["pin_memory"])
+        print(swap.describe())
+    else:
+        model.to(device)
     model.train()
+    network is not None and network.train()
     n_trainable = sum(p.numel() for p in trainable.values())
 
     # 4. Optimizer, schedule, EMA ---------------------------------------------------------------
@@ -249,6 +279,9 @@ def train(cfg: dict) -> Path:
     scheduler = optim.build_scheduler(optimizer, cfg["lr_scheduler"], warmup_steps=cfg["lr_warmup_steps"],
                                       total_steps=cfg["max_train_steps"], end_lr_ratio=cfg["lr_end_ratio"],
                                       power=cfg["lr_power"])
+    fused = optim.FusedBackwardStep(optimizer, max_grad_norm=0.0, seed=cfg["seed"],
+                                    max_grad_norm_per_param=cfg["max_grad_norm_per_param"] or None,
+                                    stochastic_rounding=cfg["stochastic_rounding"]) if cfg["fused_backward"] else None
     ema = optim.EMA(list(trainable.values()), decay=cfg["ema_decay"], update_every=cfg["ema_every"]) if cfg["ema_decay"] else None
     objective = losses.FlowMatching(
         timestep_sampling=cfg["timestep_sampling"], sigmoid_scale=cfg["sigmoid_scale"],
@@ -267,7 +300,11 @@ def train(cfg: dict) -> Path:
         with torch.no_grad():
             for name, p in trainable.items():
                 p.copy_(saved[name])
-        optimizer.load_state_dict(extra["optimizer"])
+        if fused is not None:
+            fused.load_state_dict(extra["optimizer"])
+        else:
+            optimizer.load_state_dict(extra["optimizer"])
+            optim.restore_state_dtypes_(optimizer, extra["optimizer"])
         scheduler.load_state_dict(extra["scheduler"])
         if ema is not None and extra["ema"] is not None:
             ema.load_state_dict(extra["ema"])
@@ -281,15 +318,18 @@ def train(cfg: dict) -> Path:
     # 6. The step arithmetic, up front ------------------------------------------------------------
     per_step = cfg["batch_size"] * cfg["gradient_accumulation_steps"]
     steps_per_epoch = max(1, order.num_items // per_step)
-    print(format_config(cfg), end="")
+    changed = {k: v for k, v in cfg.items() if v != DEFAULTS[k]}
+    print(f"config (differences from the defaults; all of it is in {run_dir / 'config.py'}):")
+    print(format_config(changed), end="")
     print(f"{len(train_data)} images x {cfg['repeats']} repeats / (batch {cfg['batch_size']} x accumulation "
           f"{cfg['gradient_accumulation_steps']}) = {steps_per_epoch} steps per epoch; "
           f"{cfg['max_train_steps']} steps = {cfg['max_train_steps'] / steps_per_epoch:.1f} epochs")
     print(f"training {n_trainable:,} parameters ({cfg['train_mode']}); saving every {cfg['save_every']} steps, "
           f"sampling every {cfg['sample_every']}, validating every {cfg['validate_every']} "
           f"({len(kept_val)} held-out images)")
-    if len(train_items) != len(kept_train):
-        print(f"skipped {len(train_items) - len(kept_train)} unreadable images (listed above)")
+    if skipped:
+        names = ", ".join(Path(path).name for path, _ in skipped)
+        print(f"skipped {len(skipped)} unreadable image(s): {names}")
 
     def save(step: int) -> None:
         meta = lora.kohya_metadata(cfg, params, flux.variant(params), step=step, epoch=order.epoch,
@@ -301,7 +341,7 @@ def train(cfg: dict) -> Path:
                 with ema.swapped(list(trainable.values())):
                     network.save(run_dir / f"{cfg['run_name']}_step{step:06d}_ema.safetensors", meta, dtype=save_dtype)
         info = {"data_order": order.state(), "rng": checkpoint.rng_state(generator), "config": cfg}
-        checkpoint.save_state(run_dir, step, trainable, optimizer, scheduler, ema, info, cfg["keep_last"])
+        checkpoint.save_state(run_dir, step, trainable, fused or optimizer, scheduler, ema, info, cfg["keep_last"])
 
     # 7. The loop ---------------------------------------------------------------------------------
     stop = install_stop_handler()
@@ -318,22 +358,28 @@ def train(cfg: dict) -> Path:
         for _ in range(cfg["gradient_accumulation_steps"]):
             indices = [i % len(train_data) for i in order.next_batch()]
             batch = load_batch(train_data, indices, device)
-            loss, per_sample, sigma = training_loss(model, objective, batch, generator)
+            with blockswap.offload_activations(cfg["offload_activations"], pin_memory=cfg["pin_memory"]):
+                loss, per_sample, sigma = training_loss(model, objective, batch, generator)
             if not torch.isfinite(loss):  # a host sync, once per micro-batch
                 raise TrainingError(
                     f"loss is {loss.item()} at step {step + 1} (images {[batch['caption'][j] for j in range(len(indices))]}, "
                     f"noise levels {sigma.tolist()}). Nothing was saved; the last good state is in {run_dir / 'state'}. "
                     "Lower learning_rate, use dtype='bf16' rather than fp16, or check the data.")
-            (loss / cfg["gradient_accumulation_steps"]).backward()
+            (loss / cfg["gradient_accumulation_steps"]).backward()  # fused: the weights update in here
             step_loss += loss.item() / cfg["gradient_accumulation_steps"]
             bins.add(per_sample.detach().float().cpu(), sigma.cpu())
-        grad_norm = optim.clip_grad_norm_(list(trainable.values()), cfg["max_grad_norm"] or float("inf"))
+        if fused is not None:
+            fused.step()  # closes the step the hooks took; the global norm is only measured
+            grad_norm = fused.last_grad_norm
+        else:
+            grad_norm = optim.clip_grad_norm_(list(trainable.values()), cfg["max_grad_norm"] or float("inf"))
         if not torch.isfinite(grad_norm):
             raise TrainingError(f"gradient norm is {grad_norm.item()} at step {step + 1}; nothing was saved. "
                                 "Lower learning_rate or check the data.")
-        optimizer.step()
+        if fused is None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         step += 1
         if ema is not None:
             ema.update(step)

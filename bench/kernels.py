@@ -61,7 +61,8 @@ class TrafficCounter(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         name = func._schema.name.split("::")[-1]
         if not is_view(func) and name not in self.FREE:
-            moved = sum(tensor_bytes(t) for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor))
+            tensors = {id(t): t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)}
+            moved = sum(tensor_bytes(t) for t in tensors.values())  # x * x reads x once
             key = str(func.overloadpacket)
             self.by_op[key] = self.by_op.get(key, 0) + moved
         return out
@@ -112,7 +113,11 @@ def block_chains() -> dict[str, list[tuple[str, callable, callable]]]:
     for stream, L in (("img", IMG_TOKENS), ("txt", TXT_TOKENS)):
         pe = rope_table(L)
         double += [
-            (f"{stream} norm_modulate (attn in)", layers.norm_modulate, lambda L=L: [meta(1, L, WIDTH), vector(), vector()]),
+            (
+                f"{stream} norm_modulate (attn in)",
+                layers.norm_modulate,
+                lambda L=L: [meta(1, L, WIDTH), vector(), vector()],
+            ),
             (
                 f"{stream} qk_norm_rope",
                 lambda q, k, qs, ks, pe=pe: layers.qk_norm_rope(q, k, qs, ks, pe),
@@ -124,7 +129,11 @@ def block_chains() -> dict[str, list[tuple[str, callable, callable]]]:
                 lambda L=L: [meta(1, L, WIDTH), vector(), meta(1, L, WIDTH), vector(), vector()],
             ),
             (f"{stream} gelu_tanh", layers.gelu_tanh, lambda L=L: [meta(1, L, MLP_WIDTH)]),
-            (f"{stream} gated_residual (mlp out)", layers.gated_residual, lambda L=L: [meta(1, L, WIDTH), vector(), meta(1, L, WIDTH)]),
+            (
+                f"{stream} gated_residual (mlp out)",
+                layers.gated_residual,
+                lambda L=L: [meta(1, L, WIDTH), vector(), meta(1, L, WIDTH)],
+            ),
         ]
     L = IMG_TOKENS + TXT_TOKENS
     pe = rope_table(L)
@@ -167,23 +176,28 @@ def print_traffic() -> None:
     totals = {}
     for kind, rows in traffic_table().items():
         print(f"{kind}:")
-        print(f"  {'chain':42s} {'eager fwd':>10s} {'eager bwd':>10s} {'fused fwd':>10s} {'fused bwd':>10s} {'saved':>7s}")
+        print(f"  {'chain':42s} " + " ".join(f"{h:>10s}" for h in COLUMNS) + f" {'saved':>7s}")
         sums = [0, 0, 0, 0]
         for name, *counts in rows:
             sums = [s + c for s, c in zip(sums, counts)]
-            print(f"  {name:42s} " + " ".join(f"{c / 1e6:10.1f}" for c in counts) + f" {_saved(counts):>7s}")
-        print(f"  {'total per block (MB)':42s} " + " ".join(f"{s / 1e6:10.1f}" for s in sums) + f" {_saved(sums):>7s}\n")
+            print(_traffic_row(name, counts))
+        print(_traffic_row("total per block (MB)", sums) + "\n")
         totals[kind] = sums
     blocks = {"double block": DOUBLE_BLOCKS, "single block": SINGLE_BLOCKS}
     whole = [sum(totals[k][i] * n for k, n in blocks.items()) for i in range(4)]
     print(f"whole model ({DOUBLE_BLOCKS} double + {SINGLE_BLOCKS} single blocks), GB:")
-    print(f"  eager  forward {whole[0] / 1e9:6.1f}  backward {whole[1] / 1e9:6.1f}  total {(whole[0] + whole[1]) / 1e9:6.1f}")
-    print(f"  fused  forward {whole[2] / 1e9:6.1f}  backward {whole[3] / 1e9:6.1f}  total {(whole[2] + whole[3]) / 1e9:6.1f}")
+    for label, forward, backward in (("eager", *whole[:2]), ("fused", *whole[2:])):
+        total = forward + backward
+        print(f"  {label}  forward {forward / 1e9:6.1f}  backward {backward / 1e9:6.1f}  total {total / 1e9:6.1f}")
 
 
-def _saved(counts) -> str:
+COLUMNS = ("eager fwd", "eager bwd", "fused fwd", "fused bwd")
+
+
+def _traffic_row(name: str, counts) -> str:
     eager, fused = counts[0] + counts[1], counts[2] + counts[3]
-    return f"{100 * (1 - fused / eager):.0f}%"
+    megabytes = " ".join(f"{c / 1e6:10.1f}" for c in counts)
+    return f"  {name:42s} {megabytes} {100 * (1 - fused / eager):6.0f}%"
 
 
 # --- timing (CUDA) -------------------------------------------------------------------------------
@@ -204,7 +218,12 @@ def cases(device: str, tiny: bool) -> list[tuple[str, callable, callable, list]]
     pe = torch.stack([angles.cos(), -angles.sin(), angles.sin(), angles.cos()], -1).reshape(1, 1, L, D // 2, 2, 2)
     return [
         ("norm_modulate", kernels.norm_modulate, kernels.norm_modulate_reference, [x(1, L, H), x(1, 1, H), x(1, 1, H)]),
-        ("gated_residual", kernels.gated_residual, kernels.gated_residual_reference, [x(1, L, H), x(1, 1, H), x(1, L, H)]),
+        (
+            "gated_residual",
+            kernels.gated_residual,
+            kernels.gated_residual_reference,
+            [x(1, L, H), x(1, 1, H), x(1, L, H)],
+        ),
         (
             "gated_residual_norm_modulate",
             kernels.gated_residual_norm_modulate,
@@ -253,7 +272,8 @@ def fused_bytes(fn, inputs) -> tuple[int, int]:
 def print_timings(device: str, tiny: bool) -> None:
     name = torch.cuda.get_device_name() if device == "cuda" else device
     print(f"Kernel timings on {name}, bf16; bandwidth = fused op's bytes / time (GB/s)\n")
-    print(f"{'kernel':30s} {'pass':8s} {'eager ms':>9s} {'compile ms':>10s} {'triton ms':>9s}  {'eager':>6s} {'compile':>7s} {'triton':>6s}")
+    print(f"{'kernel':30s} {'pass':8s} {'eager ms':>9s} {'compile ms':>10s} {'triton ms':>9s}", end="  ")
+    print(f"{'eager':>6s} {'compile':>7s} {'triton':>6s}")
     for label, fused, reference, inputs in cases(device, tiny):
         compiled = torch.compile(reference, backend="inductor" if device == "cuda" else "aot_eager")
         byte_counts = fused_bytes(fused, inputs)

@@ -1,6 +1,7 @@
 """Block swap on a tiny FLUX: swapping changes where weights live, never what is computed.
 
-The "device" is the CPU here. A swapped model and an unswapped copy train side by side and
+The "device" is the CPU here; copies are delayed until waited for (LaggingCopies), as on
+a CUDA side stream. A swapped model and an unswapped copy train side by side and
 must agree bit for bit (outputs, gradients, AdamW updates), in training, in sampling and
 alternating between the two. Where the weights are is checked independently of blockswap's
 own bookkeeping: the device slots are the storage that blocks 0..K-1 held right after the
@@ -12,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from blockswap import BlockSwap, kohya_split, max_blocks_to_swap, swap_counts
+from blockswap import BlockSwap, kohya_split, max_blocks_to_swap, offload_activations, swap_counts
 from lora import LoRANetwork, flux_lora_targets
 from models.flux import Flux, FluxParams, img_ids, txt_ids
 
@@ -80,6 +81,29 @@ class ResidencyCheck:
         assert len(self.resident(kind)) <= self.limit[kind], f"{kind}: resident {self.resident(kind)}"
 
 
+class LaggingCopies(BlockSwap):
+    """BlockSwap with the CUDA side stream's timing on the CPU: a copy runs only when something
+    waits for it (in queue order, as on one stream). A block that computes without waiting for
+    its load, or waits for the wrong one, sees stale weights and the results differ."""
+
+    def __init__(self, *args, **kwargs):
+        self.queue, self.done = [], 0
+        super().__init__(*args, **kwargs)
+
+    def _copy(self, copies):
+        self.queue.append(list(copies))
+        return len(self.queue)  # the "event": this copy and all before it
+
+    def _wait_for(self, event):
+        while event is not None and self.done < event:
+            for destination, source in self.queue[self.done]:
+                destination.copy_(source)
+            self.done += 1
+
+    def synchronize(self):
+        self._wait_for(len(self.queue))
+
+
 def make_pair(train: str, checkpointing: bool, fp8: bool = False, device="cpu"):
     """Two identical tiny FLUX models with their trainable parameters and AdamW optimizers."""
     torch.manual_seed(0)
@@ -141,7 +165,7 @@ CASES = [
 @pytest.mark.parametrize("train,mode,checkpointing,fp8", CASES)
 def test_swapping_changes_nothing_that_is_computed(train, mode, checkpointing, fp8):
     (ref, ref_params, ref_opt), (model, params, opt) = make_pair(train, checkpointing, fp8)
-    swap = BlockSwap(model, "cpu", blocks_to_swap=BLOCKS_TO_SWAP, mode=mode)
+    swap = LaggingCopies(model, "cpu", blocks_to_swap=BLOCKS_TO_SWAP, mode=mode)
     residency = ResidencyCheck(model, SWAPPED)
     initial = {"double_blocks": [0, 1], "single_blocks": [0, 1]}
     assert swap.resident_blocks() == initial
@@ -154,6 +178,7 @@ def test_swapping_changes_nothing_that_is_computed(train, mode, checkpointing, f
         assert torch.equal(out_ref, out)
         assert_same(grads_ref, grads, "gradient")
         assert_same(ref_params, params, "parameter after AdamW")
+        assert swap.stalls == 0  # every block was prefetched before it ran
         assert swap.resident_blocks() == initial  # the backward brought the first blocks back
         # every swapped block came in once in forward and once in backward
         loaded = swap.transfers["h2d"] - before["h2d"]
@@ -205,6 +230,7 @@ def test_counts_and_limits():
     model = Flux(PARAMS)
     assert swap_counts(model, blocks_to_swap=3) == {"double_blocks": 1, "single_blocks": 4}
     assert swap_counts(model, single_blocks_to_swap=2) == {"double_blocks": 0, "single_blocks": 2}
+    assert swap_counts(model, 3, -1, -1) == swap_counts(model, 3)  # -1: the config's "not given"
     with pytest.raises(ValueError, match="at most 4"):
         swap_counts(model, blocks_to_swap=5)
     with pytest.raises(ValueError, match="double_blocks: cannot swap 3 of 4"):
@@ -229,6 +255,33 @@ def test_blocks_sharing_a_slot_must_match():
     model.single_blocks[3].linear1 = Fp8Linear.from_linear(model.single_blocks[3].linear1)
     with pytest.raises(ValueError, match="share a device slot"):
         BlockSwap(model, "cpu", single_blocks_to_swap=4)
+
+
+def test_offload_activations_keeps_results_and_skips_weights(monkeypatch):
+    """With checkpointing, the saved tensors are the blocks' inputs: they go to the host, weights stay."""
+    (ref, ref_params, ref_opt), (model, params, opt) = make_pair("lora", checkpointing=True)
+    packed = []
+    real_empty = torch.empty
+
+    def recording_empty(*args, **kwargs):  # every host buffer the pack hook makes
+        tensor = real_empty(*args, **kwargs)
+        packed.append(tuple(tensor.shape))
+        return tensor
+
+    out_ref, grads_ref = train_step(ref, ref_params, ref_opt, seed=0)
+    with offload_activations(True):
+        monkeypatch.setattr(torch, "empty", recording_empty)
+        batch, target = make_batch(0)
+        out = model(**batch)
+        monkeypatch.setattr(torch, "empty", real_empty)
+    ((out - target) ** 2).mean().backward()
+    assert torch.equal(out.detach(), out_ref)
+    assert_same(grads_ref, [p.grad for p in params], "gradient")
+    img, txt, vec = (1, 16, 64), (1, 8, 64), (1, 64)
+    assert packed.count(img) >= 4 and packed.count(txt) >= 4 and packed.count(vec) >= 10  # block inputs
+    weights = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, nn.Linear)}
+    weights |= {shape[::-1] for shape in weights}  # F.linear saves weight.t()
+    assert not weights & set(packed)  # (embedders and final layer run outside checkpoints)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: side stream, events, pinned memory")

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from einops import rearrange
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
 from models import layers
@@ -113,6 +114,7 @@ def rope_table(tokens: int) -> torch.Tensor:
 
 def test_qk_norm_rope(variant):
     dtype, strided = variant
+    L = 21  # two programs of 16 tokens per sample
     if strided:  # as in the model: q and k are views into the fused qkv Linear output
         qkv = torch.randn(B, L, 3 * HEADS * HEAD_DIM)
         q, k, _ = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=HEADS)
@@ -254,6 +256,20 @@ def test_importable_without_triton():
 # --- a tiny FLUX model ---------------------------------------------------------------------------
 
 
+class OpRecorder(TorchDispatchMode):
+    """Records the names of the `fused::` ops that run."""
+
+    def __init__(self):
+        super().__init__()
+        self.fused = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "fused":
+            self.fused.add(func._schema.name.split("::")[-1])
+        return func(*args, **(kwargs or {}))
+
+
+
 def test_tiny_flux_same_loss_and_gradients_with_triton():
     torch.manual_seed(0)
     params = FluxParams(
@@ -282,7 +298,27 @@ def test_tiny_flux_same_loss_and_gradients_with_triton():
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     loss_torch, grads_torch = loss_and_grads("torch")
-    loss_triton, grads_triton = loss_and_grads("triton")
+    with OpRecorder() as recorder:
+        loss_triton, grads_triton = loss_and_grads("triton")
+    fused_ops = {"norm_modulate", "qk_norm_rope", "gated_residual", "gated_residual_norm_modulate", "gelu_tanh"}
+    assert recorder.fused >= fused_ops | {f"{name}_backward" for name in fused_ops}
     torch.testing.assert_close(loss_triton, loss_torch, atol=1e-6, rtol=1e-5)
     for name, grad in grads_torch.items():
         torch.testing.assert_close(grads_triton[name], grad, atol=1e-6, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+# --- bench/kernels.py's traffic counter ----------------------------------------------------------
+
+
+def test_traffic_counter_counts_what_a_fused_op_reads_and_writes():
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    spec = spec_from_file_location("bench_kernels", Path(__file__).resolve().parents[1] / "bench" / "kernels.py")
+    bench = module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    x, gate, y = bench.meta(2, 5, 8), bench.meta(2, 1, 8), bench.meta(2, 5, 8)
+    fused_forward, fused_backward = bench.count_chain(layers.gated_residual, [x, gate, y], "triton")
+    assert fused_forward == 2 * (2 * 5 * 8 * 3 + 2 * 8)  # bf16: read x, y and gate, write x + gate * y
+    eager_forward, eager_backward = bench.count_chain(layers.gated_residual, [x, gate, y], "torch")
+    assert eager_forward == 2 * (2 * 5 * 8 * 5 + 2 * 8)  # gate * y (read 2, write 1), then x + that
+    assert 0 < fused_backward < eager_backward

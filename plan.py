@@ -1,0 +1,777 @@
+"""Where device memory goes in one training step, found without weights or a GPU:
+
+    python train.py configs/flux_12gb.py --plan
+
+Method
+  1. The full-size model is built on the meta device (tensors that have shapes and dtypes
+     but no data) and set up as training sets it up: weights in the config's dtype, fp8
+     base weights (fp8.py), LoRA (lora.py) or every weight trainable, the optimizer and the
+     fused step (optim.py), gradient checkpointing.
+  2. One training step of the config runs on those tensors: the forward at the config's
+     resolution and batch size, the flow-matching loss, backward, gradient clipping and the
+     optimizer step. MemoryTracker, a TorchDispatchMode, sees every tensor an operator
+     creates. It counts each storage once, from its creation until it is freed (a weakref
+     callback), under a category, and remembers the breakdown at the moment the device
+     total is highest. A first, trivial backward creates the optimizer state through the
+     same code, so the measured step finds it in place, as every step after the first does.
+  3. Block swap is placed by blockswap.py's rules rather than run: the Linear weights of
+     the swapped blocks are counted in host memory, the device holds K = N - S blocks of
+     each kind, and the first min(S, K) of them are the slots the swapped blocks pass
+     through. Activation offload runs as training runs it (blockswap.offload_activations:
+     what autograd saves outside the checkpointed blocks, among it each block's inputs, goes
+     to host memory and comes back in backward), with the copies counted as host memory.
+
+Attention is counted as a flash kernel (`aten._scaled_dot_product_flash_attention`): it
+saves its output and an fp32 logsumexp (B, heads, L), never an L x L matrix. With
+kernels="auto" or "triton" the element-wise chains are counted as the Triton kernels in
+kernels.py save them (their fake implementations run on meta tensors), as on CUDA.
+
+What the plan does not see, printed as margins beside it:
+  - the caching allocator rounds every block up to 512 bytes (computed and printed), and
+    packs small requests into 2 MiB segments;
+  - fragmentation: reserved memory exceeds allocated memory, typically by 5-10 %
+    (`PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` keeps it low);
+  - cuBLAS / cuDNN / flash workspaces (tens of MiB);
+  - the CUDA context, 0.5-1 GiB that only nvidia-smi shows.
+CPU kernels can save different tensors than CUDA ones; the plan runs each block's own
+code, so what it saves is what the model code saves, with attention as flash.
+
+Speed: most meta kernels are Python and a FLUX step runs about 100k operators, mostly the
+same few on the same shapes, so MetaOpCache remembers each operator's output shapes.
+"""
+import math
+import time
+from collections import Counter
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
+from unittest import mock
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import blockswap
+import fp8
+import lora
+import losses
+import optim
+from config import ConfigError
+from models import flux, layers
+from models.loading import load_state_dict
+
+GiB = 2**30
+MiB = 2**20
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+# Device categories, in the order they are printed.
+FROZEN = "frozen weights (resident)"
+SLOTS = "swap slots"
+TRAINABLE = "trainable weights"
+GRADIENTS = "gradients"
+OPTIMIZER = "optimizer state"
+ACTIVATIONS = "activations and temporaries"
+DEVICE_CATEGORIES = (FROZEN, SLOTS, TRAINABLE, GRADIENTS, OPTIMIZER, ACTIVATIONS)
+# Host categories.
+SWAPPED = "swapped block weights"
+SWAP_SPARE = "other host copies of swapped blocks"
+OFFLOADED = "offloaded activations"
+HOST_CATEGORIES = (SWAPPED, SWAP_SPARE, OFFLOADED)
+
+ALLOCATOR_BLOCK = 512  # the CUDA caching allocator's smallest block and rounding unit
+CUDA_CONTEXT_GIB = (0.5, 1.0)  # outside torch's accounting; nvidia-smi shows it
+FRAGMENTATION = (0.05, 0.10)  # reserved over allocated, typical range
+
+
+def allocator_bytes(nbytes: int) -> int:
+    """What the caching allocator hands out for a request: rounded up to 512 bytes."""
+    return max(ALLOCATOR_BLOCK, -(-nbytes // ALLOCATOR_BLOCK) * ALLOCATOR_BLOCK) if nbytes else 0
+
+
+# --- running operators on meta tensors quickly -----------------------------------------------------
+
+
+def _returns_view(func) -> bool:
+    """Whether an operator's result aliases an input without writing it (view, split, ...)."""
+    return any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
+
+
+_PLAIN = (bool, int, float, complex, str, torch.dtype, torch.device, torch.layout, torch.memory_format)
+
+
+def _flatten(value, tensors: list, key: list) -> None:
+    """Collect the tensors of nested arguments, and a hashable key of everything that
+    decides the result's shapes: tensor shapes, strides, dtypes, devices and other values."""
+    if isinstance(value, Tensor):
+        tensors.append(value)
+        key.append((tuple(value.shape), value.stride(), value.dtype, value.device))
+    elif isinstance(value, (tuple, list)):
+        key.append(len(value))
+        for item in value:
+            _flatten(item, tensors, key)
+    elif isinstance(value, dict):
+        _flatten(tuple(value.items()), tensors, key)
+    elif value is None or isinstance(value, _PLAIN):
+        key.append(value)
+    else:  # e.g. a TorchScript object: not a shape-deciding value we can compare
+        raise TypeError(f"cannot key on {type(value).__name__}")
+
+
+def _layout(tensors: list[Tensor]) -> list:
+    return [(t.shape, t.stride(), t.storage_offset()) for t in tensors]
+
+
+class MetaOpCache:
+    """Runs an operator on meta tensors once per (operator, argument shapes and values) and
+    afterwards makes empty tensors of the remembered shapes. Views, operators whose result
+    shares an input's storage, and operators that change an input's shape always run."""
+
+    def __init__(self):
+        self.results: dict = {}  # key -> description of the result, or None: always run
+
+    def __call__(self, func, args: tuple, kwargs: dict):
+        if _returns_view(func):
+            return func(*args, **kwargs)
+        tensors, key = [], [func]
+        try:
+            _flatten((args, kwargs), tensors, key)
+        except TypeError:  # an argument that is not a plain value: nothing to remember
+            return func(*args, **kwargs)
+        key = tuple(key)
+        entry = self.results.get(key, False)
+        if entry is False:
+            before = _layout(tensors)
+            out = func(*args, **kwargs)
+            cacheable = _layout(tensors) == before and not _aliases_new_input(out, tensors)
+            self.results[key] = _describe(out, tensors) if cacheable else None
+            return out
+        if entry is None:
+            return func(*args, **kwargs)
+        return _rebuild(entry, tensors)
+
+
+SHARED_OP_CACHE = MetaOpCache()  # results depend only on the key, so plans in one process share it
+
+
+def _aliases_new_input(out, tensors: list[Tensor]) -> bool:
+    """A result that is not an argument itself but shares an argument's storage (_unsafe_view)."""
+    inputs = {t.untyped_storage()._cdata for t in tensors}
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return any(isinstance(o, Tensor) and all(o is not t for t in tensors)
+               and o.untyped_storage()._cdata in inputs for o in outs)
+
+
+def _describe(out, tensors: list[Tensor]):
+    if isinstance(out, Tensor):
+        for i, t in enumerate(tensors):
+            if out is t:
+                return ("argument", i)  # in-place and out= operators return an argument
+        return ("new", tuple(out.shape), out.stride(), out.dtype, out.device)
+    if isinstance(out, (tuple, list)):
+        return ("sequence", type(out), tuple(_describe(o, tensors) for o in out))
+    return ("value", out)
+
+
+def _rebuild(entry, tensors: list[Tensor]):
+    kind = entry[0]
+    if kind == "argument":
+        return tensors[entry[1]]
+    if kind == "new":
+        _, shape, stride, dtype, device = entry
+        return torch.empty_strided(shape, stride, dtype=dtype, device=device)
+    if kind == "sequence":
+        return entry[1](_rebuild(e, tensors) for e in entry[2])
+    return entry[1]
+
+
+# --- counting bytes ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Storage:
+    nbytes: int
+    place: str  # "device" or "host"
+    category: str
+    ref: object = None  # the weakref whose callback uncounts it
+
+
+class MemoryTracker(TorchDispatchMode):
+    """Live bytes per (place, category), and the device breakdown at the highest device total.
+
+    Every storage an operator creates is counted as `self.category` in `self.place` (change
+    them with `allocating`); tensors made before tracking are added with `track`. A storage
+    is uncounted when it is freed. `run_op` runs the operators (MetaOpCache for meta
+    tensors); by default they run as they are."""
+
+    def __init__(self, device_type: str = "meta", run_op=None):
+        super().__init__()
+        self.device_type = device_type  # tensors elsewhere (CPU scalars such as AdamW's step count) are not counted
+        self.run_op = run_op
+        self.storages: dict[int, _Storage] = {}
+        self.live: Counter = Counter()  # (place, category) -> bytes
+        self.device_bytes = 0
+        self.device_rounded = 0  # the same, each storage rounded as the allocator rounds it
+        self.host_bytes = 0
+        self.category, self.place = ACTIVATIONS, "device"
+        self.where = "setup"  # what the step is doing, for the report
+        self.reset_peak()
+
+    def reset_peak(self) -> None:
+        self.peak_bytes = self.device_bytes
+        self.peak_rounded = self.device_rounded
+        self.peak_breakdown = self.breakdown("device")
+        self.peak_where = self.where
+        self.host_peak_bytes = self.host_bytes
+        self.host_peak_breakdown = self.breakdown("host")
+
+    def breakdown(self, place: str) -> dict[str, int]:
+        names = DEVICE_CATEGORIES if place == "device" else HOST_CATEGORIES
+        return {name: self.live[(place, name)] for name in names}
+
+    # -- what creates storages --
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = self.run_op(func, args, kwargs) if self.run_op else func(*args, **kwargs)
+        for tensor in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(tensor, Tensor):
+                self._add(tensor, self.category, self.place)
+        return out
+
+    @contextmanager
+    def allocating(self, category: str | None = None, place: str | None = None):
+        """New storages inside the block count as this category / place."""
+        saved = self.category, self.place
+        self.category, self.place = category or self.category, place or self.place
+        try:
+            yield
+        finally:
+            self.category, self.place = saved
+
+    @contextmanager
+    def doing(self, where: str):
+        saved, self.where = self.where, where
+        try:
+            yield
+        finally:
+            self.where = saved
+
+    def track(self, tensor: Tensor, category: str, place: str = "device") -> None:
+        """Count a tensor made before tracking, or move a counted one to another category."""
+        key = tensor.untyped_storage()._cdata
+        entry = self.storages.get(key)
+        if entry is None:
+            self._add(tensor, category, place)
+            return
+        self._count(entry, -1)
+        entry.category, entry.place = category, place
+        self._count(entry, +1)
+
+    # -- the counting itself --
+
+    def _add(self, tensor: Tensor, category: str, place: str) -> None:
+        if tensor.device.type != self.device_type:
+            return
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self.storages:
+            return  # a view or an in-place result: already counted
+        entry = _Storage(storage.nbytes(), place, category)
+        entry.ref = _weakref(storage, self._freed, key)
+        self.storages[key] = entry
+        self._count(entry, +1)
+
+    def _freed(self, key: int) -> None:
+        entry = self.storages.pop(key, None)
+        if entry is not None:
+            self._count(entry, -1)
+
+    def _count(self, entry: _Storage, sign: int) -> None:
+        self.live[(entry.place, entry.category)] += sign * entry.nbytes
+        if entry.place == "host":
+            self.host_bytes += sign * entry.nbytes
+            if self.host_bytes > self.host_peak_bytes:
+                self.host_peak_bytes = self.host_bytes
+                self.host_peak_breakdown = self.breakdown("host")
+            return
+        self.device_bytes += sign * entry.nbytes
+        self.device_rounded += sign * allocator_bytes(entry.nbytes)
+        if self.device_bytes > self.peak_bytes:
+            self.peak_bytes, self.peak_rounded = self.device_bytes, self.device_rounded
+            self.peak_breakdown = self.breakdown("device")
+            self.peak_where = self.where
+
+
+def _weakref(storage, callback, key: int):
+    import weakref
+
+    return weakref.ref(storage, lambda _ref: callback(key))
+
+
+# --- attention and activation offload as the plan counts them ----------------------------------
+
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """layers.attention, through the flash kernel's operator so that autograd saves what the
+    CUDA flash kernel saves: q, k, v, the output and an fp32 logsumexp (B, heads, L)."""
+    if mask is not None:
+        return layers.attention(q, k, v, mask)  # CUDA picks the memory-efficient kernel: same saves plus the mask
+    if q.device.type == "cpu":  # real CPU tensors (the plan's own test): the CPU flash kernel saves the same
+        out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[0]
+    else:
+        out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[0]
+    return rearrange(out, "B H L D -> B L (H D)")
+
+
+def offloaded_activations(tracker: MemoryTracker, enabled: bool):
+    """blockswap.offload_activations with its host copies made as tracked meta tensors: every
+    tensor autograd saves, except weights, is copied to host memory, and back in backward."""
+    if not enabled:
+        return nullcontext()
+
+    def pack(tensor: Tensor):
+        if isinstance(tensor, nn.Parameter) or isinstance(tensor._base, nn.Parameter):
+            return tensor
+        with tracker.allocating(OFFLOADED, "host"):
+            return tensor.device, tensor.clone()  # stands for the copy into (pinned) host memory
+
+    def unpack(packed):
+        if isinstance(packed, Tensor):
+            return packed
+        return packed[1].clone()  # the copy back to the device
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
+# --- the model, set up as training sets it up -----------------------------------------------------
+
+
+@dataclass
+class Setup:
+    cfg: dict
+    params: flux.FluxParams
+    params_source: str
+    model: flux.Flux
+    network: lora.LoRANetwork | None
+    trainable: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    fused: optim.FusedBackwardStep | None
+    ema: optim.EMA | None
+    swap: dict  # kind -> SwapPlan
+    swap_buffers: list[Tensor]  # allocated by block swap besides the weights (counted, kept alive here)
+    tracker: MemoryTracker
+
+
+@dataclass
+class SwapPlan:
+    """Block swap for one kind of block, as blockswap.py places it."""
+
+    kind: str
+    num_blocks: int
+    num_swapped: int
+    mode: str
+    block_bytes: int  # Linear-weight bytes of one block: what swapping it saves
+
+    @property
+    def swapped(self) -> list[int]:
+        """The blocks whose weights start in host memory (the last ones of the kind)."""
+        return list(range(self.num_blocks - self.num_swapped, self.num_blocks))
+
+    @property
+    def device_slots(self) -> int:
+        """Resident blocks whose device storage the swapped blocks pass through: slot k of
+        K = N - S holds blocks k, k + K, ..., so the first min(S, K) slots take turns."""
+        return min(self.num_swapped, self.num_blocks - self.num_swapped)
+
+    @property
+    def host_blocks(self) -> int:
+        """Blocks' worth of host copies: exchange keeps the S blocks that are out plus one
+        spare that receives the next outgoing block; h2d_only keeps a master of every block
+        that ever leaves the device (S swapped + the slots' first occupants)."""
+        if not self.num_swapped:
+            return 0
+        return self.num_swapped + (1 if self.mode == "exchange" else self.device_slots)
+
+
+def model_params(cfg: dict) -> tuple[flux.FluxParams, str]:
+    """The model's shapes: from the checkpoint header when the file is there, else FLUX.1-dev's."""
+    path = cfg["flux_path"]
+    if path and Path(path).exists():
+        sd = load_state_dict(path, allow_pickle=cfg["allow_pickle"])  # memory-mapped: reads the header
+        return flux.infer_params(sd, **cfg["model_overrides"]), f"shapes read from {path}"
+    params = replace(flux.FluxParams(), **cfg["model_overrides"])
+    note = "FLUX.1-dev shapes" if not cfg["model_overrides"] else "FLUX.1-dev shapes with model_overrides"
+    return params, f"{note} ({path or 'no flux_path'} not read)"
+
+
+def build(cfg: dict, device: str = "meta", params: flux.FluxParams | None = None, seed: int = 0) -> Setup:
+    """The model, LoRA, optimizer and swap placement of a config, on `device` ("meta" for the
+    plan; "cpu" builds real tensors, which the plan's test compares against)."""
+    if params is None:
+        params, source = model_params(cfg)
+    else:
+        source = "given shapes"
+    dtype = DTYPES[cfg["dtype"]]
+    run_op = SHARED_OP_CACHE if device == "meta" else None
+    tracker = MemoryTracker(device, run_op)
+    torch.manual_seed(seed)
+    with _ops_through(run_op):
+        with torch.device(device):
+            model = flux.Flux(params)
+        model.to(dtype)
+        model.requires_grad_(False)
+        if cfg["fp8_base"]:
+            fp8.quantize_linears_(model, per_row=cfg["fp8_per_row"])
+        model.gradient_checkpointing = cfg["gradient_checkpointing"]
+        network = None
+        if cfg["train_mode"] == "lora":
+            targets = lora.flux_lora_targets(model, cfg["network_dim"], group_ranks=cfg["group_ranks"],
+                                             double_blocks=cfg["train_double_blocks"],
+                                             single_blocks=cfg["train_single_blocks"], embedders=cfg["lora_embedders"])
+            network = lora.LoRANetwork.inject(model, targets, alpha=cfg["network_alpha"],
+                                              dropout=cfg["network_dropout"], dtype=torch.float32)
+            trainable = list(network.parameters())
+        else:
+            model.requires_grad_(True)
+            trainable = list(model.parameters())
+    model.train()
+
+    swap = swap_plans(model, cfg)
+    _track_weights(tracker, model, network, swap)
+    with tracker, _ops_through(None):
+        optimizer = build_optimizer(trainable, cfg)
+        _label_gradients(tracker, trainable)  # before FusedBackwardStep's hooks, which free the gradients
+        fused = None
+        if cfg["fused_backward"]:
+            # as train.py builds it (without a seed: a rounding generator on the meta device holds nothing)
+            fused = optim.FusedBackwardStep(optimizer, max_grad_norm=0.0,
+                                            max_grad_norm_per_param=cfg["max_grad_norm_per_param"] or None,
+                                            stochastic_rounding=cfg["stochastic_rounding"])
+        with tracker.allocating(OPTIMIZER):
+            ema = optim.EMA(trainable, decay=cfg["ema_decay"], update_every=cfg["ema_every"]) \
+                if cfg["ema_decay"] else None
+        swap_buffers = swap_buffers_of(tracker, model, swap)
+    return Setup(cfg, params, source, model, network, trainable, optimizer, fused, ema, swap, swap_buffers, tracker)
+
+
+@contextmanager
+def _ops_through(run_op):
+    """Run setup operators through the meta cache too (fp8 quantization runs ~10 ops per Linear)."""
+    if run_op is None:
+        yield
+        return
+
+    class _Cached(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return run_op(func, args, kwargs or {})
+
+    with _Cached():
+        yield
+
+
+def build_optimizer(trainable: list[nn.Parameter], cfg: dict) -> torch.optim.Optimizer:
+    """optim.build_optimizer, except that AdamW runs one tensor at a time: on CUDA training gets
+    the fused AdamW kernel (no temporaries), and the per-tensor loop is its nearest relative that
+    runs on meta tensors (temporaries of one parameter at a time)."""
+    if cfg["optimizer"] == "adamw":
+        return torch.optim.AdamW(trainable, lr=cfg["learning_rate"], betas=tuple(cfg["betas"]), eps=cfg["eps"],
+                                 weight_decay=cfg["weight_decay"], foreach=False)
+    return optim.build_optimizer(trainable, cfg["optimizer"], lr=cfg["learning_rate"],
+                                 weight_decay=cfg["weight_decay"], stochastic_rounding=cfg["stochastic_rounding"])
+
+
+def swap_plans(model: flux.Flux, cfg: dict) -> dict[str, SwapPlan]:
+    """Blocks swapped per kind, with blockswap.py's own rules and limits."""
+    try:  # as train.swap_counts calls it
+        counts = blockswap.swap_counts(model, cfg["blocks_to_swap"] or None, cfg["double_blocks_to_swap"],
+                                       cfg["single_blocks_to_swap"])
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    plans = {}
+    for kind, n in counts.items():
+        blocks = getattr(model, kind)
+        block_bytes = sum(_nbytes(w) for w in blockswap.swappable_weights(blocks[0]))
+        plans[kind] = SwapPlan(kind, len(blocks), n, cfg["swap_mode"], block_bytes)
+    return plans
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _track_weights(tracker: MemoryTracker, model: flux.Flux, network, swap: dict[str, SwapPlan]) -> None:
+    """Count every weight and buffer: swapped blocks' Linear weights in host memory, the slots
+    that swapped blocks pass through as swap slots, everything else resident on the device.
+    (h2d_only's host masters of the slots' first occupants are counted in swap_buffers_of.)"""
+    for p in model.parameters():
+        tracker.track(p, TRAINABLE if p.requires_grad else FROZEN)
+    for b in model.buffers():
+        tracker.track(b, FROZEN)
+    if network is not None:
+        for p in network.parameters():
+            tracker.track(p, TRAINABLE)
+        for b in network.buffers():
+            tracker.track(b, FROZEN)
+    for kind, plan in swap.items():
+        blocks = getattr(model, kind)
+        for index in plan.swapped:
+            for w in blockswap.swappable_weights(blocks[index]):
+                tracker.track(w, SWAPPED, "host")
+        for index in range(plan.device_slots):  # the first slots take turns holding swapped blocks
+            for w in blockswap.swappable_weights(blocks[index]):
+                tracker.track(w, SLOTS)
+
+
+def swap_buffers_of(tracker: MemoryTracker, model: flux.Flux, swap: dict[str, SwapPlan]) -> list[Tensor]:
+    """Host buffers block swap allocates besides the swapped weights: exchange keeps one spare
+    block per kind, h2d_only a master copy of each slot's first occupant."""
+    buffers = []
+    for kind, plan in swap.items():
+        extra = plan.host_blocks - plan.num_swapped
+        weights = blockswap.swappable_weights(getattr(model, kind)[0])
+        with tracker.allocating(SWAP_SPARE, "host"):
+            buffers += [torch.empty_like(w) for _ in range(extra) for w in weights]
+    return buffers
+
+
+# --- one training step ---------------------------------------------------------------------------
+
+
+def step_inputs(setup: Setup, device) -> dict:
+    """A batch as the cache delivers it: fp32 latents, T5 states and CLIP pooled in the model dtype."""
+    cfg, p = setup.cfg, setup.params
+    b, side = cfg["batch_size"], cfg["resolution"] // 8
+    text_len = cfg["t5_max_length"] or flux.default_t5_max_length(p)
+    dtype = DTYPES[cfg["dtype"]]
+    batch = {
+        "latent": torch.randn(b, p.in_channels // 4, side, side, device=device),
+        "t5": torch.randn(b, text_len, p.context_in_dim, device=device, dtype=dtype),
+        "clip_pooled": torch.randn(b, p.vec_in_dim, device=device, dtype=dtype),
+    }
+    if cfg["apply_t5_attn_mask"]:
+        batch["t5_mask"] = torch.ones(b, text_len, dtype=torch.bool, device=device)
+    return batch
+
+
+def step_loss(model: flux.Flux, objective: losses.FlowMatching, batch: dict) -> Tensor:
+    """train.training_loss, with noise and noise levels drawn on the device."""
+    x0 = batch["latent"].float()
+    b, _, h, w = x0.shape
+    noise = torch.randn_like(x0)
+    sigma = objective.sample_sigmas(b, flux.image_seq_len(h, w), device=x0.device)
+    x_t = objective.noisy(x0, noise, sigma)
+    cond = {k: batch[k] for k in ("t5", "clip_pooled", "t5_mask") if k in batch}
+    out = flux.denoise(model, x_t, sigma, cond, objective.guidance(b, x0.device, x0.dtype))
+    return objective.loss(out, x0, noise, sigma, x_t)[0]
+
+
+def objective_of(cfg: dict) -> losses.FlowMatching:
+    return losses.FlowMatching(
+        timestep_sampling=cfg["timestep_sampling"], sigmoid_scale=cfg["sigmoid_scale"],
+        discrete_flow_shift=cfg["discrete_flow_shift"], logit_mean=cfg["logit_mean"], logit_std=cfg["logit_std"],
+        mode_scale=cfg["mode_scale"], model_prediction_type=cfg["model_prediction_type"], loss_type=cfg["loss_type"],
+        huber_c=cfg["huber_c"], huber_schedule=cfg["huber_schedule"], guidance_scale=cfg["guidance_scale"])
+
+
+def _label_blocks(setup: Setup) -> list:
+    """Hooks that tell the tracker which block runs, in forward and in backward."""
+    tracker, handles = setup.tracker, []
+    for kind, index, block in setup.model.blocks():
+        name = f"{kind}.{index}"
+
+        def pre(module, args, name=name):
+            if tracker.where.startswith("forward"):
+                tracker.where = f"forward, {name}"
+
+        def post(module, args, outputs, name=name):
+            for t in outputs if isinstance(outputs, tuple) else (outputs,):
+                if isinstance(t, Tensor) and t.requires_grad:
+                    t.register_hook(lambda grad, name=name: setattr(tracker, "where", f"backward, {name}"))
+
+        handles += [block.register_forward_pre_hook(pre), block.register_forward_hook(post)]
+    return handles
+
+
+def _label_gradients(tracker: MemoryTracker, trainable: list[nn.Parameter]) -> None:
+    """A finished gradient counts as a gradient (until then it is an autograd temporary)."""
+
+    def hook(p):
+        if p.grad is not None:
+            tracker.track(p.grad, GRADIENTS)
+
+    for p in trainable:
+        p.register_post_accumulate_grad_hook(hook)
+
+
+def prime_optimizer(setup: Setup) -> None:
+    """Create the optimizer state (and FusedBackwardStep's bookkeeping) through the training code:
+    a backward through a trivial graph gives every trainable weight a gradient, then a step."""
+    tracker = setup.tracker
+    with tracker.allocating(OPTIMIZER), tracker.doing("creating the optimizer state"):
+        loss = sum((p.float() * 0).sum() for p in setup.trainable)
+        loss.backward()  # what outlives this block was made by the optimizer: its state
+        finish_step(setup)
+
+
+def finish_step(setup: Setup) -> None:
+    """What the loop does after the backward passes of a step."""
+    if setup.fused is not None:
+        setup.fused.step()
+    else:
+        if setup.cfg["max_grad_norm"]:
+            optim.clip_grad_norm_(setup.trainable, setup.cfg["max_grad_norm"])
+        setup.optimizer.step()
+        setup.optimizer.zero_grad(set_to_none=True)
+    if setup.ema is not None:
+        setup.ema.update(setup.ema.update_every)  # a step on which the average updates
+
+
+def walk(setup: Setup, measure=nullcontext) -> None:
+    """Prime the optimizer, then run one measured training step; `measure()` wraps the step."""
+    cfg, tracker, model = setup.cfg, setup.tracker, setup.model
+    device = next(model.parameters()).device
+    objective = objective_of(cfg)
+    kernel_mode = layers._kernel_mode
+    handles = _label_blocks(setup)
+    try:
+        layers.set_kernels("triton" if device.type == "meta" and _triton_like_cuda(cfg) else "torch")
+        with tracker, mock.patch.object(flux, "attention", flash_attention):
+            prime_optimizer(setup)
+            batch = None
+            tracker.reset_peak()
+            with measure():
+                for _ in range(min(cfg["gradient_accumulation_steps"], 2)):  # a second one sees live gradients
+                    with tracker.doing("loading the batch"):
+                        batch = step_inputs(setup, device)
+                    with tracker.doing("forward"), offloaded_activations(tracker, cfg["offload_activations"]):
+                        loss = step_loss(model, objective, batch)
+                    with tracker.doing("backward"):
+                        loss.backward()
+                    del loss, batch
+                with tracker.doing("optimizer step"):
+                    finish_step(setup)
+    finally:
+        layers.set_kernels(kernel_mode)
+        for handle in handles:
+            handle.remove()
+
+
+def _triton_like_cuda(cfg: dict) -> bool:
+    """Whether training on CUDA would run the Triton element-wise kernels."""
+    import kernels
+
+    return cfg["kernels"] in ("auto", "triton") and kernels.HAVE_TRITON
+
+
+# --- the plan ------------------------------------------------------------------------------------
+
+
+def plan(cfg: dict, params: flux.FluxParams | None = None) -> dict:
+    """Walk one training step of `cfg` on the meta device; numbers in bytes (see format_plan)."""
+    start = time.perf_counter()
+    setup = build(cfg, "meta", params)
+    walk(setup)
+    return summarize(setup, time.perf_counter() - start)
+
+
+def summarize(setup: Setup, seconds: float = 0.0) -> dict:
+    tracker, cfg = setup.tracker, setup.cfg
+    side = cfg["resolution"] // 16
+    weights_host = tracker.live[("host", SWAPPED)]
+    spare_host = tracker.live[("host", SWAP_SPARE)]
+    host = {SWAPPED: weights_host, SWAP_SPARE: spare_host,
+            OFFLOADED: tracker.host_peak_breakdown[OFFLOADED]}
+    return {
+        "device": dict(tracker.peak_breakdown),
+        "peak_bytes": tracker.peak_bytes,
+        "peak_where": tracker.peak_where,
+        "allocator_rounding_bytes": tracker.peak_rounded - tracker.peak_bytes,
+        "host": host,
+        "host_bytes": sum(host.values()),
+        "pinned": cfg["pin_memory"],
+        "swap": {kind: {"swapped": p.num_swapped, "of": p.num_blocks, "blocks": p.swapped,
+                        "device_slots": p.device_slots, "bytes_per_block": p.block_bytes, "mode": p.mode}
+                 for kind, p in setup.swap.items()},
+        "parameters": sum(p.numel() for p in setup.model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in setup.trainable),
+        "image_tokens": setup.cfg["batch_size"] * side * side,
+        "text_tokens": cfg["t5_max_length"] or flux.default_t5_max_length(setup.params),
+        "params_source": setup.params_source,
+        "kernels": "triton" if _triton_like_cuda(cfg) else "torch",
+        "seconds": seconds,
+    }
+
+
+def format_plan(result: dict, cfg: dict) -> str:
+    gib = lambda n: f"{n / GiB:8.2f}"  # noqa: E731
+    lines = []
+    what = (f"LoRA rank {cfg['network_dim']}" if cfg["train_mode"] == "lora" else "full fine-tuning") + \
+        f", {result['trainable_parameters'] / 1e6:,.1f} M trainable of {result['parameters'] / 1e9:.2f} B"
+    options = [cfg["dtype"] + (" + fp8 base" if cfg["fp8_base"] else ""), cfg["optimizer"],
+               "fused step" if cfg["fused_backward"] else "", "checkpointing" if cfg["gradient_checkpointing"] else "",
+               "offloaded activations" if cfg["offload_activations"] else ""]
+    lines.append(f"memory plan: {what}; {', '.join(o for o in options if o)}")
+    lines.append(f"  {cfg['resolution']} px, batch {cfg['batch_size']}: {result['image_tokens']} image + "
+                 f"{result['text_tokens']} text tokens; {result['params_source']}")
+    lines.append(f"  attention as flash (no L x L matrix); element-wise chains as {result['kernels']} kernels")
+    lines.append("")
+    lines.append(f"device memory at the peak ({result['peak_where']})".ljust(56) + "GiB")
+    for name, n in result["device"].items():
+        lines.append(f"  {name:<52}{gib(n)}")
+    lines.append("  " + "-" * 60)
+    lines.append(f"  {'planned peak (bytes torch allocates)':<52}{gib(result['peak_bytes'])}")
+    lines.append("margins outside the plan")
+    rounded = result["peak_bytes"] + result["allocator_rounding_bytes"]
+    lines.append(f"  {'allocator rounding (512-byte blocks)':<52}{gib(result['allocator_rounding_bytes'])}")
+    lines.append(f"  {'fragmentation (reserved > allocated), 5-10 %':<52}"
+                 f"{gib(rounded * FRAGMENTATION[0])} -{rounded * FRAGMENTATION[1] / GiB:.2f}")
+    lines.append(f"  {'cuBLAS / flash workspaces':<52}    ~0.03")
+    lines.append(f"  {'CUDA context (nvidia-smi only)':<52}{CUDA_CONTEXT_GIB[0]:8.2f} -{CUDA_CONTEXT_GIB[1]:.2f}")
+    low, high = expected_nvidia_smi(result)
+    lines.append(f"  {'expect nvidia-smi to show about':<52}{low / GiB:8.1f} -{high / GiB:.1f}")
+    lines.append("")
+    lines.append("host memory".ljust(56) + "GiB")
+    pinned = " (pinned)" if result["pinned"] else " (pageable)"
+    for name, n in result["host"].items():
+        lines.append(f"  {(name + (pinned if name != OFFLOADED else '')):<52}{gib(n)}")
+    lines.append(f"  {'host memory for tensors':<52}{gib(result['host_bytes'])}")
+    lines.append("  plus the process itself (Python, torch, the CUDA runtime: a few GB) and the page")
+    lines.append("  cache of the memory-mapped checkpoint while it loads")
+    lines.append("")
+    lines += format_swap(result)
+    return "\n".join(lines)
+
+
+def expected_nvidia_smi(result: dict) -> tuple[float, float]:
+    rounded = result["peak_bytes"] + result["allocator_rounding_bytes"]
+    low = rounded * (1 + FRAGMENTATION[0]) + CUDA_CONTEXT_GIB[0] * GiB
+    high = rounded * (1 + FRAGMENTATION[1]) + CUDA_CONTEXT_GIB[1] * GiB
+    return low, high
+
+
+def format_swap(result: dict) -> list[str]:
+    swap = result["swap"]
+    lines = []
+    for kind, s in swap.items():
+        per = s["bytes_per_block"] / MiB
+        if s["swapped"]:
+            first, last = s["blocks"][0], s["blocks"][-1]
+            slots = f"they pass through the storage of {s['device_slots']} resident blocks"
+            lines.append(f"block swap ({s['mode']}): {kind} {s['swapped']} of {s['of']} swapped "
+                         f"(blocks {first}-{last} start in host memory; {slots}); {per:,.0f} MiB saved per block")
+        else:
+            lines.append(f"block swap: no {kind} swapped; swapping one would save {per:,.0f} MiB")
+    if "double_blocks" in swap and "single_blocks" in swap:
+        per_count = (swap["double_blocks"]["bytes_per_block"] / 2 + swap["single_blocks"]["bytes_per_block"]) / 1e6
+        lines.append(f"  per kohya blocks_to_swap count (1/2 double + 1 single): {per_count:,.0f} MB "
+                     "(sd-scripts quotes about 640 MB for bf16)")
+    return lines
+
+
+def main(cfg: dict) -> dict:
+    """`python train.py CONFIG --plan`: print the plan and return its numbers."""
+    result = plan(cfg)
+    print(format_plan(result, cfg))
+    print(f"(planned in {result['seconds']:.1f} s, no weights read)")
+    return result
