@@ -26,6 +26,7 @@ DEFAULTS = dict(
     dataset_dir="",               # images with same-name .txt captions, or metadata.jsonl
     caption_ext=".txt",
     instance_prompt="",           # trigger word prepended to every caption
+    caption_dropout_rate=0.0,     # train this fraction of samples on the empty caption (for CFG at sampling)
     repeats=1,                    # each image counts this many times per epoch
     resolution=1024,              # square training size in pixels
     crop="center",                # "center" or "random" (random crops are seeded per image)
@@ -196,6 +197,8 @@ def validate(cfg: dict, check_files: bool = True) -> None:
         raise ConfigError(f"resolution {cfg['resolution']} must be a multiple of 16 (8x VAE, 2x2 patches)")
     if cfg["train_mode"] == "lora" and cfg["network_dim"] < 1:
         raise ConfigError("network_dim must be at least 1 for LoRA training")
+    if not 0 <= cfg["caption_dropout_rate"] < 1:
+        raise ConfigError(f"caption_dropout_rate must be in [0, 1), got {cfg['caption_dropout_rate']}")
     if not 0 <= cfg["ema_decay"] < 1:
         raise ConfigError(f"ema_decay must be in [0, 1), got {cfg['ema_decay']}")
     if not math.isfinite(cfg["learning_rate"]) or cfg["learning_rate"] <= 0:

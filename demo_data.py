@@ -129,8 +129,10 @@ def make_t5(folder: Path, seed: int = 2) -> Path:
 
 
 def make_prompts(path: Path) -> Path:
-    lines = ["# demo prompts: the step-0 samples are noise; the last ones show these colours and shapes",
-             "a red circle --d 1", "a blue square --d 2", "a green triangle --d 3", "a yellow circle --d 4"]
+    lines = ["# demo prompts: the step-0 samples are noise; the last ones show these colours and shapes.",
+             "# --l 3: classifier-free guidance against the empty caption (the demo trains with caption dropout)",
+             "a red circle --d 1 --l 3", "a blue square --d 2 --l 3", "a green triangle --d 3 --l 3",
+             "a yellow circle --d 4 --l 3"]
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -635,8 +635,10 @@ def walk(setup: Setup, measure=nullcontext) -> None:
     kernel_mode = layers._kernel_mode
     handles = _label_blocks(setup)
     try:
-        layers.set_kernels("triton" if device.type == "meta" and _triton_like_cuda(cfg) else "torch")
-        with tracker, mock.patch.object(flux, "attention", flash_attention):
+        triton = device.type == "meta" and _triton_like_cuda(cfg)
+        layers.set_kernels("triton" if triton else "torch")
+        with tracker, mock.patch.object(flux, "attention", flash_attention), \
+                triton_launches_skipped() if triton else nullcontext():
             prime_optimizer(setup)
             batch = None
             tracker.reset_peak()
@@ -655,6 +657,30 @@ def walk(setup: Setup, measure=nullcontext) -> None:
         layers.set_kernels(kernel_mode)
         for handle in handles:
             handle.remove()
+
+
+class _SkippedLaunch:
+    """A Triton kernel under the plan: a launch allocates nothing (its buffers are made by torch
+    calls around it, which the plan counts), so on meta tensors it is skipped."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@contextmanager
+def triton_launches_skipped():
+    """The optimizer's Triton updates (kernels_optim.py) run their host code, without launches."""
+    import kernels_optim
+
+    if not kernels_optim.HAVE_TRITON:
+        yield
+        return
+    from triton.runtime.jit import KernelInterface
+
+    kernels = {name: _SkippedLaunch() for name, value in vars(kernels_optim).items()
+               if isinstance(value, KernelInterface)}
+    with mock.patch.multiple(kernels_optim, **kernels):
+        yield
 
 
 def _triton_like_cuda(cfg: dict) -> bool:

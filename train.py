@@ -77,6 +77,20 @@ def conditioning(batch: dict) -> dict:
     return {k: batch[k] for k in ("t5", "clip_pooled", "t5_mask") if k in batch}
 
 
+def drop_captions(batch: dict, empty: dict, rate: float, generator: torch.Generator) -> dict:
+    """Replace each sample's text tensors by the empty caption's with probability `rate`
+    (kohya's caption_dropout_rate): the model also learns the unconditional prediction that
+    classifier-free guidance (`--l` in prompts) needs."""
+    if rate <= 0:
+        return batch
+    drop = torch.rand(len(batch["latent"]), generator=generator) < rate  # drawn every step: resume-safe
+    out = dict(batch)
+    for key, value in empty.items():
+        where = drop.to(value.device).view(-1, *[1] * value.ndim)  # (B, 1, ...) over a per-caption tensor
+        out[key] = torch.where(where, value.unsqueeze(0).to(batch[key].dtype), batch[key])
+    return out
+
+
 def training_loss(model, objective, batch: dict, generator: torch.Generator):
     """One forward pass: noise the cached latents at sampled levels and score the prediction.
     Noise and levels come from a CPU generator, so runs reproduce across devices and resumes."""
@@ -134,8 +148,9 @@ def batch_text(text_cache, caption: str, device) -> dict:
 
 
 def install_stop_handler() -> dict:
-    """Ctrl-C or SIGTERM asks the loop to save at the next step boundary and exit."""
-    flag = {"stop": False}
+    """Ctrl-C or SIGTERM asks the loop to save at the next step boundary and exit.
+    The previous handlers are kept in the returned dict for `restore_stop_handler`."""
+    flag = {"stop": False, "previous": {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}}
 
     def handler(signum, frame):
         if flag["stop"]:  # a second Ctrl-C exits at once
@@ -146,6 +161,11 @@ def install_stop_handler() -> dict:
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
     return flag
+
+
+def restore_stop_handler(flag: dict) -> None:
+    for signum, previous in flag["previous"].items():
+        signal.signal(signum, previous)
 
 
 def swap_counts(params, cfg: dict) -> dict[str, int]:
@@ -185,10 +205,17 @@ def main(argv=None) -> Path:
         import plan
 
         return plan.main(cfg)
-    return train(cfg)
+    stop = install_stop_handler()
+    try:
+        return train(cfg, stop)
+    finally:
+        restore_stop_handler(stop)
 
 
-def train(cfg: dict) -> Path:
+def train(cfg: dict, stop: dict | None = None) -> Path:
+    """The whole run. `stop["stop"]` turning True (Ctrl-C, SIGTERM) saves and ends it at the
+    next step boundary."""
+    stop = stop if stop is not None else {"stop": False}
     device = pick_device(cfg["device"])
     dtype = DTYPES[cfg["dtype"]]
     set_kernels(cfg["kernels"])
@@ -234,9 +261,10 @@ def train(cfg: dict) -> Path:
     text_cache = cache.TextCache(cache_dir / "text", text.identity, max_length, cfg["apply_t5_attn_mask"],
                                  recache=cfg["recache"])
     captions = [it.caption for it in kept_train + kept_val] + [p.prompt for p in prompts] + [p.negative for p in prompts]
-    text_cache.build(sorted(set(captions)), text.encode)
+    text_cache.build(sorted(set(captions + [""])), text.encode)  # "" for caption dropout and empty negatives
     del text  # T5-XXL is 9 GB in bf16: gone before the denoiser loads
     train_data = cache.CachedDataset(kept_train, latent_cache, text_cache)
+    empty_caption = {k: v.to(device) for k, v in text_cache.load("").items()}
     val_data = cache.CachedDataset(kept_val, latent_cache, text_cache) if kept_val else None
 
     # 3. The denoiser, and what trains ----------------------------------------------------------
@@ -270,7 +298,8 @@ def train(cfg: dict) -> Path:
     else:
         model.to(device)
     model.train()
-    network is not None and network.train()
+    if network is not None:
+        network.train()  # LoRA dropout follows the network's mode, not the model's
     n_trainable = sum(p.numel() for p in trainable.values())
 
     # 4. Optimizer, schedule, EMA ---------------------------------------------------------------
@@ -289,8 +318,7 @@ def train(cfg: dict) -> Path:
         mode_scale=cfg["mode_scale"], model_prediction_type=cfg["model_prediction_type"], loss_type=cfg["loss_type"],
         huber_c=cfg["huber_c"], huber_schedule=cfg["huber_schedule"], guidance_scale=cfg["guidance_scale"])
     generator = torch.Generator().manual_seed(cfg["seed"])
-    order = DataOrder(len(train_data), cfg["batch_size"], cfg["seed"]) if cfg["repeats"] == 1 else \
-        DataOrder(len(train_data) * cfg["repeats"], cfg["batch_size"], cfg["seed"])
+    order = DataOrder(len(train_data) * cfg["repeats"], cfg["batch_size"], cfg["seed"])  # index % images
 
     # 5. Resume -----------------------------------------------------------------------------------
     step = 0
@@ -344,7 +372,6 @@ def train(cfg: dict) -> Path:
         checkpoint.save_state(run_dir, step, trainable, fused or optimizer, scheduler, ema, info, cfg["keep_last"])
 
     # 7. The loop ---------------------------------------------------------------------------------
-    stop = install_stop_handler()
     codec_for_samples = codec
     if prompts and cfg["sample_at_start"] and step == 0:
         codec_for_samples.to(device)
@@ -357,7 +384,8 @@ def train(cfg: dict) -> Path:
         step_loss = 0.0
         for _ in range(cfg["gradient_accumulation_steps"]):
             indices = [i % len(train_data) for i in order.next_batch()]
-            batch = load_batch(train_data, indices, device)
+            batch = drop_captions(load_batch(train_data, indices, device), empty_caption,
+                                  cfg["caption_dropout_rate"], generator)
             with blockswap.offload_activations(cfg["offload_activations"], pin_memory=cfg["pin_memory"]):
                 loss, per_sample, sigma = training_loss(model, objective, batch, generator)
             if not torch.isfinite(loss):  # a host sync, once per micro-batch

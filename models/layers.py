@@ -123,12 +123,24 @@ class EmbedND(nn.Module):
 
 
 def apply_rope(xq: Tensor, xk: Tensor, freqs_cis: Tensor) -> tuple[Tensor, Tensor]:
-    """Rotate adjacent pairs (x[2k], x[2k+1]) of q and k (B, H, L, D) in fp32."""
-    xq_ = xq.float().reshape(*xq.shape[:-1], -1, 1, 2)
-    xk_ = xk.float().reshape(*xk.shape[:-1], -1, 1, 2)
-    xq_out = freqs_cis[..., 0] * xq_[..., 0] + freqs_cis[..., 1] * xq_[..., 1]
-    xk_out = freqs_cis[..., 0] * xk_[..., 0] + freqs_cis[..., 1] * xk_[..., 1]
-    return xq_out.reshape(*xq.shape).type_as(xq), xk_out.reshape(*xk.shape).type_as(xk)
+    """Rotate adjacent pairs (x[2k], x[2k+1]) of q and k (B, H, L, D) in fp32.
+
+    With R = freqs_cis[..., k, :, :] the 2x2 rotation of pair k, the reference code computes
+        out[2k]   = R00 x[2k] + R01 x[2k+1]
+        out[2k+1] = R10 x[2k] + R11 x[2k+1]
+    Written here as x * [R00, R11] + swap(x) * [R01, R10], swap exchanging the two entries of
+    each pair: the same products and sums (bit for bit), but on full-shape (B, H, L, D) tensors,
+    so that backward is element-wise too, where the pairwise form (B, H, L, D/2, 1) x
+    (B, 1, L, D/2, 2) sums over a size-2 axis and scatters into zeros."""
+    same = torch.stack((freqs_cis[..., 0, 0], freqs_cis[..., 1, 1]), dim=-1).flatten(-2)  # (B, 1, L, D)
+    cross = torch.stack((freqs_cis[..., 0, 1], freqs_cis[..., 1, 0]), dim=-1).flatten(-2)  # (B, 1, L, D)
+
+    def rotate(x: Tensor) -> Tensor:
+        x32 = x.float()
+        swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # [x1, x0, x3, x2, ...]
+        return (x32 * same + swapped * cross).type_as(x)
+
+    return rotate(xq), rotate(xk)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -197,3 +197,37 @@ def test_impossible_memory_combinations_are_config_errors(tmp_path, demo_files):
         train.main([config_file(tmp_path, demo_files, fp8_base=True, train_mode="full")])
     with pytest.raises(ConfigError, match="must stay on the"):
         train.main([config_file(tmp_path, demo_files, blocks_to_swap=2)])
+
+
+def test_sigterm_saves_at_the_step_boundary_and_resume_continues(tmp_path, demo_files, monkeypatch):
+    import os
+    import signal
+
+    real_load_batch = train.load_batch
+    calls = {"n": 0}
+
+    def terminate_during_step_2(dataset, indices, device):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-step: the step finishes, then saves
+        return real_load_batch(dataset, indices, device)
+
+    monkeypatch.setattr(train, "load_batch", terminate_during_step_2)
+    cfg = config_file(tmp_path, demo_files, max_train_steps=6, save_every=0)
+    train.main([cfg])
+    run = tmp_path / "runs" / "t"
+    assert sorted(p.name for p in (run / "state").iterdir()) == ["step_000002"]
+    assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored, no exception leaked
+    monkeypatch.setattr(train, "load_batch", real_load_batch)
+    train.main([config_file(tmp_path, demo_files, max_train_steps=6, save_every=0, resume="latest")])
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
+
+
+def test_caption_dropout_swaps_in_the_empty_caption():
+    batch = {"latent": torch.zeros(64, 1), "t5": torch.ones(64, 3, 2), "clip_pooled": torch.ones(64, 4)}
+    empty = {"t5": torch.zeros(3, 2), "clip_pooled": torch.zeros(4)}
+    out = train.drop_captions(batch, empty, 0.5, torch.Generator().manual_seed(0))
+    dropped = out["clip_pooled"][:, 0] == 0
+    assert 10 < dropped.sum() < 54  # about half
+    assert torch.equal(out["t5"][:, 0, 0] == 0, dropped)  # the same samples lose both tensors
+    assert train.drop_captions(batch, empty, 0.0, torch.Generator()) is batch
