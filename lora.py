@@ -120,11 +120,15 @@ class LoRALinear(nn.Module):
         out = self._base_forward(x)
         if self.merged_multiplier is not None or self.multiplier == 0:
             return out  # merged: the base weight already holds the delta
-        h = self.lora_down(x.to(self.lora_down.weight.dtype))  # (..., rank)
+        # The matmuls run in the input's dtype with the (fp32) LoRA weights cast to it, as
+        # autocast would: backward then saves the same bf16 x the base Linear saves, not an
+        # fp32 copy per layer, and the gradients still reach the fp32 weights through the cast.
+        h = F.linear(x, self.lora_down.weight.to(x.dtype))  # (..., rank)
         if self.training and self.dropout > 0:
             h = F.dropout(h, p=self.dropout)
-        h = self.lora_up(h)  # (..., out)
-        return out + (h * (self.scale() * self.multiplier)).to(out.dtype)
+        h = h * (self.scale() * self.multiplier).to(h.dtype)  # scaled at rank width: cheaper than at out width
+        h = F.linear(h, self.lora_up.weight.to(x.dtype))  # (..., out)
+        return out + h.to(out.dtype)
 
     def delta_weight(self, multiplier: float | None = None) -> Tensor:
         """multiplier * alpha/rank * up @ down, (out, in), fp32."""

@@ -21,26 +21,34 @@ Method
      what autograd saves outside the checkpointed blocks, among it each block's inputs, goes
      to host memory and comes back in backward), with the copies counted as host memory.
 
-Attention is counted as a flash kernel (`aten._scaled_dot_product_flash_attention`): it
-saves its output and an fp32 logsumexp (B, heads, L), never an L x L matrix. With
-kernels="auto" or "triton" the element-wise chains are counted as the Triton kernels in
-kernels.py save them (their fake implementations run on meta tensors), as on CUDA.
+Attention is counted as CUDA's SDPA runs it: the flash kernel
+(`aten._scaled_dot_product_flash_attention`; with a T5 mask the memory-efficient one) saves
+its output and an fp32 logsumexp (B, heads, L), never an L x L matrix. With kernels="auto"
+or "triton" (and triton installed) the element-wise chains are counted as the Triton kernels
+in kernels.py save them (their fake implementations run on meta tensors), and the optimizer
+updates of kernels_optim.py run their host code with the launches skipped, as on CUDA.
+AdamW runs one tensor at a time, the nearest meta-device relative of CUDA's fused AdamW.
 
 What the plan does not see, printed as margins beside it:
   - the caching allocator rounds every block up to 512 bytes (computed and printed), and
     packs small requests into 2 MiB segments;
   - fragmentation: reserved memory exceeds allocated memory, typically by 5-10 %
     (`PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` keeps it low);
-  - cuBLAS / cuDNN / flash workspaces (tens of MiB);
-  - the CUDA context, 0.5-1 GiB that only nvidia-smi shows.
-CPU kernels can save different tensors than CUDA ones; the plan runs each block's own
-code, so what it saves is what the model code saves, with attention as flash.
+  - workspaces inside kernels: cuBLAS's (32 MiB) and flash backward's fp32 dq accumulator
+    (B x L x hidden x 4 bytes, 54 MiB at 1024 px), estimated and printed;
+  - the CUDA context, 0.5-1 GiB that only nvidia-smi shows;
+  - sampling and validation between steps (no gradients, but the VAE decoder comes to the
+    device while samples decode).
+Autograd decides what is saved from the operators, not from the device, so the model's own
+code saves on meta tensors what it saves on CUDA; attention, whose CPU and CUDA kernels
+differ, is routed as above. tests/test_plan.py checks the accounting against the CPU
+allocator on real tensors.
 
-Speed: most meta kernels are Python and a FLUX step runs about 100k operators, mostly the
-same few on the same shapes, so MetaOpCache remembers each operator's output shapes.
+Speed: most meta kernels are written in Python, and a FLUX step runs about 50,000 operators,
+mostly the same few on the same shapes, so MetaOpCache remembers each one's output shapes.
 """
-import math
 import time
+import weakref
 from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
@@ -80,6 +88,7 @@ OFFLOADED = "offloaded activations"
 HOST_CATEGORIES = (SWAPPED, SWAP_SPARE, OFFLOADED)
 
 ALLOCATOR_BLOCK = 512  # the CUDA caching allocator's smallest block and rounding unit
+CUBLAS_WORKSPACE = 32 * 2**20  # what torch gives cuBLAS per handle and stream on recent GPUs
 CUDA_CONTEXT_GIB = (0.5, 1.0)  # outside torch's accounting; nvidia-smi shows it
 FRAGMENTATION = (0.05, 0.10)  # reserved over allocated, typical range
 
@@ -92,9 +101,14 @@ def allocator_bytes(nbytes: int) -> int:
 # --- running operators on meta tensors quickly -----------------------------------------------------
 
 
+_VIEWS: dict = {}  # operator -> whether it returns a view
+
+
 def _returns_view(func) -> bool:
     """Whether an operator's result aliases an input without writing it (view, split, ...)."""
-    return any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
+    if func not in _VIEWS:
+        _VIEWS[func] = any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
+    return _VIEWS[func]
 
 
 _PLAIN = (bool, int, float, complex, str, torch.dtype, torch.device, torch.layout, torch.memory_format)
@@ -107,6 +121,9 @@ def _flatten(value, tensors: list, key: list) -> None:
         tensors.append(value)
         key.append((tuple(value.shape), value.stride(), value.dtype, value.device))
     elif isinstance(value, (tuple, list)):
+        if all(type(item) is int for item in value):  # a shape or a list of dims: the common case
+            key.append(tuple(value))
+            return
         key.append(len(value))
         for item in value:
             _flatten(item, tensors, key)
@@ -218,12 +235,14 @@ class MemoryTracker(TorchDispatchMode):
         self.reset_peak()
 
     def reset_peak(self) -> None:
+        self.start_bytes = self.device_bytes  # what was live when measuring began
         self.peak_bytes = self.device_bytes
         self.peak_rounded = self.device_rounded
         self.peak_breakdown = self.breakdown("device")
         self.peak_where = self.where
         self.host_peak_bytes = self.host_bytes
         self.host_peak_breakdown = self.breakdown("host")
+        self.high_water = Counter(self.live)  # (place, category) -> the most it held at once
 
     def breakdown(self, place: str) -> dict[str, int]:
         names = DEVICE_CATEGORIES if place == "device" else HOST_CATEGORIES
@@ -288,7 +307,9 @@ class MemoryTracker(TorchDispatchMode):
             self._count(entry, -1)
 
     def _count(self, entry: _Storage, sign: int) -> None:
-        self.live[(entry.place, entry.category)] += sign * entry.nbytes
+        key = (entry.place, entry.category)
+        self.live[key] += sign * entry.nbytes
+        self.high_water[key] = max(self.high_water[key], self.live[key])
         if entry.place == "host":
             self.host_bytes += sign * entry.nbytes
             if self.host_bytes > self.host_peak_bytes:
@@ -304,8 +325,6 @@ class MemoryTracker(TorchDispatchMode):
 
 
 def _weakref(storage, callback, key: int):
-    import weakref
-
     return weakref.ref(storage, lambda _ref: callback(key))
 
 
@@ -313,14 +332,20 @@ def _weakref(storage, callback, key: int):
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-    """layers.attention, through the flash kernel's operator so that autograd saves what the
-    CUDA flash kernel saves: q, k, v, the output and an fp32 logsumexp (B, heads, L)."""
-    if mask is not None:
-        return layers.attention(q, k, v, mask)  # CUDA picks the memory-efficient kernel: same saves plus the mask
-    if q.device.type == "cpu":  # real CPU tensors (the plan's own test): the CPU flash kernel saves the same
+    """layers.attention, through the operators CUDA's SDPA picks, so that autograd saves what
+    they save: q, k, v, the output and an fp32 logsumexp (B, heads, L); never an L x L matrix.
+    (F.scaled_dot_product_attention itself would take the math path on meta tensors.)"""
+    if q.device.type == "cpu":  # real CPU tensors (the plan's own test): CPU flash saves the same
+        if mask is not None:
+            return layers.attention(q, k, v, mask)
         out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[0]
-    else:
+    elif mask is None:
         out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[0]
+    else:  # a key mask: the memory-efficient kernel, with SDPA's additive bias broadcast (no L x L memory)
+        b, heads, length, _ = q.shape
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+        bias = bias[:, None, None, :].expand(b, heads, length, k.shape[2])
+        out = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True)[0]
     return rearrange(out, "B H L D -> B L (H D)")
 
 
@@ -401,8 +426,8 @@ def model_params(cfg: dict) -> tuple[flux.FluxParams, str]:
         sd = load_state_dict(path, allow_pickle=cfg["allow_pickle"])  # memory-mapped: reads the header
         return flux.infer_params(sd, **cfg["model_overrides"]), f"shapes read from {path}"
     params = replace(flux.FluxParams(), **cfg["model_overrides"])
-    note = "FLUX.1-dev shapes" if not cfg["model_overrides"] else "FLUX.1-dev shapes with model_overrides"
-    return params, f"{note} ({path or 'no flux_path'} not read)"
+    overrides = " with model_overrides" if cfg["model_overrides"] else ""
+    return params, f"{path or 'flux_path'} not found: FLUX.1-dev shapes{overrides}"
 
 
 def build(cfg: dict, device: str = "meta", params: flux.FluxParams | None = None, seed: int = 0) -> Setup:
@@ -483,11 +508,13 @@ def build_optimizer(trainable: list[nn.Parameter], cfg: dict) -> torch.optim.Opt
 
 def swap_plans(model: flux.Flux, cfg: dict) -> dict[str, SwapPlan]:
     """Blocks swapped per kind, with blockswap.py's own rules and limits."""
-    try:  # as train.swap_counts calls it
-        counts = blockswap.swap_counts(model, cfg["blocks_to_swap"] or None, cfg["double_blocks_to_swap"],
-                                       cfg["single_blocks_to_swap"])
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    requested = (cfg["blocks_to_swap"], cfg["double_blocks_to_swap"], cfg["single_blocks_to_swap"])
+    counts = {kind: 0 for kind in model.block_kinds}
+    if any(n > 0 for n in requested):
+        try:  # as train.swap_counts calls it
+            counts = blockswap.swap_counts(model, cfg["blocks_to_swap"] or None, *requested[1:])
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     plans = {}
     for kind, n in counts.items():
         blocks = getattr(model, kind)
@@ -511,8 +538,8 @@ def _track_weights(tracker: MemoryTracker, model: flux.Flux, network, swap: dict
     if network is not None:
         for p in network.parameters():
             tracker.track(p, TRAINABLE)
-        for b in network.buffers():
-            tracker.track(b, FROZEN)
+        for b in network.buffers():  # the LoRA alphas
+            tracker.track(b, TRAINABLE)
     for kind, plan in swap.items():
         blocks = getattr(model, kind)
         for index in plan.swapped:
@@ -541,8 +568,8 @@ def swap_buffers_of(tracker: MemoryTracker, model: flux.Flux, swap: dict[str, Sw
 def step_inputs(setup: Setup, device) -> dict:
     """A batch as the cache delivers it: fp32 latents, T5 states and CLIP pooled in the model dtype."""
     cfg, p = setup.cfg, setup.params
-    b, side = cfg["batch_size"], cfg["resolution"] // 8
-    text_len = cfg["t5_max_length"] or flux.default_t5_max_length(p)
+    b, side = cfg["batch_size"], latent_side(cfg)
+    text_len = text_tokens(setup)
     dtype = DTYPES[cfg["dtype"]]
     batch = {
         "latent": torch.randn(b, p.in_channels // 4, side, side, device=device),
@@ -552,6 +579,15 @@ def step_inputs(setup: Setup, device) -> dict:
     if cfg["apply_t5_attn_mask"]:
         batch["t5_mask"] = torch.ones(b, text_len, dtype=torch.bool, device=device)
     return batch
+
+
+def latent_side(cfg: dict) -> int:
+    """The VAE shrinks images 8x; without one (ae_path = "", the demo) the pixels are the latent."""
+    return cfg["resolution"] // 8 if cfg["ae_path"] else cfg["resolution"]
+
+
+def text_tokens(setup: Setup) -> int:
+    return setup.cfg["t5_max_length"] or flux.default_t5_max_length(setup.params)
 
 
 def step_loss(model: flux.Flux, objective: losses.FlowMatching, batch: dict) -> Tensor:
@@ -574,23 +610,26 @@ def objective_of(cfg: dict) -> losses.FlowMatching:
         huber_c=cfg["huber_c"], huber_schedule=cfg["huber_schedule"], guidance_scale=cfg["guidance_scale"])
 
 
-def _label_blocks(setup: Setup) -> list:
-    """Hooks that tell the tracker which block runs, in forward and in backward."""
-    tracker, handles = setup.tracker, []
-    for kind, index, block in setup.model.blocks():
-        name = f"{kind}.{index}"
+def finish_step(setup: Setup) -> None:
+    """What the training loop does after the backward passes of a step."""
+    if setup.fused is not None:
+        setup.fused.step()  # the hooks already stepped every weight
+    else:
+        optim.clip_grad_norm_(setup.trainable, setup.cfg["max_grad_norm"] or float("inf"))
+        setup.optimizer.step()
+        setup.optimizer.zero_grad(set_to_none=True)
+    if setup.ema is not None:
+        setup.ema.update(setup.ema.update_every)  # a step on which the average updates
 
-        def pre(module, args, name=name):
-            if tracker.where.startswith("forward"):
-                tracker.where = f"forward, {name}"
 
-        def post(module, args, outputs, name=name):
-            for t in outputs if isinstance(outputs, tuple) else (outputs,):
-                if isinstance(t, Tensor) and t.requires_grad:
-                    t.register_hook(lambda grad, name=name: setattr(tracker, "where", f"backward, {name}"))
-
-        handles += [block.register_forward_pre_hook(pre), block.register_forward_hook(post)]
-    return handles
+def prime_optimizer(setup: Setup) -> None:
+    """Create the optimizer state (and FusedBackwardStep's bookkeeping) through the training code:
+    a backward through a trivial graph gives every trainable weight a gradient, then a step."""
+    tracker = setup.tracker
+    with tracker.allocating(OPTIMIZER), tracker.doing("creating the optimizer state"):
+        loss = sum((p.float() * 0).sum() for p in setup.trainable)
+        loss.backward()  # what outlives this block was made by the optimizer: its state
+        finish_step(setup)
 
 
 def _label_gradients(tracker: MemoryTracker, trainable: list[nn.Parameter]) -> None:
@@ -604,27 +643,55 @@ def _label_gradients(tracker: MemoryTracker, trainable: list[nn.Parameter]) -> N
         p.register_post_accumulate_grad_hook(hook)
 
 
-def prime_optimizer(setup: Setup) -> None:
-    """Create the optimizer state (and FusedBackwardStep's bookkeeping) through the training code:
-    a backward through a trivial graph gives every trainable weight a gradient, then a step."""
-    tracker = setup.tracker
-    with tracker.allocating(OPTIMIZER), tracker.doing("creating the optimizer state"):
-        loss = sum((p.float() * 0).sum() for p in setup.trainable)
-        loss.backward()  # what outlives this block was made by the optimizer: its state
-        finish_step(setup)
+def _label_blocks(setup: Setup) -> list:
+    """Hooks that tell the tracker which block runs, in forward and in backward."""
+    tracker, handles = setup.tracker, []
+    for kind, index, block in setup.model.blocks():
+        name = f"{kind}.{index}"
+
+        def pre(module, args, name=name):
+            if tracker.where.startswith("forward"):  # not in a checkpoint recompute
+                tracker.where = f"forward, {name}"
+
+        def post(module, args, outputs, name=name):
+            for t in outputs if isinstance(outputs, tuple) else (outputs,):
+                if isinstance(t, Tensor) and t.requires_grad:  # its gradient arrives as the block's backward starts
+                    t.register_hook(lambda grad, name=name: setattr(tracker, "where", f"backward, {name}"))
+
+        handles += [block.register_forward_pre_hook(pre), block.register_forward_hook(post)]
+    return handles
 
 
-def finish_step(setup: Setup) -> None:
-    """What the loop does after the backward passes of a step."""
-    if setup.fused is not None:
-        setup.fused.step()
-    else:
-        if setup.cfg["max_grad_norm"]:
-            optim.clip_grad_norm_(setup.trainable, setup.cfg["max_grad_norm"])
-        setup.optimizer.step()
-        setup.optimizer.zero_grad(set_to_none=True)
-    if setup.ema is not None:
-        setup.ema.update(setup.ema.update_every)  # a step on which the average updates
+def triton_like_cuda(cfg: dict) -> bool:
+    """Whether training on CUDA would run the Triton kernels (element-wise chains, optimizer updates)."""
+    import kernels
+
+    return cfg["kernels"] in ("auto", "triton") and kernels.HAVE_TRITON
+
+
+class _SkippedLaunch:
+    """A Triton kernel under the plan: a launch allocates nothing (its buffers are made by the
+    torch calls around it, which are counted), so on meta tensors it is skipped."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@contextmanager
+def triton_launches_skipped():
+    """The optimizer's Triton updates (kernels_optim.py) run their host code without launching.
+    (The element-wise kernels in kernels.py are custom ops whose fake versions run on meta.)"""
+    import kernels_optim
+
+    if not kernels_optim.HAVE_TRITON:
+        yield
+        return
+    from triton.runtime.jit import KernelInterface
+
+    launches = {name: _SkippedLaunch() for name, value in vars(kernels_optim).items()
+                if isinstance(value, KernelInterface)}
+    with mock.patch.multiple(kernels_optim, **launches):
+        yield
 
 
 def walk(setup: Setup, measure=nullcontext) -> None:
@@ -632,18 +699,17 @@ def walk(setup: Setup, measure=nullcontext) -> None:
     cfg, tracker, model = setup.cfg, setup.tracker, setup.model
     device = next(model.parameters()).device
     objective = objective_of(cfg)
+    triton = device.type == "meta" and triton_like_cuda(cfg)
     kernel_mode = layers._kernel_mode
     handles = _label_blocks(setup)
     try:
-        triton = device.type == "meta" and _triton_like_cuda(cfg)
         layers.set_kernels("triton" if triton else "torch")
         with tracker, mock.patch.object(flux, "attention", flash_attention), \
                 triton_launches_skipped() if triton else nullcontext():
             prime_optimizer(setup)
-            batch = None
             tracker.reset_peak()
             with measure():
-                for _ in range(min(cfg["gradient_accumulation_steps"], 2)):  # a second one sees live gradients
+                for _ in range(min(cfg["gradient_accumulation_steps"], 2)):  # a second one meets live gradients
                     with tracker.doing("loading the batch"):
                         batch = step_inputs(setup, device)
                     with tracker.doing("forward"), offloaded_activations(tracker, cfg["offload_activations"]):
@@ -659,42 +725,14 @@ def walk(setup: Setup, measure=nullcontext) -> None:
             handle.remove()
 
 
-class _SkippedLaunch:
-    """A Triton kernel under the plan: a launch allocates nothing (its buffers are made by torch
-    calls around it, which the plan counts), so on meta tensors it is skipped."""
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
-
-
-@contextmanager
-def triton_launches_skipped():
-    """The optimizer's Triton updates (kernels_optim.py) run their host code, without launches."""
-    import kernels_optim
-
-    if not kernels_optim.HAVE_TRITON:
-        yield
-        return
-    from triton.runtime.jit import KernelInterface
-
-    kernels = {name: _SkippedLaunch() for name, value in vars(kernels_optim).items()
-               if isinstance(value, KernelInterface)}
-    with mock.patch.multiple(kernels_optim, **kernels):
-        yield
-
-
-def _triton_like_cuda(cfg: dict) -> bool:
-    """Whether training on CUDA would run the Triton element-wise kernels."""
-    import kernels
-
-    return cfg["kernels"] in ("auto", "triton") and kernels.HAVE_TRITON
-
-
 # --- the plan ------------------------------------------------------------------------------------
 
 
 def plan(cfg: dict, params: flux.FluxParams | None = None) -> dict:
-    """Walk one training step of `cfg` on the meta device; numbers in bytes (see format_plan)."""
+    """Walk one training step of `cfg` on the meta device. Returns the numbers, in bytes:
+    device (category -> bytes at the peak), peak_bytes, peak_where, device_high_water
+    (category -> the most it held at any moment), allocator_rounding_bytes, host (category ->
+    bytes), host_bytes, swap (kind -> swapped blocks and bytes per block), and a description."""
     start = time.perf_counter()
     setup = build(cfg, "meta", params)
     walk(setup)
@@ -703,95 +741,107 @@ def plan(cfg: dict, params: flux.FluxParams | None = None) -> dict:
 
 def summarize(setup: Setup, seconds: float = 0.0) -> dict:
     tracker, cfg = setup.tracker, setup.cfg
-    side = cfg["resolution"] // 16
-    weights_host = tracker.live[("host", SWAPPED)]
-    spare_host = tracker.live[("host", SWAP_SPARE)]
-    host = {SWAPPED: weights_host, SWAP_SPARE: spare_host,
-            OFFLOADED: tracker.host_peak_breakdown[OFFLOADED]}
+    host = {SWAPPED: tracker.live[("host", SWAPPED)], SWAP_SPARE: tracker.live[("host", SWAP_SPARE)],
+            OFFLOADED: tracker.host_peak_breakdown[OFFLOADED]}  # offloaded activations at their highest
+    side = latent_side(cfg) // 2  # 2x2 patches
     return {
         "device": dict(tracker.peak_breakdown),
         "peak_bytes": tracker.peak_bytes,
         "peak_where": tracker.peak_where,
+        "device_high_water": {name: tracker.high_water[("device", name)] for name in DEVICE_CATEGORIES},
         "allocator_rounding_bytes": tracker.peak_rounded - tracker.peak_bytes,
+        # flash backward accumulates dq in fp32 (B, L, hidden) inside the kernel, beside cuBLAS's workspace
+        "workspace_bytes": CUBLAS_WORKSPACE + 4 * cfg["batch_size"] * (side * side + text_tokens(setup))
+        * setup.params.hidden_size,
         "host": host,
         "host_bytes": sum(host.values()),
-        "pinned": cfg["pin_memory"],
-        "swap": {kind: {"swapped": p.num_swapped, "of": p.num_blocks, "blocks": p.swapped,
-                        "device_slots": p.device_slots, "bytes_per_block": p.block_bytes, "mode": p.mode}
+        "swap": {kind: {"swapped": p.num_swapped, "of": p.num_blocks, "blocks": p.swapped, "mode": p.mode,
+                        "device_slots": p.device_slots, "bytes_per_block": p.block_bytes}
                  for kind, p in setup.swap.items()},
         "parameters": sum(p.numel() for p in setup.model.parameters()),
         "trainable_parameters": sum(p.numel() for p in setup.trainable),
-        "image_tokens": setup.cfg["batch_size"] * side * side,
-        "text_tokens": cfg["t5_max_length"] or flux.default_t5_max_length(setup.params),
+        "image_tokens": side * side,
+        "text_tokens": text_tokens(setup),
         "params_source": setup.params_source,
-        "kernels": "triton" if _triton_like_cuda(cfg) else "torch",
+        "kernels": "Triton" if triton_like_cuda(cfg) else "torch",
         "seconds": seconds,
     }
 
 
+def _row(name: str, value: str) -> str:
+    return f"  {name:<52}{value:>9}"
+
+
 def format_plan(result: dict, cfg: dict) -> str:
-    gib = lambda n: f"{n / GiB:8.2f}"  # noqa: E731
-    lines = []
-    what = (f"LoRA rank {cfg['network_dim']}" if cfg["train_mode"] == "lora" else "full fine-tuning") + \
-        f", {result['trainable_parameters'] / 1e6:,.1f} M trainable of {result['parameters'] / 1e9:.2f} B"
-    options = [cfg["dtype"] + (" + fp8 base" if cfg["fp8_base"] else ""), cfg["optimizer"],
-               "fused step" if cfg["fused_backward"] else "", "checkpointing" if cfg["gradient_checkpointing"] else "",
-               "offloaded activations" if cfg["offload_activations"] else ""]
-    lines.append(f"memory plan: {what}; {', '.join(o for o in options if o)}")
-    lines.append(f"  {cfg['resolution']} px, batch {cfg['batch_size']}: {result['image_tokens']} image + "
-                 f"{result['text_tokens']} text tokens; {result['params_source']}")
-    lines.append(f"  attention as flash (no L x L matrix); element-wise chains as {result['kernels']} kernels")
-    lines.append("")
-    lines.append(f"device memory at the peak ({result['peak_where']})".ljust(56) + "GiB")
-    for name, n in result["device"].items():
-        lines.append(f"  {name:<52}{gib(n)}")
-    lines.append("  " + "-" * 60)
-    lines.append(f"  {'planned peak (bytes torch allocates)':<52}{gib(result['peak_bytes'])}")
-    lines.append("margins outside the plan")
+    """The printed table: device memory at the peak, margins, host memory, block swap."""
+    gib = lambda n: f"{n / GiB:.2f}"  # noqa: E731
+    trained = f"LoRA rank {cfg['network_dim']}" if cfg["train_mode"] == "lora" else "full fine-tuning"
+    switches = [cfg["dtype"] + (" + fp8 base" if cfg["fp8_base"] else ""), cfg["optimizer"],
+                "fused step" if cfg["fused_backward"] else "", "checkpointing" if cfg["gradient_checkpointing"] else "",
+                "offloaded activations" if cfg["offload_activations"] else ""]
+    lines = [
+        f"memory plan: {trained} ({result['trainable_parameters'] / 1e6:,.1f} M of "
+        f"{result['parameters'] / 1e6:,.1f} M parameters train); {', '.join(s for s in switches if s)}",
+        f"  {cfg['resolution']} px, batch {cfg['batch_size']}: {result['image_tokens']} image + "
+        f"{result['text_tokens']} text tokens per sample; {result['params_source']}",
+        f"  attention counted as flash (no L x L matrix); element-wise chains and optimizer updates as "
+        f"{result['kernels']} code",
+        "",
+        f"device memory at the peak ({result['peak_where']})".ljust(60) + "GiB",
+    ]
+    lines += [_row(name, gib(n)) for name, n in result["device"].items()]
+    lines += ["  " + "-" * 61, _row("planned peak (bytes torch allocates)", gib(result["peak_bytes"]))]
+    most = result["device_high_water"]
+    lines.append(f"  (the most at any moment: gradients {gib(most[GRADIENTS])}, activations and temporaries "
+                 f"{gib(most[ACTIVATIONS])})")
     rounded = result["peak_bytes"] + result["allocator_rounding_bytes"]
-    lines.append(f"  {'allocator rounding (512-byte blocks)':<52}{gib(result['allocator_rounding_bytes'])}")
-    lines.append(f"  {'fragmentation (reserved > allocated), 5-10 %':<52}"
-                 f"{gib(rounded * FRAGMENTATION[0])} -{rounded * FRAGMENTATION[1] / GiB:.2f}")
-    lines.append(f"  {'cuBLAS / flash workspaces':<52}    ~0.03")
-    lines.append(f"  {'CUDA context (nvidia-smi only)':<52}{CUDA_CONTEXT_GIB[0]:8.2f} -{CUDA_CONTEXT_GIB[1]:.2f}")
     low, high = expected_nvidia_smi(result)
-    lines.append(f"  {'expect nvidia-smi to show about':<52}{low / GiB:8.1f} -{high / GiB:.1f}")
-    lines.append("")
-    lines.append("host memory".ljust(56) + "GiB")
-    pinned = " (pinned)" if result["pinned"] else " (pageable)"
-    for name, n in result["host"].items():
-        lines.append(f"  {(name + (pinned if name != OFFLOADED else '')):<52}{gib(n)}")
-    lines.append(f"  {'host memory for tensors':<52}{gib(result['host_bytes'])}")
-    lines.append("  plus the process itself (Python, torch, the CUDA runtime: a few GB) and the page")
-    lines.append("  cache of the memory-mapped checkpoint while it loads")
-    lines.append("")
-    lines += format_swap(result)
-    return "\n".join(lines)
+    lines += [
+        "margins outside the plan",
+        _row("allocator rounding (512-byte blocks)", gib(result["allocator_rounding_bytes"])),
+        _row("fragmentation (reserved over allocated), 5-10 %",
+             f"{rounded * FRAGMENTATION[0] / GiB:.2f}-{rounded * FRAGMENTATION[1] / GiB:.2f}"),
+        _row("cuBLAS workspace, flash backward's fp32 dq buffer", gib(result["workspace_bytes"])),
+        _row("CUDA context (nvidia-smi only)", f"{CUDA_CONTEXT_GIB[0]:.1f}-{CUDA_CONTEXT_GIB[1]:.1f}"),
+        _row("so nvidia-smi should show about", f"{low / GiB:.1f}-{high / GiB:.1f}"),
+        "",
+        "host memory".ljust(60) + "GiB",
+    ]
+    pinned = " (pinned)" if cfg["pin_memory"] else " (pageable)"
+    lines += [_row(name + (pinned if name != OFFLOADED else ""), gib(n)) for name, n in result["host"].items()]
+    lines += [
+        _row("host memory for tensors", gib(result["host_bytes"])),
+        "  plus the process itself (Python, torch, the CUDA runtime: a few GB), and the page cache",
+        "  of the memory-mapped checkpoint while it loads",
+        "",
+    ]
+    return "\n".join(lines + format_swap(result))
 
 
 def expected_nvidia_smi(result: dict) -> tuple[float, float]:
-    rounded = result["peak_bytes"] + result["allocator_rounding_bytes"]
+    """The planned peak with the margins added, low and high, in bytes."""
+    rounded = result["peak_bytes"] + result["allocator_rounding_bytes"] + result["workspace_bytes"]
     low = rounded * (1 + FRAGMENTATION[0]) + CUDA_CONTEXT_GIB[0] * GiB
     high = rounded * (1 + FRAGMENTATION[1]) + CUDA_CONTEXT_GIB[1] * GiB
     return low, high
 
 
 def format_swap(result: dict) -> list[str]:
-    swap = result["swap"]
-    lines = []
+    """Which blocks are swapped, and what swapping one saves."""
+    swap, lines = result["swap"], []
     for kind, s in swap.items():
-        per = s["bytes_per_block"] / MiB
+        per = f"{s['bytes_per_block'] / MiB:,.0f} MiB"
         if s["swapped"]:
             first, last = s["blocks"][0], s["blocks"][-1]
-            slots = f"they pass through the storage of {s['device_slots']} resident blocks"
-            lines.append(f"block swap ({s['mode']}): {kind} {s['swapped']} of {s['of']} swapped "
-                         f"(blocks {first}-{last} start in host memory; {slots}); {per:,.0f} MiB saved per block")
+            lines.append(f"block swap ({s['mode']}): {kind} {s['swapped']} of {s['of']} swapped, blocks {first}-{last} "
+                         f"start in host memory and pass through {s['device_slots']} resident blocks' storage; "
+                         f"{per} saved per block")
         else:
-            lines.append(f"block swap: no {kind} swapped; swapping one would save {per:,.0f} MiB")
-    if "double_blocks" in swap and "single_blocks" in swap:
-        per_count = (swap["double_blocks"]["bytes_per_block"] / 2 + swap["single_blocks"]["bytes_per_block"]) / 1e6
-        lines.append(f"  per kohya blocks_to_swap count (1/2 double + 1 single): {per_count:,.0f} MB "
-                     "(sd-scripts quotes about 640 MB for bf16)")
+            lines.append(f"block swap: no {kind} swapped; swapping one would save {per}")
+    if set(swap) == {"double_blocks", "single_blocks"}:
+        per_count = swap["double_blocks"]["bytes_per_block"] / 2 + swap["single_blocks"]["bytes_per_block"]
+        lines.append(f"  one step of blocks_to_swap (half a double block + one single block) saves "
+                     f"{per_count / 1e6:,.0f} MB (sd-scripts quotes about 640 MB in bf16)")
     return lines
 
 
@@ -799,5 +849,5 @@ def main(cfg: dict) -> dict:
     """`python train.py CONFIG --plan`: print the plan and return its numbers."""
     result = plan(cfg)
     print(format_plan(result, cfg))
-    print(f"(planned in {result['seconds']:.1f} s, no weights read)")
+    print(f"(planned in {result['seconds']:.1f} s without reading a weight)")
     return result

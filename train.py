@@ -170,6 +170,8 @@ def restore_stop_handler(flag: dict) -> None:
 
 def swap_counts(params, cfg: dict) -> dict[str, int]:
     """Blocks to swap per kind, checked against the model's depth before anything loads."""
+    if cfg["blocks_to_swap"] <= 0 and cfg["double_blocks_to_swap"] <= 0 and cfg["single_blocks_to_swap"] <= 0:
+        return {"double_blocks": 0, "single_blocks": 0}
     with torch.device("meta"):  # no memory: only the block lists are needed
         skeleton = flux.Flux(params)
     try:

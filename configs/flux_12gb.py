@@ -1,0 +1,26 @@
+# FLUX.1-dev LoRA on a 12 GB GPU (RTX 3060 12 GB, RTX 4070 / 4070 Ti): rank 16, 1024 px,
+# batch 1. The frozen base is stored in fp8 (half the bytes of bf16) and 22 blocks swap
+# to host memory (11 double + 22 single: the fewest for which the plan stays under 8 GiB);
+# AdamW, gradient checkpointing, latents and text embeddings cached.
+#
+#   python train.py configs/flux_12gb.py --plan      # planned peak 7.96 GiB on the GPU, 6.8 GiB host memory
+#   python train.py configs/flux_12gb.py --dataset_dir=/path/to/images
+#
+# Files: see README "Where the files come from". Put them under models/ or edit the paths.
+flux_path = "models/flux1-dev.safetensors"
+ae_path = "models/ae.safetensors"
+clip_l_path = "models/clip_l.safetensors"
+t5_path = "models/t5xxl_fp16.safetensors"
+dataset_dir = "data/my_subject"
+instance_prompt = "ohwx"
+
+run_name = "flux_lora_12gb"
+resolution = 1024
+batch_size = 1
+network_dim = 16
+network_alpha = 16.0
+max_train_steps = 1500
+lr_warmup_steps = 50
+
+fp8_base = True                 # frozen block weights as float8_e4m3fn: 11 GiB instead of 22
+blocks_to_swap = 22             # 11 double + 22 single blocks live in host memory

@@ -1,0 +1,32 @@
+# FLUX.1-dev LoRA on a 6 GB GPU (RTX 2060 / 3060 laptop / 4050): rank 16, 1024 px, batch 1.
+# The leanest recipe: fp8 base; 29 blocks (14 double + 30 single) stream from host memory
+# one way only (swap_mode="h2d_only": the frozen host copy is the master, nothing is copied
+# back); checkpointed block inputs in host memory; Adafactor (factored state, a few MB)
+# stepping inside backward, so the LoRA gradients never exist all at once.
+#
+#   python train.py configs/flux_6gb.py --plan       # planned peak 4.04 GiB on the GPU, 12.8 GiB host memory
+#   python train.py configs/flux_6gb.py --dataset_dir=/path/to/images
+#
+# Files: see README "Where the files come from". Put them under models/ or edit the paths.
+flux_path = "models/flux1-dev.safetensors"
+ae_path = "models/ae.safetensors"
+clip_l_path = "models/clip_l.safetensors"
+t5_path = "models/t5xxl_fp16.safetensors"
+dataset_dir = "data/my_subject"
+instance_prompt = "ohwx"
+
+run_name = "flux_lora_6gb"
+resolution = 1024
+batch_size = 1
+network_dim = 16
+network_alpha = 16.0
+max_train_steps = 1500
+lr_warmup_steps = 50
+
+fp8_base = True                 # frozen block weights as float8_e4m3fn
+blocks_to_swap = 29             # 14 double + 30 single blocks stream from host memory
+swap_mode = "h2d_only"          # frozen base: copy in, never back (half the transfers)
+offload_activations = True      # each block's checkpointed inputs wait in host memory for backward
+optimizer = "adafactor"         # factored second moments: a few MB of state instead of 0.6 GiB
+fused_backward = True           # each LoRA weight steps as soon as its gradient is ready
+max_grad_norm = 0.0             # no global-norm clipping with the fused step
