@@ -231,3 +231,16 @@ def test_caption_dropout_swaps_in_the_empty_caption():
     assert 10 < dropped.sum() < 54  # about half
     assert torch.equal(out["t5"][:, 0, 0] == 0, dropped)  # the same samples lose both tensors
     assert train.drop_captions(batch, empty, 0.0, torch.Generator()) is batch
+
+
+def test_full_finetune_with_swap_updates_each_block_while_it_is_on_the_device(tmp_path, demo_files, deeper_flux):
+    """Exchange-mode swap + the fused step: the same losses and weights as without swapping."""
+    files = dict(demo_files, flux_path=deeper_flux)
+    common = dict(train_mode="full", max_train_steps=3, max_grad_norm=0.0, fused_backward=True,
+                  gradient_checkpointing=True, optimizer="adafactor")
+    plain = run_losses(tmp_path, files, "plain", **common)
+    swapped = run_losses(tmp_path, files, "swap", double_blocks_to_swap=1, single_blocks_to_swap=1, **common)
+    assert plain == swapped
+    a = load_file(str(tmp_path / "plain" / "runs" / "t" / "t.safetensors"))
+    b = load_file(str(tmp_path / "swap" / "runs" / "t" / "t.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
