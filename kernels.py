@@ -43,8 +43,8 @@ except ImportError:  # the kernels below are then plain functions that are never
         constexpr = None
 
         @staticmethod
-        def jit(fn):
-            return fn
+        def jit(fn=None, **options):
+            return fn if fn is not None else (lambda f: f)
 
     triton = tl = _NoTriton()
 
@@ -213,12 +213,12 @@ def _check_tokens(x: Tensor, name: str) -> tuple[int, int, int]:
     return tuple(x.shape)
 
 
-def _launching_on(x: Tensor):
+def launching_on(x: Tensor):
     """Context for a launch: the tensor's CUDA device, or nothing for the CPU interpreter."""
     if x.device.type == "cpu" and not INTERPRETED:
         raise RuntimeError(
             "Triton kernels need CUDA tensors. On CPU, set TRITON_INTERPRET=1 before importing "
-            "kernels (slow; the tests do this), or use set_kernels('auto') to run plain torch."
+            "kernels.py (slow; the tests do this), or use set_kernels('auto') to run plain torch."
         )
     return torch.cuda.device(x.device) if x.is_cuda else nullcontext()
 
@@ -348,7 +348,7 @@ def _norm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tenso
     B, L, H = x.shape
     out = torch.empty((B, L, H), dtype=_promote(x, shift, scale), device=x.device)
     block_l, block_h = _row_tile(H)
-    with _launching_on(x):
+    with launching_on(x):
         _norm_modulate_fwd_kernel[(B, _cdiv(L, block_l))](
             x, *x.stride(), shift, shift.stride(0), shift.stride(2), scale, scale.stride(0), scale.stride(2),
             out, L, H, eps, BLOCK_L=block_l, BLOCK_H=block_h, num_warps=_num_warps(block_l * block_h),
@@ -370,7 +370,7 @@ def _norm_modulate_backward(dout: Tensor, x: Tensor, scale: Tensor, eps: float) 
     dx = torch.empty((B, L, H), dtype=x.dtype, device=x.device)
     dshift_partial = torch.empty((B, n_chunks, H), dtype=torch.float32, device=x.device)
     dscale_partial = torch.empty_like(dshift_partial)
-    with _launching_on(x):
+    with launching_on(x):
         _norm_modulate_bwd_kernel[(B, n_chunks)](
             dout, *dout.stride(), x, *x.stride(), scale, scale.stride(0), scale.stride(2),
             dx, dshift_partial, dscale_partial, L, H, eps, rows_per_chunk,
@@ -456,7 +456,7 @@ def _gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
     B, L, H = x.shape
     h = torch.empty((B, L, H), dtype=_promote(x, gate, y), device=x.device)
     block_l, block_h = _row_tile(H)
-    with _launching_on(x):
+    with launching_on(x):
         _gated_residual_fwd_kernel[(B, _cdiv(L, block_l))](
             x, *x.stride(), gate, gate.stride(0), gate.stride(2), y, *y.stride(), h, L, H,
             BLOCK_L=block_l, BLOCK_H=block_h, num_warps=_num_warps(block_l * block_h),
@@ -477,7 +477,7 @@ def _gated_residual_backward(dh: Tensor, gate: Tensor, y: Tensor) -> tuple[Tenso
     n_chunks, rows_per_chunk = _token_chunks(B, L, block_l)
     dy = torch.empty((B, L, H), dtype=y.dtype, device=y.device)
     dgate_partial = torch.empty((B, n_chunks, H), dtype=torch.float32, device=y.device)
-    with _launching_on(y):
+    with launching_on(y):
         _gated_residual_bwd_kernel[(B, n_chunks)](
             dh, *dh.stride(), gate, gate.stride(0), gate.stride(2), y, *y.stride(), dy, dgate_partial,
             L, H, rows_per_chunk, BLOCK_L=block_l, BLOCK_H=block_h, num_warps=_num_warps(block_l * block_h),
@@ -591,7 +591,7 @@ def _gated_residual_norm_modulate(
     h = torch.empty((B, L, H), dtype=_promote(x, gate, y), device=x.device)
     out = torch.empty((B, L, H), dtype=_promote(h, shift, scale), device=x.device)
     block_l, block_h = _row_tile(H)
-    with _launching_on(x):
+    with launching_on(x):
         _gated_residual_norm_modulate_fwd_kernel[(B, _cdiv(L, block_l))](
             x, *x.stride(), gate, gate.stride(0), gate.stride(2), y, *y.stride(),
             shift, shift.stride(0), shift.stride(2), scale, scale.stride(0), scale.stride(2),
@@ -617,7 +617,7 @@ def _gated_residual_norm_modulate_backward(
     dx = torch.empty((B, L, H), dtype=x_dtype, device=h.device)
     dy = torch.empty((B, L, H), dtype=y.dtype, device=h.device)
     partials = [torch.empty((B, n_chunks, H), dtype=torch.float32, device=h.device) for _ in range(3)]
-    with _launching_on(h):
+    with launching_on(h):
         _gated_residual_norm_modulate_bwd_kernel[(B, n_chunks)](
             dh, *dh.stride(), dout, *dout.stride(), h, *h.stride(), gate, gate.stride(0), gate.stride(2),
             y, *y.stride(), scale, scale.stride(0), scale.stride(2), dx, dy, *partials,
@@ -825,7 +825,7 @@ def _qk_norm_rope(
     q_out = torch.empty((B, NH, L, D), dtype=_promote(q, q_scale), device=q.device)
     k_out = torch.empty((B, NH, L, D), dtype=_promote(k, k_scale), device=q.device)
     block_pairs = _next_pow2(D // 2)
-    with _launching_on(q):
+    with launching_on(q):
         _qk_norm_rope_fwd_kernel[_qk_grid(q)](
             q, *q.stride(), k, *k.stride(), q_scale, q_scale.stride(0), k_scale, k_scale.stride(0),
             pe, *_pe_strides(pe), q_out, k_out, NH, L, D, eps, _heads_per_program(NH),
@@ -851,7 +851,7 @@ def _qk_norm_rope_backward(
     n_programs = grid[0] * grid[1] * grid[2]
     dq_scale = torch.empty((n_programs, D), dtype=torch.float32, device=q.device)
     dk_scale = torch.empty_like(dq_scale)
-    with _launching_on(q):
+    with launching_on(q):
         _qk_norm_rope_bwd_kernel[grid](
             dq_out, *dq_out.stride(), dk_out, *dk_out.stride(), q, *q.stride(), k, *k.stride(),
             q_scale, q_scale.stride(0), k_scale, k_scale.stride(0), pe, *_pe_strides(pe),
@@ -954,7 +954,7 @@ def _launch_elementwise(kernel, x: Tensor, dout: Tensor | None, out: Tensor, n_c
     R = x_rows.shape[0]
     block_n = min(_next_pow2(n_cols), 1024)
     block_r = max(1, min(64, TILE_ELEMENTS // block_n))
-    with _launching_on(x):
+    with launching_on(x):
         kernel[(_cdiv(R, block_r), _cdiv(n_cols, block_n))](
             x_rows, *x_rows.stride(), d_rows, *d_rows.stride(), out, R, n_cols,
             BACKWARD=backward, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=_num_warps(block_r * block_n),

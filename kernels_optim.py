@@ -28,31 +28,12 @@ Conventions inside every kernel:
 Without triton installed this file still imports; optim.py then never calls it.
 On CPU the kernels run only under the Triton interpreter (TRITON_INTERPRET=1, set before import).
 """
-import os
-from contextlib import nullcontext
-
 import torch
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:  # the kernels below are then plain functions that are never launched
-    HAVE_TRITON = False
-
-    class _NoTriton:
-        constexpr = None
-
-        @staticmethod
-        def jit(fn=None, **options):
-            return fn if fn is not None else (lambda f: f)
-
-    triton = tl = _NoTriton()
-
-# Triton reads this when a kernel is decorated, i.e. when this file is imported.
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# triton (or a stand-in when it is not installed), the interpreter flag and the launch context
+# are shared with the model kernels
+from kernels import HAVE_TRITON, INTERPRETED, launching_on, tl, triton
 
 # Launch shapes; the tests lower them to get several programs out of small tensors.
 BLOCK = 1024  # elements per program of the element-wise kernels (AdamW, unfactored Adafactor)
@@ -92,14 +73,6 @@ def _check(p: Tensor, grad: Tensor, moments: list[Tensor], factored: bool = Fals
         )
 
 
-def _launching_on(x: Tensor):
-    """Context for a launch: the tensor's CUDA device, or nothing for the CPU interpreter."""
-    if x.device.type == "cpu" and not INTERPRETED:
-        raise RuntimeError(
-            "Triton kernels need CUDA tensors. On CPU, set TRITON_INTERPRET=1 before importing "
-            "kernels_optim (slow; the tests do this), or use set_kernels('auto') to run plain torch."
-        )
-    return torch.cuda.device(x.device) if x.is_cuda else nullcontext()
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -182,7 +155,7 @@ def adamw_update_triton_(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: T
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     n = p.numel()
-    with _launching_on(p):
+    with launching_on(p):
         _adamw_kernel[(_cdiv(n, BLOCK),)](
             p, grad, exp_avg, exp_avg_sq, n,
             1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, lr / bias_correction1, bias_correction2**0.5, eps,
@@ -382,7 +355,7 @@ def adafactor_update_triton_(p: Tensor, grad: Tensor, *, exp_avg_sq_row: Tensor 
                   WEIGHT_DECAY=weight_decay != 0, STOCHASTIC_ROUND=p.dtype == torch.bfloat16)
     exp_avg = exp_avg if has_beta1 else p  # an unused pointer argument when there is no beta1
     n = p.numel()
-    with _launching_on(p):
+    with launching_on(p):
         if factored:
             R, C = p.shape[-2:]
             row_factor, col_factor, grid = _factored_second_moment_(grad, exp_avg_sq_row, exp_avg_sq_col, beta2, eps1)
