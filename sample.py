@@ -167,7 +167,8 @@ def main(argv=None):
     parser.add_argument("--out", default="samples", help="output PNG (one prompt) or folder")
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--t5_max_length", type=int, default=0)
+    parser.add_argument("--t5_max_length", type=int, default=0, help="0: 512 for dev, 256 for schnell")
+    parser.add_argument("--apply_t5_attn_mask", action="store_true", help="mask T5 padding (if the LoRA trained so)")
     parser.add_argument("--model_overrides", default="{}", help="JSON of FluxParams overrides (tiny models)")
     args = parser.parse_args(argv)
     if not args.prompt and not args.prompt_file:
@@ -184,7 +185,7 @@ def main(argv=None):
     prompts = read_prompt_file(args.prompt_file, defaults) if args.prompt_file else [parse_prompt_line(args.prompt, defaults)]
     max_length = args.t5_max_length or flux.default_t5_max_length(model.params)
     text = load_text_encoder(args.clip_l, args.t5, args.clip_tokenizer, args.t5_tokenizer, max_length=max_length,
-                             dtype=dtype, device=args.device)
+                             apply_mask=args.apply_t5_attn_mask, dtype=dtype, device=args.device)
     codec = load_codec(args.ae, dtype=dtype, device=args.device)
     out = Path(args.out)
     for i, prompt in enumerate(prompts):

@@ -28,14 +28,13 @@ def file_identity(path: str | Path) -> str:
 class VAECodec:
     """The autoencoder: encode to scaled latents (the mean), decode back to pixels."""
 
-    downscale = 8
-
     def __init__(self, path: str, dtype: torch.dtype, device):
         from .vae import AutoEncoder
 
         self.vae = AutoEncoder.from_state_dict(load_state_dict(path), dtype=dtype, device=device).eval()
         self.vae.requires_grad_(False)
         self.channels = self.vae.params.z_channels
+        self.downscale = 2 ** (len(self.vae.params.ch_mult) - 1)  # 8 for the released autoencoders
         self.dtype = dtype
         self.identity = f"vae:{file_identity(path)}:{dtype}"
 

@@ -75,7 +75,7 @@ def test_cli_with_a_lora_writes_pngs_with_metadata(tmp_path):
     network.save(lora_path, {"ss_network_dim": "4"}, dtype=torch.float32)
 
     common = ["--flux", files["flux_path"], "--clip_l", files["clip_l_path"], "--t5", files["t5_path"],
-              "--dtype", "fp32", "--device", "cpu", "--t5_max_length", "8",
+              "--dtype", "fp32", "--device", "cpu", "--t5_max_length", "8", "--apply_t5_attn_mask",
               "--model_overrides", json.dumps({"axes_dim": [8, 20, 20]})]
     out_plain = tmp_path / "plain.png"
     sample.main(common + ["--prompt", "a red circle --w 16 --h 16 --s 3 --d 5", "--out", str(out_plain)])

@@ -244,3 +244,31 @@ def test_full_finetune_with_swap_updates_each_block_while_it_is_on_the_device(tm
     a = load_file(str(tmp_path / "plain" / "runs" / "t" / "t.safetensors"))
     b = load_file(str(tmp_path / "swap" / "runs" / "t" / "t.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_latent_path_with_an_autoencoder_and_the_t5_mask(tmp_path, demo_files):
+    """A tiny autoencoder in the ae.safetensors layout (16 latent channels, 2x down) and a
+    FLUX taking 64-channel tokens: caching, training with the T5 mask, sampling, decoding."""
+    from safetensors.torch import save_file
+
+    from models.flux import Flux, FluxParams
+    from models.vae import AutoEncoder, AutoEncoderParams
+
+    torch.manual_seed(0)
+    ae = AutoEncoder(AutoEncoderParams(ch=32, ch_mult=[1, 2], num_res_blocks=1, z_channels=16))
+    ae_path = tmp_path / "ae.safetensors"
+    save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, str(ae_path))
+    model = Flux(FluxParams(**{**demo_data.FLUX_TINY, "in_channels": 64, "out_channels": 64}))
+    flux_path = tmp_path / "flux.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(flux_path))
+
+    files = dict(demo_files, flux_path=str(flux_path), ae_path=str(ae_path))
+    cfg = config_file(tmp_path, files, max_train_steps=2, apply_t5_attn_mask=True, sample_every=2,
+                      sample_steps=2, caption_dropout_rate=0.5)
+    final = train.main([cfg])
+    samples = sorted((final.parent / "samples").glob("step000002_*.png"))
+    assert len(samples) == 4
+    from PIL import Image
+
+    assert Image.open(samples[0]).size == (16, 16)  # decoded back to the training resolution
+    assert all(math.isfinite(x) for x in losses_of(final.parent))
