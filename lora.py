@@ -746,6 +746,24 @@ def _metadata_string(value) -> str:
     return str(value)
 
 
+def setup_training(model: nn.Module, cfg: dict, device=None) -> tuple["LoRANetwork | None", dict[str, nn.Parameter]]:
+    """What trains, from a training config (config.py keys): a LoRA network on the FLUX targets
+    (train_mode "lora"; its fp32 weights on `device`) or every weight of the model ("full").
+    Returns the network (None for full training) and the trainable parameters by name.
+    train.py and plan.py both set up training through here, so the plan counts what runs."""
+    model.requires_grad_(False)
+    if cfg["train_mode"] == "full":
+        model.requires_grad_(True)
+        return None, dict(model.named_parameters())
+    targets = flux_lora_targets(model, cfg["network_dim"], group_ranks=cfg["group_ranks"],
+                                double_blocks=cfg["train_double_blocks"], single_blocks=cfg["train_single_blocks"],
+                                embedders=cfg["lora_embedders"])
+    # LoRA weights train in fp32 whatever the base dtype; LoRALinear casts them for the matmul.
+    network = LoRANetwork.inject(model, targets, alpha=cfg["network_alpha"], dropout=cfg["network_dropout"],
+                                 dtype=torch.float32, device=device)
+    return network, dict(network.named_parameters())
+
+
 def kohya_metadata(
     config: dict,
     model_params,

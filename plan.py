@@ -449,17 +449,8 @@ def build(cfg: dict, device: str = "meta", params: flux.FluxParams | None = None
         if cfg["fp8_base"]:
             fp8.quantize_linears_(model, per_row=cfg["fp8_per_row"])
         model.gradient_checkpointing = cfg["gradient_checkpointing"]
-        network = None
-        if cfg["train_mode"] == "lora":
-            targets = lora.flux_lora_targets(model, cfg["network_dim"], group_ranks=cfg["group_ranks"],
-                                             double_blocks=cfg["train_double_blocks"],
-                                             single_blocks=cfg["train_single_blocks"], embedders=cfg["lora_embedders"])
-            network = lora.LoRANetwork.inject(model, targets, alpha=cfg["network_alpha"],
-                                              dropout=cfg["network_dropout"], dtype=torch.float32)
-            trainable = list(network.parameters())
-        else:
-            model.requires_grad_(True)
-            trainable = list(model.parameters())
+        network, trainable = lora.setup_training(model, cfg)  # as train.py does
+        trainable = list(trainable.values())
     model.train()
 
     swap = swap_plans(model, cfg)

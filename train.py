@@ -277,20 +277,8 @@ def train(cfg: dict, stop: dict | None = None) -> Path:
     else:
         model = flux.Flux.from_state_dict(flux_sd, dtype=dtype, device="cpu", **cfg["model_overrides"])
     del flux_sd
-    model.requires_grad_(False)
     model.gradient_checkpointing = cfg["gradient_checkpointing"]
-    network = None
-    if cfg["train_mode"] == "lora":
-        targets = lora.flux_lora_targets(model, cfg["network_dim"], group_ranks=cfg["group_ranks"],
-                                         double_blocks=cfg["train_double_blocks"],
-                                         single_blocks=cfg["train_single_blocks"], embedders=cfg["lora_embedders"])
-        # LoRA weights train in fp32 whatever the base dtype; LoRALinear casts them for the matmul.
-        network = lora.LoRANetwork.inject(model, targets, alpha=cfg["network_alpha"], dropout=cfg["network_dropout"],
-                                          dtype=torch.float32, device=device)
-        trainable = dict(network.named_parameters())
-    else:
-        model.requires_grad_(True)
-        trainable = dict(model.named_parameters())
+    network, trainable = lora.setup_training(model, cfg, device)  # a LoRA network, or every weight
     swap = None
     if any(counts.values()):  # swapped blocks' big weights stay in host memory and stream in
         swap = blockswap.BlockSwap(model, device, double_blocks_to_swap=counts["double_blocks"],
