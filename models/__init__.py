@@ -5,24 +5,10 @@ train.py and sample.py use so they never branch on a file layout:
   as they are when no autoencoder is given (the CPU demo trains on tiny images directly).
 - `load_text_encoder(...)`: prompts -> conditioning tensors (see models/text.py).
 """
-import hashlib
-import os
-from pathlib import Path
-
 import torch
 from torch import Tensor
 
-from .loading import load_state_dict
-
-
-def file_identity(path: str | Path) -> str:
-    """What changes when a file is replaced: name, size and modification time."""
-    path = Path(path)
-    if path.is_dir():
-        parts = sorted(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in path.iterdir() if p.is_file())
-        return f"{path.resolve()}[{hashlib.sha256(''.join(parts).encode()).hexdigest()[:16]}]"
-    stat = os.stat(path)
-    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+from .loading import file_identity, load_state_dict
 
 
 class VAECodec:

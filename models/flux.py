@@ -245,10 +245,6 @@ class Flux(nn.Module):
         return [(kind, i, b) for kind in self.block_kinds for i, b in enumerate(getattr(self, kind))]
 
     @classmethod
-    def params_from_state_dict(cls, sd: dict, **overrides) -> FluxParams:
-        return infer_params(sd, **overrides)
-
-    @classmethod
     def from_state_dict(cls, sd: dict, dtype: torch.dtype | None = None, device=None, **overrides) -> "Flux":
         """Build from an original BFL (or ComfyUI `model.diffusion_model.`) state dict.
 

@@ -38,6 +38,16 @@ def list_weight_files(path: str | Path) -> list[Path]:
     return [path]
 
 
+def file_identity(path: str | Path) -> str:
+    """What changes when a checkpoint is replaced: its path, total size and newest mtime over
+    the files that make it up (one file, the shards of an index, or a folder). Caches key on it."""
+    path = Path(path)
+    files = list_weight_files(path)
+    size = sum(f.stat().st_size for f in files)
+    mtime = max(f.stat().st_mtime_ns for f in files)
+    return f"{path.resolve()}|{size}|{mtime}"
+
+
 def load_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Read every tensor of a checkpoint, memory-mapped; nothing is copied until used.
 

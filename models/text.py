@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizerFast, T5Config, T5EncoderModel, T5TokenizerFast
 
-from .loading import check_family, list_weight_files, load_into, load_state_dict
+from .loading import check_family, file_identity, load_into, load_state_dict
 
 T5_MAX_LENGTH = {"dev": 512, "schnell": 256}  # flux/util.py: max_length per variant
 CLIP_MAX_LENGTH = 77
@@ -322,14 +322,6 @@ def load_tokenizer(location: Path, kind: str):
 
 
 # ----------------------------------------------------------------------------- encoders
-
-
-def file_identity(path: Path) -> str:
-    """Path, total size and newest mtime of the files that make up a checkpoint."""
-    files = list_weight_files(path)
-    size = sum(f.stat().st_size for f in files)
-    mtime = max(f.stat().st_mtime_ns for f in files)
-    return f"{path.resolve()}|{size}|{mtime}"
 
 
 def _model_dtype(model: torch.nn.Module) -> torch.dtype:

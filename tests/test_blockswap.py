@@ -26,13 +26,7 @@ SWAPPED = {"double_blocks": 2, "single_blocks": 4}
 STEPS = 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is ~10x faster than two on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def make_batch(seed: int, device="cpu") -> tuple[dict, torch.Tensor]:

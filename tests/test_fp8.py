@@ -31,12 +31,7 @@ PARAMS = FluxParams(
 OUTPUT_ERROR_BOUND = 0.03
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def frozen_flux(seed=0, dtype=torch.bfloat16) -> Flux:

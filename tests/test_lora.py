@@ -16,13 +16,7 @@ from models.flux import Flux, FluxParams, img_ids, txt_ids
 # ---- helpers ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These matmuls are tiny: handing them to several threads costs more than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 TINY = dict(

@@ -30,13 +30,7 @@ BLOCK_LINEARS = 19 * 10 + 38 * 3  # fp8 Linears, each with one fp32 scale
 BLOCK_LINEAR_PARAMETERS = 19 * DOUBLE_LINEAR + 38 * SINGLE_LINEAR
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny CPU kernels: one thread is faster than two that wait on each other on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def tiny_cfg(**changes) -> dict:
