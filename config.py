@@ -13,7 +13,6 @@ from pathlib import Path
 # fmt: off
 DEFAULTS = dict(
     # --- model files (see README "Where the files come from") ---
-    model_family="flux",          # only FLUX.1 for now
     flux_path="",                 # flux1-dev.safetensors / flux1-schnell.safetensors (or a folder / sharded index)
     ae_path="",                   # ae.safetensors; "" trains on pixels directly (the demo)
     clip_l_path="",               # clip_l.safetensors or a CLIPTextModel folder
@@ -110,7 +109,6 @@ DEFAULTS = dict(
 # fmt: on
 
 CHOICES = dict(
-    model_family=("flux",),
     crop=("center", "random"),
     on_bad_image=("skip", "stop"),
     device=("auto", "cuda", "cpu"),

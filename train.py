@@ -128,9 +128,11 @@ def validation_loss(model, objective, dataset, indices: list[int], device, seed:
 
 
 def sample_images(model, codec, text_cache, prompts, run_dir: Path, step: int, device) -> list[Path]:
-    """Samples through the model as it is being trained (LoRA active), saved as PNGs."""
+    """Samples through the model as it is being trained (LoRA active), saved as PNGs. The
+    decoder visits the device only for this."""
     was_training = model.training
     model.eval()
+    codec.to(device)
     paths = []
     for i, prompt in enumerate(prompts):
         cond = batch_text(text_cache, prompt.prompt, device)
@@ -139,6 +141,7 @@ def sample_images(model, codec, text_cache, prompts, run_dir: Path, step: int, d
         path = run_dir / "samples" / f"step{step:06d}_{i:02d}.png"
         sample.save_png(image, path, prompt, {"step": step})
         paths.append(path)
+    codec.to("cpu")
     model.train(was_training)
     return paths
 
@@ -349,11 +352,14 @@ def train(cfg: dict, stop: dict | None = None) -> Path:
         names = ", ".join(Path(path).name for path, _ in skipped)
         print(f"skipped {len(skipped)} unreadable image(s): {names}")
 
+    def metadata(step: int) -> dict[str, str]:
+        return lora.kohya_metadata(cfg, params, flux.variant(params), step=step, epoch=order.epoch,
+                                   num_images=len(train_data))
+
     def save(step: int) -> None:
-        meta = lora.kohya_metadata(cfg, params, flux.variant(params), step=step, epoch=order.epoch,
-                                   num_images=len(train_data)) if network else {}
         save_dtype = DTYPES[cfg["save_dtype"]]
         if network is not None:
+            meta = metadata(step)
             network.save(run_dir / f"{cfg['run_name']}_step{step:06d}.safetensors", meta, dtype=save_dtype)
             if ema is not None:
                 with ema.swapped(list(trainable.values())):
@@ -362,11 +368,8 @@ def train(cfg: dict, stop: dict | None = None) -> Path:
         checkpoint.save_state(run_dir, step, trainable, fused or optimizer, scheduler, ema, info, cfg["keep_last"])
 
     # 7. The loop ---------------------------------------------------------------------------------
-    codec_for_samples = codec
     if prompts and cfg["sample_at_start"] and step == 0:
-        codec_for_samples.to(device)
-        sample_images(model, codec_for_samples, text_cache, prompts, run_dir, 0, device)
-        codec_for_samples.to("cpu")
+        sample_images(model, codec, text_cache, prompts, run_dir, 0, device)
     bins = losses.LossBins()
     bar = tqdm(total=cfg["max_train_steps"], initial=step, dynamic_ncols=True)
     start = time.perf_counter()
@@ -385,7 +388,7 @@ def train(cfg: dict, stop: dict | None = None) -> Path:
                     "Lower learning_rate, use dtype='bf16' rather than fp16, or check the data.")
             (loss / cfg["gradient_accumulation_steps"]).backward()  # fused: the weights update in here
             step_loss += loss.item() / cfg["gradient_accumulation_steps"]
-            bins.add(per_sample.detach().float().cpu(), sigma.cpu())
+            bins.add(per_sample.detach(), sigma)  # stays on the device: no extra sync
         if fused is not None:
             fused.step()  # closes the step the hooks took; the global norm is only measured
             grad_norm = fused.last_grad_norm
@@ -411,7 +414,7 @@ def train(cfg: dict, stop: dict | None = None) -> Path:
                 model, objective, val_data, list(range(len(val_data))), device, cfg["seed"])
         if step % 10 == 0 or step == cfg["max_train_steps"]:
             record["loss_by_sigma"] = bins.summary()
-            bins = losses.LossBins()
+            bins.reset()
         if step % cfg["log_every"] == 0 or "val_loss" in record:
             metrics.log(record)
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", mem=f"{record['peak_mem_gb']:.1f}G")
@@ -419,9 +422,7 @@ def train(cfg: dict, stop: dict | None = None) -> Path:
 
         last = step == cfg["max_train_steps"]
         if prompts and cfg["sample_every"] and (step % cfg["sample_every"] == 0 or last):
-            codec_for_samples.to(device)
-            sample_images(model, codec_for_samples, text_cache, prompts, run_dir, step, device)
-            codec_for_samples.to("cpu")
+            sample_images(model, codec, text_cache, prompts, run_dir, step, device)
         if (cfg["save_every"] and step % cfg["save_every"] == 0) or last or stop["stop"]:
             save(step)
             metrics.plot()
@@ -429,25 +430,22 @@ def train(cfg: dict, stop: dict | None = None) -> Path:
             print(f"stopped at step {step}; resume with --resume=latest")
             break
     bar.close()
-    final = finish(cfg, run_dir, network, model, params, order, step, trainable, ema)
+    final = finish(cfg, run_dir, network, model, metadata(step) if network is not None else {})
     metrics.plot()
     return final
 
 
-def finish(cfg, run_dir: Path, network, model, params, order, step, trainable, ema) -> Path:
+def finish(cfg, run_dir: Path, network, model, meta: dict[str, str]) -> Path:
     """The final file next to the step files, and how to use it."""
     save_dtype = DTYPES[cfg["save_dtype"]]
+    path = run_dir / f"{cfg['run_name']}.safetensors"
     if network is not None:
-        path = run_dir / f"{cfg['run_name']}.safetensors"
-        meta = lora.kohya_metadata(cfg, params, flux.variant(params), step=step, epoch=order.epoch,
-                                   num_images=order.num_items)
         network.save(path, meta, dtype=save_dtype)
         print(f"LoRA saved: {path} (kohya keys; loads in ComfyUI 'Load LoRA' and diffusers "
               f"pipe.load_lora_weights('{path}'))")
     else:
         from safetensors.torch import save_file
 
-        path = run_dir / f"{cfg['run_name']}.safetensors"
         tmp = path.with_suffix(".tmp")
         save_file({k: v.detach().to(save_dtype).contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp),
                   metadata={"trainer_config": json.dumps(cfg, default=str)})
