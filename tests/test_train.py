@@ -64,6 +64,10 @@ def test_lora_loss_falls_on_a_fixed_tiny_set(tmp_path, demo_files):
     assert meta["modelspec.architecture"] == "flux-1-dev/lora"
     assert all(k.startswith("lora_unet_double_blocks_") for k in keys)
     assert (final.parent / "loss.png").exists()
+    bins = [json.loads(line).get("loss_by_sigma") for line in (final.parent / "metrics.jsonl").read_text().splitlines()]
+    every_tenth = [b for b in bins if b]
+    assert len(every_tenth) == 4  # steps 10, 20, 30, 40
+    assert sum(count for _, count in every_tenth[0].values()) == 10 * 4  # 10 steps of batch 4, every sample binned
 
 
 def test_resume_gives_identical_losses_and_weights(tmp_path, demo_files):
