@@ -68,6 +68,54 @@ def time_shift(mu: float, sigma: Tensor) -> Tensor:
     return math.exp(mu) / (math.exp(mu) + (1 / sigma - 1))
 
 
+# --- DDPM noise schedules (SDXL, DeepFloyd IF) ----------------------------------------------------
+# One place for the discrete schedules: training (losses.DDPM) and the samplers read them from here.
+# A DDPM index t in 0..T-1 has x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; its k-diffusion sigma is
+# sqrt((1 - abar_t) / abar_t), the noise-to-signal ratio of the equivalent x0 + sigma eps.
+
+BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
+
+
+def ddpm_betas(schedule: str = "scaled_linear", num_steps: int = 1000, beta_start: float = 0.00085,
+               beta_end: float = 0.012, max_beta: float = 0.999) -> Tensor:
+    """(T,) float64 betas.
+      scaled_linear      linspace(sqrt(beta_start), sqrt(beta_end), T) ** 2   (SD 1.x, SDXL)
+      linear             linspace(beta_start, beta_end, T)
+      squaredcos_cap_v2  1 - abar(t+1)/abar(t), abar(t) = cos^2((t/T + 0.008)/1.008 * pi/2),
+                         each beta capped at max_beta                           (DeepFloyd IF)"""
+    _check_choice("beta_schedule", schedule, BETA_SCHEDULES)
+    if schedule == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64) ** 2
+    if schedule == "linear":
+        return torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+
+    def abar(t: float) -> float:
+        return math.cos((t / num_steps + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    return torch.tensor([min(1 - abar(i + 1) / abar(i), max_beta) for i in range(num_steps)], dtype=torch.float64)
+
+
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Betas whose last step has zero SNR (Lin et al. 2024, 'Common Diffusion Noise Schedules and
+    Sample Steps are Flawed', Algorithm 1): sqrt(abar) shifted and scaled to end at exactly 0."""
+    sqrt_abar = torch.cumprod(1 - betas, dim=0).sqrt()
+    first, last = sqrt_abar[0].clone(), sqrt_abar[-1].clone()
+    sqrt_abar = (sqrt_abar - last) * first / (first - last)
+    abar = sqrt_abar**2
+    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
+    return 1 - alphas
+
+
+def alphas_cumprod(betas: Tensor) -> Tensor:
+    """(T,) float64 abar_t = prod_{s <= t} (1 - beta_s)."""
+    return torch.cumprod(1 - betas.double(), dim=0)
+
+
+def ddpm_sigmas(abar: Tensor) -> Tensor:
+    """(T,) float64 k-diffusion sigmas sqrt((1 - abar) / abar) of the DDPM indices."""
+    return ((1 - abar) / abar).sqrt()
+
+
 class FlowMatching:
     """Sigma sampling, noising, target and loss for flow-matching training.
 

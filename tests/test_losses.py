@@ -228,3 +228,24 @@ def test_timestep_bin_losses_and_accumulator():
     # detached inputs with grad are fine
     bins.add(per_sample.clone().requires_grad_(True), sigma)
     assert bins.summary()["0.5-0.6"] == (3.0, 1)
+
+
+@pytest.mark.parametrize("schedule", ["scaled_linear", "linear", "squaredcos_cap_v2"])
+def test_ddpm_betas_match_diffusers(schedule):
+    from diffusers import DDPMScheduler
+
+    from losses import ddpm_betas
+
+    theirs = DDPMScheduler(beta_schedule=schedule, beta_start=0.00085, beta_end=0.012).betas  # fp32
+    assert torch.allclose(ddpm_betas(schedule).float(), theirs, rtol=0, atol=1e-8)
+
+
+def test_zero_terminal_snr_ends_at_zero_and_keeps_the_first_step():
+    from losses import alphas_cumprod, ddpm_betas, ddpm_sigmas, rescale_zero_terminal_snr
+
+    betas = ddpm_betas("scaled_linear")
+    rescaled = alphas_cumprod(rescale_zero_terminal_snr(betas))
+    assert rescaled[-1] == 0 and alphas_cumprod(betas)[-1] > 0.004
+    assert torch.allclose(rescaled[0], alphas_cumprod(betas)[0])
+    sigmas = ddpm_sigmas(alphas_cumprod(betas))
+    assert 0.029 < sigmas[0] < 0.03 and 14.6 < sigmas[-1] < 14.7  # SDXL's sigma_min / sigma_max
