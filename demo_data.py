@@ -71,18 +71,26 @@ def demo_sentences() -> list[str]:
 
 
 def make_clip_tokenizer(folder: Path) -> int:
-    """vocab.json + merges.txt (byte-pair encoding with </w> word ends, the CLIP layout),
-    trained on the demo sentences. Returns the vocabulary size."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=200, end_of_word_suffix="</w>",
-                                  special_tokens=["<|startoftext|>", "<|endoftext|>"])
-    tokenizer.train_from_iterator(demo_sentences(), trainer)
+    """vocab.json + merges.txt (byte-pair encoding with </w> word ends, the CLIP layout) for the
+    demo's words. Written by hand rather than trained: the BPE trainer breaks frequency ties in
+    an order that changes from run to run, and the demo must give the same tokens every time.
+    Each word is merged left to right from its letters; the last letter carries </w>."""
+    words = sorted({w for sentence in demo_sentences() for w in sentence.split()})
+    letters = sorted({c for w in words for c in w})
+    vocab = ["<|startoftext|>", "<|endoftext|>"] + letters + [c + "</w>" for c in letters]
+    merges = []
+    for word in words:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            if (merged, piece) not in merges:
+                merges.append((merged, piece))
+                vocab.append(merged + piece)
+            merged += piece
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer.model.save(str(folder))
-    return tokenizer.get_vocab_size()
+    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    return len(vocab)
 
 
 def make_t5_tokenizer(folder: Path) -> int:
