@@ -39,22 +39,43 @@ def tiny_cfg(**changes) -> dict:
 
 
 def allocator_increase(prof) -> int:
-    """Highest bytes allocated during the profiled region, above what was allocated when it
-    began, from the CPU allocator's own running total (profile_memory=True)."""
-    events = []
+    """Highest bytes held by tensors during the profiled region, above what was held when it
+    began, from the CPU allocator's own events (profile_memory=True), leaving out two kinds of
+    allocation that are not tensors of the step and that differ from machine to machine:
+      - scratch inside one operator call: allocated and freed within the same innermost
+        operator (the buffers a CPU kernel uses internally; their size depends on the CPU's
+        vector width and thread count, and CUDA kernels have their own, printed as margins);
+      - allocations made outside any operator: the CPU RNG state torch.utils.checkpoint copies
+        for each checkpointed block (host memory on a GPU run) and Python scalars.
+    What remains is every storage an operator hands back, which is what the plan counts."""
+    allocations = []  # (time, size (negative: a free), address, innermost operator instance)
 
-    def visit(event):
+    def visit(event, operator):
         if event.tag == _EventType.Allocation:
             fields = event.extra_fields
-            events.append((event.start_time_ns, fields.alloc_size, fields.total_allocated))
+            allocations.append((event.start_time_ns, fields.alloc_size, fields.ptr, operator))
+        if event.tag == _EventType.TorchOp:
+            operator = (event.name, event.start_time_ns, event.extra_fields.sequence_number)
         for child in event.children:
-            visit(child)
+            visit(child, operator)
 
     for event in prof.profiler.kineto_results.experimental_event_tree():
-        visit(event)
-    events.sort()
-    start = events[0][2] - events[0][1]
-    return max(total for _, _, total in events) - start
+        visit(event, None)
+    allocations.sort(key=lambda a: a[0])
+    made_in, excluded = {}, set()
+    for i, (_, size, ptr, operator) in enumerate(allocations):
+        if size > 0:
+            made_in[ptr] = (i, operator)
+        elif ptr in made_in:
+            j, where = made_in.pop(ptr)
+            if where is None or where == operator:
+                excluded.update((i, j))
+    held = peak = 0
+    for i, (_, size, _, _) in enumerate(allocations):
+        if i not in excluded:
+            held += size
+            peak = max(peak, held)
+    return peak
 
 
 # --- (1) the accounting, on real tensors -----------------------------------------------------------
@@ -72,11 +93,9 @@ def test_accounting_matches_the_allocator_and_the_meta_plan(changes):
     plan.walk(real, measure=lambda: profiler)
     tracked = real.tracker.peak_bytes - real.tracker.start_bytes
     allocated = allocator_increase(profiler)
-    # Measured: 0.6-0.8 % low with checkpointing, exact without. The gap is 5056 bytes per live
-    # checkpoint: the CPU RNG state torch.utils.checkpoint copies without an operator (host
-    # memory on a GPU run, so rightly not device memory). At longer sequences, scratch buffers
-    # inside CPU kernels (flash backward's fp32 accumulators) also escape: 1.2 % at 4096 tokens.
-    assert abs(tracked - allocated) <= 0.01 * allocated, (tracked, allocated)
+    # Measured: equal to the byte on the recording machine, with and without checkpointing. The
+    # bound allows for allocations an operator makes on some CPUs and keeps past its return.
+    assert abs(tracked - allocated) <= 0.001 * allocated, (tracked, allocated)
 
     meta = plan.build(cfg, "meta", TINY)
     plan.walk(meta)
