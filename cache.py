@@ -48,6 +48,8 @@ from safetensors import safe_open
 from torch import Tensor
 from tqdm import tqdm
 
+import atomic
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CACHE_FORMAT = "1"  # bump when an entry's layout changes: every older entry is then rebuilt
 CROP_MODES = ("center", "random")
@@ -279,21 +281,6 @@ def checksum(tensor: Tensor) -> str:
     return f"{zlib.crc32(raw):08x}"
 
 
-def atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write a temporary file beside `path`, flush it to disk, then rename it over `path`:
-    a run killed midway leaves the old file or none, never half of one. The temporary name
-    ends in .tmp, so a leftover one is never mistaken for an entry."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "r+b") as file:
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_entry(path: Path, tensors: dict[str, Tensor], fields: dict, info: dict) -> None:
     """Save an entry with its key fields, tensor checksums and derived `info` as metadata."""
     metadata = {
@@ -302,7 +289,7 @@ def write_entry(path: Path, tensors: dict[str, Tensor], fields: dict, info: dict
         "checksums": json.dumps({name: checksum(t) for name, t in tensors.items()}),
         "info": json.dumps(info),
     }
-    atomic_save(tensors, path, metadata)
+    atomic.write_safetensors(tensors, path, metadata)
 
 
 def read_entry(path: Path, key: str) -> tuple[dict[str, Tensor], dict, dict]:

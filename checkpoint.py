@@ -3,7 +3,9 @@
 A state folder holds the trainable weights (safetensors), the optimizer, scheduler and
 EMA state, the RNG states, the position in the data order and the resolved config.
 It is written to a temporary folder and renamed into place, so a crash mid-save never
-leaves a folder that looks complete; the last `keep_last` folders are kept.
+leaves a folder that looks complete; saving a step that already has a folder (a run
+restarted from an older state) moves the old one aside first and deletes it only once the
+new one is in place. The last `keep_last` folders are kept.
 """
 import json
 import os
@@ -11,10 +13,13 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+import atomic
 
 STATE_DIR = "state"
 PREFIX = "step_"
+REPLACED = ".replaced_"  # an old folder of the same step, while its successor moves in
 
 
 def state_dirs(run_dir: Path) -> list[Path]:
@@ -22,8 +27,19 @@ def state_dirs(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / STATE_DIR
     if not root.is_dir():
         return []
+    _recover(root)
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").exists()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def _recover(root: Path) -> None:
+    """A crash between moving an old folder aside and moving its successor in: put it back."""
+    for old in root.glob(f"{REPLACED}{PREFIX}*"):
+        final = root / old.name[len(REPLACED) :]
+        if final.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, final)
 
 
 def find_resume_dir(run_dir: Path, resume: str) -> Path | None:
@@ -48,18 +64,22 @@ def save_state(run_dir: Path, step: int, trainable: dict, optimizer, scheduler, 
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+    atomic.write_safetensors({k: v.detach().contiguous().cpu() for k, v in trainable.items()},
+                             tmp / "trainable.safetensors")
     extra = {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "ema": ema.state_dict() if ema is not None else None,
         "rng": info.pop("rng"),
     }
-    torch.save(extra, tmp / "training_state.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **info}, indent=1))
+    atomic.write_file(tmp / "training_state.pt", lambda path: torch.save(extra, path))
+    atomic.write_text(tmp / "state.json", json.dumps({"step": step, **info}, indent=1))
+    replaced = root / f"{REPLACED}{final.name}"
     if final.exists():
-        shutil.rmtree(final)
+        os.replace(final, replaced)
     os.replace(tmp, final)  # the folder appears complete or not at all
+    if replaced.exists():
+        shutil.rmtree(replaced)
     for old in state_dirs(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old)
     return final

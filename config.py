@@ -10,16 +10,19 @@ import difflib
 import math
 from pathlib import Path
 
+import torch
+
 # fmt: off
 DEFAULTS = dict(
     # --- model files (see README "Where the files come from") ---
-    flux_path="",                 # flux1-dev.safetensors / flux1-schnell.safetensors (or a folder / sharded index)
+    model_family="auto",          # "auto" (read from model_path's keys), or one of families.names(): "flux"
+    model_path="",                # the denoiser: flux1-dev.safetensors, flux1-schnell.safetensors (a file, folder or index)
     ae_path="",                   # ae.safetensors; "" trains on pixels directly (the demo)
     clip_l_path="",               # clip_l.safetensors or a CLIPTextModel folder
     t5_path="",                   # t5xxl_fp16.safetensors / t5xxl_fp8_e4m3fn.safetensors or a folder
     clip_tokenizer="",            # folder or tokenizer.json; "" looks next to clip_l_path
     t5_tokenizer="",              # folder, tokenizer.json or spiece.model; "" looks next to t5_path
-    model_overrides={},           # FluxParams fields to override (tiny test models: axes_dim)
+    model_overrides={},           # network hyper-parameters to override (tiny test models: FLUX axes_dim)
     allow_pickle=False,           # read .ckpt/.pt files (with torch.load(weights_only=True))
     # --- data ---
     dataset_dir="",               # images with same-name .txt captions, or metadata.jsonl
@@ -41,7 +44,7 @@ DEFAULTS = dict(
     run_name="flux_lora",
     seed=42,
     device="auto",                # "auto" (cuda if available), "cuda", "cpu"
-    dtype="bf16",                 # weights and compute: "bf16" or "fp32" (fp16 overflows in FLUX)
+    dtype="bf16",                 # weights and compute: "bf16", "fp32", "fp16" where the family allows it
     max_train_steps=1000,
     batch_size=1,
     gradient_accumulation_steps=1,
@@ -71,12 +74,12 @@ DEFAULTS = dict(
     model_prediction_type="raw",  # raw or additive
     loss_type="l2",               # l2, huber, smooth_l1
     huber_c=0.1,
-    huber_schedule="constant",    # constant or exponential
+    huber_schedule="constant",    # constant, exponential or snr
     guidance_scale=1.0,           # embedded guidance fed during training (dev)
     # --- what to train (lora.py) ---
     train_mode="lora",            # "lora" or "full" (full fine-tuning)
     network_dim=16,               # LoRA rank
-    network_alpha=16.0,           # scale = alpha / rank
+    network_alpha=0.0,            # scale = alpha / rank; 0 means alpha = rank (scale 1), recorded as such
     network_dropout=0.0,
     group_ranks={},               # img_attn, txt_attn, img_mlp, txt_mlp, img_mod, txt_mod, single, single_mod -> rank (0 = none)
     train_double_blocks="all",    # "all", "none" or "0,1,4-7"
@@ -90,7 +93,7 @@ DEFAULTS = dict(
     sample_every=250,             # 0 disables
     sample_at_start=True,
     sample_prompts="",            # file in kohya syntax (--n --w --h --d --l --g --s), or "" for none
-    sample_steps=20,
+    sample_steps=0,               # 0: the family's default (FLUX dev 28, schnell 4)
     sample_guidance=3.5,          # default embedded guidance for samples (dev)
     validate_every=100,           # 0 disables
     log_every=1,
@@ -108,24 +111,33 @@ DEFAULTS = dict(
 )
 # fmt: on
 
-CHOICES = dict(
-    crop=("center", "random"),
-    on_bad_image=("skip", "stop"),
-    device=("auto", "cuda", "cpu"),
-    dtype=("bf16", "fp32", "fp16"),
-    kernels=("auto", "torch", "triton"),
-    optimizer=("adamw", "adafactor"),
-    lr_scheduler=("constant", "constant_with_warmup", "cosine_with_warmup", "polynomial", "linear"),
-    timestep_sampling=("uniform", "sigmoid", "shift", "flux_shift", "logit_normal", "mode"),
-    model_prediction_type=("raw", "additive"),
-    loss_type=("l2", "huber", "smooth_l1"),
-    huber_schedule=("constant", "exponential"),
-    train_mode=("lora", "full"),
-    save_dtype=("bf16", "fp16", "fp32"),
-    swap_mode=("exchange", "h2d_only"),
-)
 
-PATH_KEYS = ("flux_path", "ae_path", "clip_l_path", "t5_path", "dataset_dir")
+def _choices() -> dict[str, tuple]:
+    """The allowed values of each choice key, read from the code that implements them."""
+    import losses
+    import optim
+
+    return dict(
+        crop=("center", "random"),
+        on_bad_image=("skip", "stop"),
+        device=("auto", "cuda", "cpu"),
+        dtype=tuple(DTYPES),
+        kernels=("auto", "torch", "triton"),
+        optimizer=optim.OPTIMIZERS,
+        lr_scheduler=optim.SCHEDULERS,
+        timestep_sampling=losses.TIMESTEP_SAMPLINGS,
+        model_prediction_type=losses.PREDICTION_TYPES,
+        loss_type=losses.LOSS_TYPES,
+        huber_schedule=losses.HUBER_SCHEDULES,
+        train_mode=("lora", "full"),
+        save_dtype=("bf16", "fp16", "fp32"),
+        swap_mode=("exchange", "h2d_only"),
+    )
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}  # the one name -> dtype table
+PATH_KEYS = ("model_path", "ae_path", "clip_l_path", "t5_path", "dataset_dir")
+ALIASES = {"flux_path": "model_path"}  # old name -> key (configs written before the family seam)
 
 
 class ConfigError(ValueError):
@@ -151,7 +163,8 @@ def read_config_file(path: str) -> dict:
         raise ConfigError(f"config file not found: {path}")
     namespace: dict = {"__file__": str(path)}
     exec(compile(path.read_text(), str(path), "exec"), namespace)
-    return {k: v for k, v in namespace.items() if not k.startswith("_") and not callable(v) and not _is_module(v)}
+    values = {k: v for k, v in namespace.items() if not k.startswith("_") and not callable(v) and not _is_module(v)}
+    return {ALIASES.get(k, k): v for k, v in values.items()}
 
 
 def _is_module(value) -> bool:
@@ -162,6 +175,7 @@ def parse_override(arg: str) -> tuple[str, object]:
     if not arg.startswith("--") or "=" not in arg:
         raise ConfigError(f"overrides look like --key=value, got {arg!r}")
     key, text = arg[2:].split("=", 1)
+    key = ALIASES.get(key, key)
     check_known_key(key)
     default = DEFAULTS[key]
     if isinstance(default, str):
@@ -180,19 +194,17 @@ def check_known_key(key: str) -> None:
 
 
 def validate(cfg: dict, check_files: bool = True) -> None:
-    """Everything that can be checked without loading a model."""
+    """Everything that can be checked without loading a model. Resolves model_family="auto"
+    from the model file's keys (its header: no weight is read)."""
+    choices = _choices()
     for key, value in cfg.items():
         check_known_key(key)
         check_type(key, value, DEFAULTS[key])
-        if key in CHOICES and value not in CHOICES[key]:
-            raise ConfigError(f"{key}={value!r}: choose one of {', '.join(map(repr, CHOICES[key]))}")
-    if cfg["dtype"] == "fp16":
-        raise ConfigError("dtype='fp16' overflows in FLUX (NaN losses); use 'bf16' (or 'fp32' on CPU)")
+        if key in choices and value not in choices[key]:
+            raise ConfigError(f"{key}={value!r}: choose one of {', '.join(map(repr, choices[key]))}")
     for key in ("max_train_steps", "batch_size", "gradient_accumulation_steps", "repeats", "resolution", "ema_every"):
         if cfg[key] < 1:
             raise ConfigError(f"{key} must be at least 1, got {cfg[key]}")
-    if cfg["resolution"] % 16:
-        raise ConfigError(f"resolution {cfg['resolution']} must be a multiple of 16 (8x VAE, 2x2 patches)")
     if cfg["train_mode"] == "lora" and cfg["network_dim"] < 1:
         raise ConfigError("network_dim must be at least 1 for LoRA training")
     if not 0 <= cfg["caption_dropout_rate"] < 1:
@@ -202,23 +214,58 @@ def validate(cfg: dict, check_files: bool = True) -> None:
     if not math.isfinite(cfg["learning_rate"]) or cfg["learning_rate"] <= 0:
         raise ConfigError(f"learning_rate must be a positive number, got {cfg['learning_rate']}")
     check_memory_settings(cfg)
+    family = resolve_family(cfg, check_files)
+    check_family_keys(cfg, family)
+    multiple = family.resolution_multiple(cfg)
+    if cfg["resolution"] % multiple:
+        raise ConfigError(f"resolution {cfg['resolution']} must be a multiple of {multiple} for {family.title}")
+    family.check_config(cfg)
     if check_files:
-        check_paths(cfg)
+        check_paths(cfg, family)
 
 
-def check_paths(cfg: dict) -> None:
+def resolve_family(cfg: dict, check_files: bool):
+    """The family object; model_family="auto" becomes the detected family's name in cfg."""
+    import families
+
+    if cfg["model_family"] != "auto" and cfg["model_family"] not in families.names():
+        raise ConfigError(f"model_family={cfg['model_family']!r}: choose 'auto' or one of {families.names()}")
+    if check_files and cfg["model_path"] and not Path(cfg["model_path"]).exists():
+        raise ConfigError(f"model_path: file or folder not found: {cfg['model_path']}")
+    try:
+        resolved = families.resolve(cfg["model_family"], cfg["model_path"], cfg["allow_pickle"])
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if cfg["model_family"] == "auto" and cfg["model_path"] and Path(cfg["model_path"]).exists():
+        print(resolved.note)
+    cfg["model_family"] = resolved.family.name
+    return resolved.family
+
+
+def check_family_keys(cfg: dict, family) -> None:
+    """A key of another family's section set to a non-default value would be ignored: refuse it."""
+    import families
+
+    others = {k for f in families.FAMILIES.values() for k in f.config_keys} - set(family.config_keys)
+    ignored = sorted(k for k in others if cfg[k] != DEFAULTS[k])
+    if ignored:
+        raise ConfigError(f"{', '.join(ignored)}: not used by {family.title} (model_family={family.name!r}); "
+                          "remove them from the config")
+
+
+def check_paths(cfg: dict, family) -> None:
     """The model, data and prompt files are named and exist."""
-    if not cfg["flux_path"]:
-        raise ConfigError("flux_path is empty: set it to flux1-dev.safetensors or flux1-schnell.safetensors")
+    if not cfg["model_path"]:
+        raise ConfigError(f"model_path is empty: set it to the {family.title} checkpoint")
     if not cfg["dataset_dir"]:
         raise ConfigError("dataset_dir is empty: set it to a folder of images with .txt captions")
     for key in PATH_KEYS + ("sample_prompts",):
         if cfg[key] and not Path(cfg[key]).exists():
             raise ConfigError(f"{key}: file or folder not found: {cfg[key]}")
-    if bool(cfg["clip_l_path"]) != bool(cfg["t5_path"]):
-        raise ConfigError("set both clip_l_path and t5_path (FLUX needs CLIP-L pooled and T5 states)")
-    if not cfg["clip_l_path"]:
-        raise ConfigError("clip_l_path and t5_path are empty: FLUX needs clip_l and t5xxl files")
+    missing = [key for key in family.required_paths if not cfg[key]]
+    if missing:
+        raise ConfigError(f"{' and '.join(missing)} empty: {family.title} needs them (see README, where the files "
+                          "come from)")
 
 
 def check_memory_settings(cfg: dict) -> None:

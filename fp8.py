@@ -16,7 +16,7 @@ first, then LoRA. The weight is a Parameter that requires no grad; its backward 
 fp8 weight (1 byte per element), not an upcast copy. Keep moving the model with
 `.to(device)` only: `.to(dtype)` would upcast fp8 Parameters like any floating tensor.
 
-Released fp8 checkpoints load with `load_flux_fp8` / `fp8_state_dict_to_model`:
+Released fp8 checkpoints load with `fp8_state_dict_to_model` (a family's `load` calls it):
 - plain fp8 files (weights stored as float8_e4m3fn, no scale: scale 1);
 - ComfyUI "scaled fp8": a `scaled_fp8` marker tensor and a 0-dim fp32 `<linear>.scale_weight`
   per Linear (`<linear>.scale_input` is for fp8 x fp8 matmuls and is not needed here);
@@ -29,9 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.loading import FP8_DTYPES
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 SCALE_SUFFIXES = (".weight_scale", ".scale_weight")  # new and legacy ComfyUI names
 INPUT_SCALE_SUFFIXES = (".input_scale", ".scale_input")
 MARKER = "scaled_fp8"
@@ -105,18 +106,21 @@ class Fp8Linear(nn.Linear):
 # --- converting a model --------------------------------------------------------------------------
 
 
-def blocks_only(model: nn.Module):
-    """Default selection: the Linears inside the model's repeated blocks (nearly all of FLUX's
-    weights). The embedders and the final layer stay in full precision: they are small, and
-    FLUX reads its compute dtype from img_in.weight."""
-    kinds = tuple(getattr(model, "block_kinds", ()))
-    return lambda name, module: not kinds or name.split(".")[0] in kinds
+def in_blocks(blocks: list[nn.Module] | None):
+    """A selection of the Linears inside `blocks` (the lists a family names: nearly all of a
+    network's weights), or of every Linear when blocks is None. The embedders and final layers
+    outside the blocks stay in full precision: they are small, and some networks read their
+    compute dtype from one of them (FLUX's img_in.weight)."""
+    if blocks is None:
+        return lambda name, module: True
+    inside = {id(m) for block in blocks for m in block.modules() if isinstance(m, nn.Linear)}
+    return lambda name, module: id(module) in inside
 
 
-def quantize_linears_(model: nn.Module, filter=None, per_row: bool = False) -> list[str]:
-    """Replace, in place, every nn.Linear that `filter(name, module)` selects (default:
-    `blocks_only(model)`) by an Fp8Linear. Returns the converted module names."""
-    select = filter or blocks_only(model)
+def quantize_linears_(model: nn.Module, blocks: list[nn.Module] | None = None, per_row: bool = False) -> list[str]:
+    """Replace, in place, every nn.Linear inside `blocks` (every one when None) by an Fp8Linear.
+    Returns the converted module names."""
+    select = in_blocks(blocks)
     converted = []
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear or not select(name, module):
@@ -177,17 +181,17 @@ def fp8_state_dict_to_model(
     sd: dict[str, Tensor],
     dtype: torch.dtype = torch.bfloat16,
     device=None,
-    filter=None,
+    blocks: list[nn.Module] | None = None,
     per_row: bool = False,
 ) -> nn.Module:
     """Load `sd` (full precision, plain fp8 or scaled fp8) into a meta-built `model`.
 
-    The Linears that `filter` selects (default `blocks_only`) are stored in fp8: fp8 weights as
+    The Linears inside `blocks` (every Linear when None) are stored in fp8: fp8 weights as
     they are in the file, with the file's scale (or 1); others are quantized here (`per_row`).
     Every other floating tensor (and fp8 weights outside the selection, dequantized) becomes
     `dtype`. Loading is strict and by assignment, as models/loading.py does."""
     tensors, scales = _read_scales(sd)
-    select = filter or blocks_only(model)
+    select = in_blocks(blocks)
     used_scales = set()
     converted = {}
     for name, module in list(model.named_modules()):
@@ -217,26 +221,6 @@ def fp8_state_dict_to_model(
             converted[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
     model.load_state_dict(converted, strict=True, assign=True)
     return model
-
-
-def load_flux_fp8(
-    sd: dict[str, Tensor],
-    dtype: torch.dtype = torch.bfloat16,
-    device=None,
-    filter=None,
-    per_row: bool = False,
-    **overrides,
-):
-    """A FLUX.1 transformer with fp8 block Linears from an original or released fp8 state dict
-    (BFL names, optionally under `model.diffusion_model.`). `overrides` go to FluxParams, as in
-    Flux.from_state_dict."""
-    from models.flux import Flux, infer_params, strip_prefix
-
-    sd = strip_prefix(sd)
-    params = infer_params(sd, **overrides)
-    with torch.device("meta"):
-        model = Flux(params)
-    return fp8_state_dict_to_model(model, sd, dtype=dtype, device=device, filter=filter, per_row=per_row)
 
 
 def fp8_weight_bytes(model: nn.Module) -> dict[str, int]:

@@ -23,7 +23,6 @@ File format (kohya, read by ComfyUI, Forge/A1111 and diffusers): per module
 """
 import json
 import math
-import os
 import re
 import time
 import warnings
@@ -33,8 +32,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
+
+import atomic
+from models.loading import FP8_DTYPES
 
 # --- the layer -----------------------------------------------------------------------------------
 
@@ -157,7 +158,6 @@ def lora_delta(down: Tensor, up: Tensor, alpha: Tensor | float, multiplier: floa
     return (up.float() @ down.float()) * (scale * multiplier)
 
 
-FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 
 
 def add_to_weight(linear: nn.Linear, delta: Tensor) -> None:
@@ -171,11 +171,6 @@ def add_to_weight(linear: nn.Linear, delta: Tensor) -> None:
 
 
 # --- which Linears get a LoRA --------------------------------------------------------------------
-
-DOUBLE_GROUPS = ("img_attn", "txt_attn", "img_mlp", "txt_mlp", "img_mod", "txt_mod")
-SINGLE_GROUPS = ("single", "single_mod")
-EMBEDDERS = ("img_in", "time_in", "vector_in", "guidance_in", "txt_in")
-
 
 def parse_block_indices(spec: str | list[int] | tuple[int, ...], depth: int, what: str) -> list[int]:
     """'all', 'none', '0,1,4-7' or a list of ints -> sorted block indices, checked against depth."""
@@ -203,70 +198,6 @@ def parse_block_indices(spec: str | list[int] | tuple[int, ...], depth: int, wha
             f"{what}={spec!r}: indices {out_of_range} are out of range; this model has {depth} {what} (0-{depth - 1})"
         )
     return sorted(indices)
-
-
-def _block_group(kind: str, sub_path: str) -> str:
-    """The per-layer rank group of a Linear inside a block ('img_attn', 'single_mod', ...)."""
-    if kind == "double_blocks":
-        return sub_path.split(".")[0]  # img_attn.qkv -> img_attn, txt_mlp.0 -> txt_mlp
-    return "single_mod" if sub_path.startswith("modulation.") else "single"  # linear1 / linear2
-
-
-def _embedder_names(model: nn.Module, embedders: bool | list[str] | tuple[str, ...]) -> list[str]:
-    present = [n for n in EMBEDDERS if any(isinstance(m, nn.Linear) for m in getattr(model, n).modules())]
-    if embedders is True:
-        return present
-    if embedders is False or embedders is None:
-        return []
-    unknown = [n for n in embedders if n not in EMBEDDERS]
-    if unknown:
-        raise ValueError(f"embedders: unknown {unknown}; choose among {list(EMBEDDERS)} (or True for all)")
-    absent = [n for n in embedders if n not in present]
-    if absent:
-        raise ValueError(f"embedders: {absent} not in this model (schnell has no guidance_in); remove them")
-    return list(embedders)
-
-
-def flux_lora_targets(
-    model: nn.Module,
-    rank: int,
-    group_ranks: dict[str, int] | None = None,
-    double_blocks: str | list[int] = "all",
-    single_blocks: str | list[int] = "all",
-    embedders: bool | list[str] = False,
-) -> dict[str, int]:
-    """Module path -> rank for every Linear that gets a LoRA.
-
-    Default: every Linear in every double and single block (kohya's default: 304 at full
-    size). `group_ranks` overrides the rank per group (img_attn, txt_attn, img_mlp, txt_mlp,
-    img_mod, txt_mod, single = linear1/linear2, single_mod = modulation.lin, or an embedder
-    name); 0 removes the group. `double_blocks` / `single_blocks` select blocks by index.
-    `embedders` adds the input embedders' Linears (True, or a list among EMBEDDERS). ComfyUI
-    loads those; diffusers 0.42's kohya converter names them without the "transformer." prefix
-    that its FLUX loader keeps, so there they appear to be skipped."""
-    group_ranks = dict(group_ranks or {})
-    known = DOUBLE_GROUPS + SINGLE_GROUPS + EMBEDDERS
-    unknown = sorted(set(group_ranks) - set(known))
-    if unknown:
-        raise ValueError(f"group_ranks: unknown groups {unknown}; valid groups are {list(known)}")
-    for name, r in {"rank": rank, **group_ranks}.items():
-        if not isinstance(r, int) or r < 0:
-            raise ValueError(f"LoRA {name} must be a non-negative integer, got {r!r}")
-
-    targets = {}
-    selection = {"double_blocks": double_blocks, "single_blocks": single_blocks}
-    for kind, spec in selection.items():
-        blocks = getattr(model, kind)
-        for i in parse_block_indices(spec, len(blocks), kind):
-            for sub_path, module in blocks[i].named_modules():
-                if isinstance(module, nn.Linear):
-                    targets[f"{kind}.{i}.{sub_path}"] = group_ranks.get(_block_group(kind, sub_path), rank)
-    for name in _embedder_names(model, embedders):
-        for sub_path, module in getattr(model, name).named_modules():
-            if isinstance(module, nn.Linear):
-                path = f"{name}.{sub_path}" if sub_path else name
-                targets[path] = group_ranks.get(name, rank)
-    return {path: r for path, r in targets.items() if r > 0}
 
 
 def kohya_name(module_path: str, prefix: str = "lora_unet") -> str:
@@ -378,7 +309,7 @@ class LoRANetwork(nn.Module):
     def save(self, path: str | Path, metadata: dict[str, str] | None = None, dtype=torch.bfloat16) -> None:
         """Write a kohya-format safetensors file atomically (temp file, then os.replace)."""
         sd = {k: v.to("cpu").contiguous() for k, v in self.kohya_state_dict(dtype).items()}
-        write_safetensors_atomic(sd, path, metadata)
+        atomic.write_safetensors(sd, path, metadata)
 
     @torch.no_grad()
     def load_kohya_state_dict(self, sd: dict[str, Tensor], strict: bool = True) -> tuple[list[str], list[str]]:
@@ -420,64 +351,7 @@ class LoRANetwork(nn.Module):
             )
 
 
-def write_safetensors_atomic(sd: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """save_file to a temp file beside `path`, then os.replace: a crash never leaves half a file."""
-    metadata = dict(metadata or {})
-    not_strings = sorted(k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str))
-    if not_strings:
-        raise TypeError(f"safetensors metadata values must be strings; convert these keys: {not_strings}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(sd, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 # --- reading files -------------------------------------------------------------------------------
-
-# diffusers module name (inside one block) -> (BFL module path, index of the row slice of a fused
-# weight or None). Row slices follow comfy/utils.py flux_to_diffusers.
-DOUBLE_FROM_DIFFUSERS = {
-    "attn.to_q": ("img_attn.qkv", 0),
-    "attn.to_k": ("img_attn.qkv", 1),
-    "attn.to_v": ("img_attn.qkv", 2),
-    "attn.add_q_proj": ("txt_attn.qkv", 0),
-    "attn.add_k_proj": ("txt_attn.qkv", 1),
-    "attn.add_v_proj": ("txt_attn.qkv", 2),
-    "attn.to_out.0": ("img_attn.proj", None),
-    "attn.to_add_out": ("txt_attn.proj", None),
-    "ff.net.0.proj": ("img_mlp.0", None),
-    "ff.net.2": ("img_mlp.2", None),
-    "ff_context.net.0.proj": ("txt_mlp.0", None),
-    "ff_context.net.2": ("txt_mlp.2", None),
-    "norm1.linear": ("img_mod.lin", None),
-    "norm1_context.linear": ("txt_mod.lin", None),
-}
-SINGLE_FROM_DIFFUSERS = {
-    "attn.to_q": ("linear1", 0),
-    "attn.to_k": ("linear1", 1),
-    "attn.to_v": ("linear1", 2),
-    "proj_mlp": ("linear1", 3),
-    "proj_out": ("linear2", None),
-    "norm.linear": ("modulation.lin", None),
-}
-TOP_FROM_DIFFUSERS = {
-    "x_embedder": "img_in",
-    "context_embedder": "txt_in",
-    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
-    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
-    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
-    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
-    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
-    "proj_out": "final_layer.linear",
-    "norm_out.linear": "final_layer.adaLN_modulation.1",  # rows are (scale, shift) in diffusers
-}
-MLP_RATIO = 4  # FLUX.1: the size of a single block's proj_mlp slice when a file leaves it out
 
 LORA_SUFFIXES = {  # how each format names the two matrices and alpha
     ".lora_down.weight": "down",
@@ -488,18 +362,19 @@ LORA_SUFFIXES = {  # how each format names the two matrices and alpha
     ".lora.up.weight": "up",
     ".alpha": "alpha",
 }
-BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-DIFFUSERS_PREFIXES = ("transformer.base_model.model.", "base_model.model.", "transformer.")
+NATIVE_PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # the checkpoint's own module names
+DIFFUSERS_PREFIXES = ("transformer.base_model.model.", "base_model.model.", "transformer.", "unet.")
 TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "text_encoders.")
 
 
-def load_lora_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Tensors (in kohya form) and header metadata of a FLUX LoRA file.
+def load_lora_file(path: str | Path, family) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors (in kohya form) and header metadata of a LoRA file for `family` (families/).
 
-    kohya files pass through unchanged. BFL-named files (`diffusion_model.<path>.lora_A.weight`)
-    and diffusers / PEFT files (`transformer.transformer_blocks.N.attn.to_q.lora_A.weight`) are
-    converted: split q/k/v (and proj_mlp) are fused back into qkv / linear1 with a block-diagonal
-    lora_up; alpha = rank unless the file says otherwise (diffusers' `lora_adapter_metadata`)."""
+    kohya files pass through unchanged. Files in the checkpoint's own names
+    (`diffusion_model.<path>.lora_A.weight`) and diffusers / PEFT files
+    (`transformer.transformer_blocks.N.attn.to_q.lora_A.weight`) are converted: split q/k/v (and
+    the like) are fused back into the checkpoint's fused weight with a block-diagonal lora_up;
+    alpha = rank unless the file says otherwise (diffusers' `lora_adapter_metadata`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file not found: {path}")
@@ -508,11 +383,11 @@ def load_lora_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]
     with safe_open(str(path), framework="pt", device="cpu") as f:
         sd = {k: f.get_tensor(k) for k in f.keys()}
         metadata = f.metadata() or {}
-    return to_kohya(sd, metadata), metadata
+    return to_kohya(sd, family, metadata), metadata
 
 
-def to_kohya(sd: dict[str, Tensor], metadata: dict[str, str] | None = None) -> dict[str, Tensor]:
-    """Any supported FLUX LoRA state dict -> kohya form (see load_lora_file)."""
+def to_kohya(sd: dict[str, Tensor], family, metadata: dict[str, str] | None = None) -> dict[str, Tensor]:
+    """Any supported LoRA state dict of `family` -> kohya form (see load_lora_file)."""
     if all(k.startswith(("lora_unet_", "lora_te")) for k in sd):
         return dict(sd)  # kohya
     text_encoder = sorted(k for k in sd if k.startswith(TEXT_ENCODER_PREFIXES))
@@ -522,20 +397,20 @@ def to_kohya(sd: dict[str, Tensor], metadata: dict[str, str] | None = None) -> d
         )
     modules = _group_by_module({k: v for k, v in sd.items() if not k.startswith(TEXT_ENCODER_PREFIXES)})
     alphas = _peft_alphas(metadata or {})
-    fused: dict[str, dict[int, dict[str, Tensor]]] = {}  # BFL path -> slice index -> parts
+    fused: dict[str, dict[int, dict[str, Tensor]]] = {}  # native path -> slice index -> parts
     out = {}
     for module, parts in modules.items():
         if "down" not in parts or "up" not in parts:
             raise ValueError(f"LoRA module {module!r} lacks its down (lora_A) or up (lora_B) matrix")
         if "alpha" not in parts:
             parts["alpha"] = torch.tensor(alphas(module, parts["down"].shape[0]))
-        bfl_path, index = _bfl_path(module)
+        path, index = _native_path(module, family)
         if index is None:
-            out.update(_kohya_entry(bfl_path, parts))
+            out.update(_kohya_entry(path, parts, family))
         else:
-            fused.setdefault(bfl_path, {})[index] = parts
-    for bfl_path, slices in fused.items():
-        out.update(_kohya_entry(bfl_path, _fuse_slices(bfl_path, slices)))
+            fused.setdefault(path, {})[index] = parts
+    for path, slices in fused.items():
+        out.update(_kohya_entry(path, _fuse_slices(path, slices, family), family))
     return out
 
 
@@ -555,48 +430,35 @@ def _group_by_module(sd: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
     return modules
 
 
-def _bfl_path(module: str) -> tuple[str, int | None]:
-    """A module name of a BFL or diffusers file -> (BFL module path, fused slice index or None)."""
-    for prefix in BFL_PREFIXES:
+def _native_path(module: str, family) -> tuple[str, int | None]:
+    """A module name of a native-named or diffusers file -> (module path in the checkpoint's
+    network, fused slice index or None)."""
+    for prefix in NATIVE_PREFIXES:
         if module.startswith(prefix):
             return module[len(prefix) :], None
     for prefix in DIFFUSERS_PREFIXES:
         if module.startswith(prefix):
             module = module[len(prefix) :]
             break
-    match = re.fullmatch(r"(single_transformer_blocks|transformer_blocks)\.(\d+)\.(.+)", module)
-    if match:
-        kind, index, inner = match.groups()
-        table = SINGLE_FROM_DIFFUSERS if kind == "single_transformer_blocks" else DOUBLE_FROM_DIFFUSERS
-        block = "single_blocks" if kind == "single_transformer_blocks" else "double_blocks"
-        if inner in table:
-            path, piece = table[inner]
-            return f"{block}.{index}.{path}", piece
-    elif module in TOP_FROM_DIFFUSERS:
-        return TOP_FROM_DIFFUSERS[module], None
-    raise ValueError(f"LoRA module {module!r} has no FLUX.1 counterpart (is this a FLUX.1 LoRA?)")
+    return family.lora_from_diffusers(module)
 
 
-def _kohya_entry(bfl_path: str, parts: dict[str, Tensor]) -> dict[str, Tensor]:
-    up = parts["up"]
-    if bfl_path == "final_layer.adaLN_modulation.1":
-        up = torch.cat(up.chunk(2, dim=0)[::-1])  # diffusers (scale, shift) -> BFL (shift, scale)
-    name = kohya_name(bfl_path)
+def _kohya_entry(path: str, parts: dict[str, Tensor], family) -> dict[str, Tensor]:
+    up = family.lora_up_from_diffusers(path, parts["up"])
+    name = kohya_name(path, family.lora_prefix)
     alpha = parts["alpha"].detach().float().reshape(())
     return {f"{name}.lora_down.weight": parts["down"], f"{name}.lora_up.weight": up, f"{name}.alpha": alpha}
 
 
-def _fuse_slices(bfl_path: str, slices: dict[int, dict[str, Tensor]]) -> dict[str, Tensor]:
-    """LoRAs of the q/k/v (/mlp) row slices of one fused Linear -> one LoRA of the whole weight.
+def _fuse_slices(path: str, slices: dict[int, dict[str, Tensor]], family) -> dict[str, Tensor]:
+    """LoRAs of the row slices of one fused weight (q, k, v, ...) -> one LoRA of the whole weight.
 
     Each slice's scale alpha_i/r_i is folded into its down, so the fused alpha is the fused rank
     (scale 1). When every slice has the same down and scale (a fused LoRA split by a converter),
     the shared down is kept and the ups are stacked; otherwise the downs are stacked and the up
     is block-diagonal, zero where a slice is absent."""
     any_down = next(iter(slices.values()))["down"]
-    hidden = any_down.shape[1]  # q, k, v slices are each `hidden` rows; FLUX's input width is hidden
-    is_single = bfl_path.startswith("single_blocks.")
-    sizes = [hidden] * 3 + ([slices[3]["up"].shape[0] if 3 in slices else MLP_RATIO * hidden] if is_single else [])
+    sizes = family.lora_slice_sizes(path, any_down, slices)
     dtype = torch.promote_types(any_down.dtype, torch.float32)
     scaled = {i: p["down"].to(dtype) * (float(p["alpha"]) / p["down"].shape[0]) for i, p in slices.items()}
     if len(slices) == len(sizes) and all(torch.equal(d, scaled[0]) for d in scaled.values()):
@@ -609,7 +471,7 @@ def _fuse_slices(bfl_path: str, slices: dict[int, dict[str, Tensor]]) -> dict[st
     for i in sorted(slices):
         part_up = slices[i]["up"]
         if part_up.shape[0] != sizes[i]:
-            raise ValueError(f"{bfl_path} slice {i}: {part_up.shape[0]} rows, expected {sizes[i]}")
+            raise ValueError(f"{path} slice {i}: {part_up.shape[0]} rows, expected {sizes[i]}")
         up[row_starts[i] : row_starts[i] + sizes[i], col : col + part_up.shape[1]] = part_up.to(dtype)
         col += part_up.shape[1]
     return {"down": down, "up": up, "alpha": torch.tensor(float(down.shape[0]))}
@@ -625,7 +487,7 @@ def _peft_alphas(metadata: dict[str, str]):
 
     def alpha(module: str, rank: int) -> float:
         name = module
-        for prefix in DIFFUSERS_PREFIXES:
+        for prefix in DIFFUSERS_PREFIXES + NATIVE_PREFIXES:
             name = name.removeprefix(prefix)
         value = next((a for p, a in pattern.items() if re.fullmatch(rf"(.*\.)?({p})", name)), lora_alpha)
         if value is None:
@@ -642,19 +504,20 @@ def _peft_alphas(metadata: dict[str, str]):
 def apply_lora_file(
     model: nn.Module,
     path_or_sd: str | Path | dict[str, Tensor],
+    family,
     multiplier: float = 1.0,
     merge: bool = True,
-    prefix: str = "lora_unet",
 ) -> LoRANetwork | None:
-    """Apply a LoRA file (or state dict) to the model for inference.
+    """Apply a LoRA file (or state dict) of `family` (families/) to the model for inference.
 
     merge=True adds multiplier * alpha/rank * up @ down into the base weights (no cost per step;
     returns None). merge=False wraps the Linears and returns the LoRANetwork (change its
     multiplier any time; `remove()` undoes it). Several files can be applied one after another."""
+    prefix = family.lora_prefix
     if isinstance(path_or_sd, (str, Path)):
-        sd, _ = load_lora_file(path_or_sd)
+        sd, _ = load_lora_file(path_or_sd, family)
     else:
-        sd = to_kohya(path_or_sd)
+        sd = to_kohya(path_or_sd, family)
     others = sorted({k.split(".")[0] for k in sd if not k.startswith(prefix + "_")})
     if others:
         warnings.warn(
@@ -716,25 +579,14 @@ CONFIG_METADATA = {
     "ss_gradient_accumulation_steps": ("gradient_accumulation_steps",),
     "ss_batch_size_per_device": ("batch_size",),
     "ss_max_grad_norm": ("max_grad_norm",),
-    "ss_timestep_sampling": ("timestep_sampling",),
-    "ss_discrete_flow_shift": ("discrete_flow_shift",),
-    "ss_model_prediction_type": ("model_prediction_type",),
-    "ss_guidance_scale": ("guidance_scale",),
-    "ss_sigmoid_scale": ("sigmoid_scale",),
-    "ss_logit_mean": ("logit_mean",),
-    "ss_logit_std": ("logit_std",),
-    "ss_mode_scale": ("mode_scale",),
-    "ss_apply_t5_attn_mask": ("apply_t5_attn_mask",),
     "ss_loss_type": ("loss_type",),
     "ss_huber_c": ("huber_c",),
     "ss_huber_schedule": ("huber_schedule",),
     "ss_output_name": ("run_name",),
 }
 # network_args recorded in ss_network_args when the caller passes none: these config keys.
-NETWORK_CONFIG_KEYS = (
-    "network_dim", "network_alpha", "network_dropout", "group_ranks",
-    "train_double_blocks", "train_single_blocks", "lora_embedders",
-)
+# (a family adds its own: Family.lora_config_keys)
+NETWORK_CONFIG_KEYS = ("network_dim", "network_alpha", "network_dropout", "group_ranks")
 TRAINER_CONFIG_KEY = "trainer_config"  # the whole resolved config, JSON
 
 
@@ -746,28 +598,10 @@ def _metadata_string(value) -> str:
     return str(value)
 
 
-def setup_training(model: nn.Module, cfg: dict, device=None) -> tuple["LoRANetwork | None", dict[str, nn.Parameter]]:
-    """What trains, from a training config (config.py keys): a LoRA network on the FLUX targets
-    (train_mode "lora"; its fp32 weights on `device`) or every weight of the model ("full").
-    Returns the network (None for full training) and the trainable parameters by name.
-    train.py and plan.py both set up training through here, so the plan counts what runs."""
-    model.requires_grad_(False)
-    if cfg["train_mode"] == "full":
-        model.requires_grad_(True)
-        return None, dict(model.named_parameters())
-    targets = flux_lora_targets(model, cfg["network_dim"], group_ranks=cfg["group_ranks"],
-                                double_blocks=cfg["train_double_blocks"], single_blocks=cfg["train_single_blocks"],
-                                embedders=cfg["lora_embedders"])
-    # LoRA weights train in fp32 whatever the base dtype; LoRALinear casts them for the matmul.
-    network = LoRANetwork.inject(model, targets, alpha=cfg["network_alpha"], dropout=cfg["network_dropout"],
-                                 dtype=torch.float32, device=device)
-    return network, dict(network.named_parameters())
-
-
 def kohya_metadata(
     config: dict,
     model_params,
-    variant: str,
+    family_metadata: dict[str, str],
     network_args: dict | None = None,
     *,
     step: int = 0,
@@ -776,23 +610,20 @@ def kohya_metadata(
     training_started_at: float | None = None,
     title: str | None = None,
 ) -> dict[str, str]:
-    """Header metadata as kohya writes it for a FLUX LoRA (ss_* and modelspec.*), all strings.
+    """Header metadata as kohya writes it (ss_* and modelspec.*), all strings.
 
     config: the resolved training config; its known keys fill ss_* (CONFIG_METADATA) and all of
-    it goes, as JSON, under "trainer_config". network_args (default: the config's LoRA keys,
-    NETWORK_CONFIG_KEYS) go to ss_network_args as JSON."""
-    if variant not in ("dev", "schnell"):
-        raise ValueError(f"variant must be 'dev' or 'schnell', got {variant!r}")
+    it goes, as JSON, under "trainer_config". family_metadata: what the family adds and
+    overrides (ss_base_model_version, ss_network_module, modelspec.architecture, ...).
+    network_args (default: the config's LoRA keys, NETWORK_CONFIG_KEYS) go to ss_network_args."""
     if network_args is None:
         network_args = {k: config[k] for k in NETWORK_CONFIG_KEYS if k in config}
     now = time.time()
     rank = network_args.get("network_dim", config.get("network_dim"))
-    alpha = network_args.get("network_alpha", config.get("network_alpha"))
+    alpha = network_args.get("network_alpha", config.get("network_alpha")) or rank  # 0 / None: alpha = rank
     meta = {
-        "ss_base_model_version": "flux1",
-        "ss_network_module": "networks.lora_flux",
         "ss_network_dim": _metadata_string(rank),
-        "ss_network_alpha": _metadata_string(rank if alpha is None else alpha),  # alpha None trains with alpha = rank
+        "ss_network_alpha": _metadata_string(alpha),
         "ss_network_args": json.dumps(network_args, default=str),
         "ss_network_dropout": _metadata_string(network_args.get("network_dropout", config.get("network_dropout", 0.0))),
         "ss_training_started_at": _metadata_string(training_started_at if training_started_at is not None else now),
@@ -815,15 +646,12 @@ def kohya_metadata(
     if config.get("instance_prompt"):
         meta["modelspec.trigger_phrase"] = str(config["instance_prompt"])
     params = asdict(model_params) if is_dataclass(model_params) else dict(model_params or {})
-    meta.update(
-        {
-            "modelspec.sai_model_spec": "1.0.1",
-            "modelspec.architecture": f"flux-1-{variant}/lora",
-            "modelspec.implementation": "https://github.com/black-forest-labs/flux",
-            "modelspec.title": title or str(config.get("run_name") or f"flux1-{variant}-lora"),
-            "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)),
-            "trainer_model_params": json.dumps(params, default=str),
-            TRAINER_CONFIG_KEY: json.dumps(config, default=str, sort_keys=True),
-        }
-    )
+    meta.update({
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.title": title or str(config.get("run_name") or "lora"),
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)),
+        "trainer_model_params": json.dumps(params, default=str),
+        TRAINER_CONFIG_KEY: json.dumps(config, default=str, sort_keys=True),
+    })
+    meta.update(family_metadata)
     return meta

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+import atomic
+
 
 class MetricsLog:
     def __init__(self, run_dir: Path, resume_step: int = 0):
@@ -28,9 +30,7 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
     def _rewrite(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        tmp.replace(self.path)
+        atomic.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def series(self, key: str) -> list[tuple[int, float]]:
         return [(r["step"], r[key]) for r in self.records if key in r and math.isfinite(r[key])]
@@ -84,6 +84,4 @@ def plot_losses(train: list[tuple[int, float]], val: list[tuple[int, float]], pa
     draw.text((width - margin - 80, height - margin + 8), f"step {x1}", fill="black")
     draw.text((5, margin), f"{y1:.4g}", fill="black")
     draw.text((5, height - margin - 10), f"{y0:.4g}", fill="black")
-    tmp = path.with_suffix(".tmp.png")
-    image.save(tmp)
-    tmp.replace(path)
+    atomic.write_file(path, lambda tmp: image.save(tmp, format="PNG"))

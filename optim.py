@@ -47,11 +47,14 @@ def _params_of(params_or_groups: list) -> list[Tensor]:
 
 
 def build_optimizer(params_or_groups, name: str, lr: float, weight_decay: float = 0.0,
-                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, **extra) -> torch.optim.Optimizer:
+                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, foreach: bool | None = None,
+                    **extra) -> torch.optim.Optimizer:
     """An optimizer by name.
 
     adamw:     torch.optim.AdamW, the fused CUDA kernel when every parameter is on
-               CUDA, else the foreach implementation. Takes no extra options.
+               CUDA, else the foreach implementation (foreach=False: one tensor at a
+               time, which the memory plan uses as the nearest relative of the fused
+               kernel: no temporaries of the whole set). Takes no extra options.
     adafactor: Adafactor below with an explicit lr. `betas` and `eps` are AdamW's
                and are not used; Adafactor's own options come through `extra`
                (see ADAFACTOR_OPTIONS; `adafactor_eps` is its (eps1, eps2) pair).
@@ -64,7 +67,7 @@ def build_optimizer(params_or_groups, name: str, lr: float, weight_decay: float 
         if extra:
             raise ValueError(f"Unknown option(s) {sorted(extra)} for adamw; it takes lr, weight_decay, betas, eps.")
         on_cuda = all(p.is_cuda for p in params)
-        implementation = {"fused": True} if on_cuda else {"foreach": True}
+        implementation = {"fused": True} if on_cuda else {"foreach": True if foreach is None else foreach}
         return torch.optim.AdamW(params_or_groups, lr=lr, betas=tuple(betas), eps=eps,
                                  weight_decay=weight_decay, **implementation)
     if name == "adafactor":

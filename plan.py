@@ -51,7 +51,8 @@ import time
 import weakref
 from collections import Counter
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from unittest import mock
 
@@ -61,17 +62,16 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import blockswap
+import families
 import fp8
-import lora
-import losses
-import optim
-from config import ConfigError
-from models import flux, layers
+import training
+from activations import offload_activations
+from config import DTYPES
+from models import layers
 from models.loading import load_state_dict
 
 GiB = 2**30
 MiB = 2**20
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 # Device categories, in the order they are printed.
 FROZEN = "frozen weights (resident)"
@@ -232,6 +232,8 @@ class MemoryTracker(TorchDispatchMode):
         self.host_bytes = 0
         self.category, self.place = ACTIVATIONS, "device"
         self.where = "setup"  # what the step is doing, for the report
+        self.largest_query = 0  # elements of the largest attention query seen (workspace estimate)
+        self.longest_sequence = 0  # tokens of the longest attention
         self.reset_peak()
 
     def reset_peak(self) -> None:
@@ -331,13 +333,15 @@ def _weakref(storage, callback, key: int):
 # --- attention and activation offload as the plan counts them ----------------------------------
 
 
-def flash_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+def flash_attention(tracker: "MemoryTracker", q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
     """layers.attention, through the operators CUDA's SDPA picks, so that autograd saves what
     they save: q, k, v, the output and an fp32 logsumexp (B, heads, L); never an L x L matrix.
     (F.scaled_dot_product_attention itself would take the math path on meta tensors.)"""
+    tracker.largest_query = max(tracker.largest_query, q.numel())  # flash backward's fp32 dq buffer
+    tracker.longest_sequence = max(tracker.longest_sequence, q.shape[2])
     if q.device.type == "cpu":  # real CPU tensors (the plan's own test): CPU flash saves the same
         if mask is not None:
-            return layers.attention(q, k, v, mask)
+            return layers.sdpa(q, k, v, mask)
         out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[0]
     elif mask is None:
         out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[0]
@@ -349,24 +353,11 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None)
     return rearrange(out, "B H L D -> B L (H D)")
 
 
-def offloaded_activations(tracker: MemoryTracker, enabled: bool):
-    """blockswap.offload_activations with its host copies made as tracked meta tensors: every
-    tensor autograd saves, except weights, is copied to host memory, and back in backward."""
-    if not enabled:
-        return nullcontext()
-
-    def pack(tensor: Tensor):
-        if isinstance(tensor, nn.Parameter) or isinstance(tensor._base, nn.Parameter):
-            return tensor
-        with tracker.allocating(OFFLOADED, "host"):
-            return tensor.device, tensor.clone()  # stands for the copy into (pinned) host memory
-
-    def unpack(packed):
-        if isinstance(packed, Tensor):
-            return packed
-        return packed[1].clone()  # the copy back to the device
-
-    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+def offloaded_activations(tracker: MemoryTracker, cfg: dict):
+    """activations.offload_activations as training runs it, with its host copies made as
+    tracked meta tensors counted in host memory."""
+    return offload_activations(cfg["offload_activations"], pin_memory=False, host_device=tracker.device_type,
+                               allocating_host=lambda: tracker.allocating(OFFLOADED, "host"))
 
 
 # --- the model, set up as training sets it up -----------------------------------------------------
@@ -375,100 +366,83 @@ def offloaded_activations(tracker: MemoryTracker, enabled: bool):
 @dataclass
 class Setup:
     cfg: dict
-    params: flux.FluxParams
+    family: object  # families.Family
+    params: object
     params_source: str
-    model: flux.Flux
-    network: lora.LoRANetwork | None
-    trainable: list[nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    fused: optim.FusedBackwardStep | None
-    ema: optim.EMA | None
-    swap: dict  # kind -> SwapPlan
-    swap_buffers: list[Tensor]  # allocated by block swap besides the weights (counted, kept alive here)
+    prepared: training.Prepared
+    opt: training.Optimization
     tracker: MemoryTracker
 
-
-@dataclass
-class SwapPlan:
-    """Block swap for one kind of block, as blockswap.py places it."""
-
-    kind: str
-    num_blocks: int
-    num_swapped: int
-    mode: str
-    block_bytes: int  # Linear-weight bytes of one block: what swapping it saves
+    @property
+    def model(self) -> nn.Module:
+        return self.prepared.model
 
     @property
-    def swapped(self) -> list[int]:
-        """The blocks whose weights start in host memory (the last ones of the kind)."""
-        return list(range(self.num_blocks - self.num_swapped, self.num_blocks))
-
-    @property
-    def device_slots(self) -> int:
-        """Resident blocks whose device storage the swapped blocks pass through: slot k of
-        K = N - S holds blocks k, k + K, ..., so the first min(S, K) slots take turns."""
-        return min(self.num_swapped, self.num_blocks - self.num_swapped)
-
-    @property
-    def host_blocks(self) -> int:
-        """Blocks' worth of host copies: exchange keeps the S blocks that are out plus one
-        spare that receives the next outgoing block; h2d_only keeps a master of every block
-        that ever leaves the device (S swapped + the slots' first occupants)."""
-        if not self.num_swapped:
-            return 0
-        return self.num_swapped + (1 if self.mode == "exchange" else self.device_slots)
+    def trainable(self) -> list[nn.Parameter]:
+        return self.opt.params
 
 
-def model_params(cfg: dict) -> tuple[flux.FluxParams, str]:
-    """The model's shapes: from the checkpoint header when the file is there, else FLUX.1-dev's."""
-    path = cfg["flux_path"]
+def model_params(family, cfg: dict) -> tuple[object, str]:
+    """The model's shapes: from the checkpoint header when the file is there, else the released model's."""
+    path = cfg["model_path"]
     if path and Path(path).exists():
         sd = load_state_dict(path, allow_pickle=cfg["allow_pickle"])  # memory-mapped: reads the header
-        return flux.infer_params(sd, **cfg["model_overrides"]), f"shapes read from {path}"
-    params = replace(flux.FluxParams(), **cfg["model_overrides"])
+        return family.params(sd, cfg), f"shapes read from {path}"
     overrides = " with model_overrides" if cfg["model_overrides"] else ""
-    return params, f"{path or 'flux_path'} not found: FLUX.1-dev shapes{overrides}"
+    return family.default_params(cfg), f"{path or 'model_path'} not found: {family.title} released shapes{overrides}"
 
 
-def build(cfg: dict, device: str = "meta", params: flux.FluxParams | None = None, seed: int = 0) -> Setup:
-    """The model, LoRA, optimizer and swap placement of a config, on `device` ("meta" for the
-    plan; "cpu" builds real tensors, which the plan's test compares against)."""
-    if params is None:
-        params, source = model_params(cfg)
-    else:
-        source = "given shapes"
-    dtype = DTYPES[cfg["dtype"]]
+SWAP_CATEGORIES = {"slot": (SLOTS, "device"), "host": (SWAPPED, "host"), "master": (SWAP_SPARE, "host"),
+                   "spare": (SWAP_SPARE, "host")}
+
+
+def swap_allocator(tracker: MemoryTracker, host_device):
+    """BlockSwap's `allocate`: every buffer it makes, labelled (device slots, host copies)."""
+
+    def allocate(kind: str, nbytes: int, device, pin: bool) -> Tensor:
+        category, place = SWAP_CATEGORIES[kind]
+        with tracker.allocating(category, place):
+            return torch.empty(nbytes, dtype=torch.uint8, device=device if place == "device" else host_device)
+
+    return allocate
+
+
+def build(cfg: dict, device: str = "meta", params=None, seed: int = 0) -> Setup:
+    """The model, what trains, swap placement, optimizer and EMA of a config, set up by
+    training.py as a run sets them up, on `device` ("meta" for the plan; "cpu" builds real
+    tensors, which the plan's test compares against)."""
+    family = families.resolve(cfg["model_family"], cfg["model_path"], cfg["allow_pickle"]).family
+    params, source = model_params(family, cfg) if params is None else (params, "given shapes")
     run_op = SHARED_OP_CACHE if device == "meta" else None
     tracker = MemoryTracker(device, run_op)
     torch.manual_seed(seed)
     with _ops_through(run_op):
         with torch.device(device):
-            model = flux.Flux(params)
-        model.to(dtype)
+            model = family.build(params)
+        model.to(DTYPES[cfg["dtype"]])
         model.requires_grad_(False)
         if cfg["fp8_base"]:
-            fp8.quantize_linears_(model, per_row=cfg["fp8_per_row"])
-        model.gradient_checkpointing = cfg["gradient_checkpointing"]
-        network, trainable = lora.setup_training(model, cfg)  # as train.py does
-        trainable = list(trainable.values())
-    model.train()
+            fp8.quantize_linears_(model, [b for group in family.blocks(model).values() for b in group],
+                                  per_row=cfg["fp8_per_row"])
+    for t in list(model.parameters()) + list(model.buffers()):
+        tracker.track(t, FROZEN)
 
-    swap = swap_plans(model, cfg)
-    _track_weights(tracker, model, network, swap)
+    def label_trainable(network, trainable: dict) -> None:
+        for p in trainable.values():
+            tracker.track(p, TRAINABLE)
+        for b in network.buffers() if network is not None else ():  # the LoRA alphas
+            tracker.track(b, TRAINABLE)
+
+    with tracker, tracker.allocating(TRAINABLE):  # LoRA weights are made here
+        prepared = training.prepare(model, family, cfg, device, host_device=device,
+                                    allocate=swap_allocator(tracker, device), on_trainable=label_trainable)
     with tracker, _ops_through(None):
-        optimizer = build_optimizer(trainable, cfg)
-        _label_gradients(tracker, trainable)  # before FusedBackwardStep's hooks, which free the gradients
-        fused = None
-        if cfg["fused_backward"]:
-            # as train.py builds it (without a seed: a rounding generator on the meta device holds nothing)
-            fused = optim.FusedBackwardStep(optimizer, max_grad_norm=0.0,
-                                            max_grad_norm_per_param=cfg["max_grad_norm_per_param"] or None,
-                                            stochastic_rounding=cfg["stochastic_rounding"])
+        _label_gradients(tracker, list(prepared.trainable.values()))  # before the fused step's hooks free them
         with tracker.allocating(OPTIMIZER):
-            ema = optim.EMA(trainable, decay=cfg["ema_decay"], update_every=cfg["ema_every"]) \
-                if cfg["ema_decay"] else None
-        swap_buffers = swap_buffers_of(tracker, model, swap)
-    return Setup(cfg, params, source, model, network, trainable, optimizer, fused, ema, swap, swap_buffers, tracker)
+            # AdamW one tensor at a time: on CUDA training runs the fused kernel, which makes no
+            # temporaries of the whole set; the per-tensor loop is its nearest relative off CUDA.
+            opt = training.build_optimization(prepared.trainable, cfg, foreach=False)
+    return Setup(cfg, family, params, source, prepared, opt, tracker)
 
 
 @contextmanager
@@ -486,131 +460,7 @@ def _ops_through(run_op):
         yield
 
 
-def build_optimizer(trainable: list[nn.Parameter], cfg: dict) -> torch.optim.Optimizer:
-    """optim.build_optimizer, except that AdamW runs one tensor at a time: on CUDA training gets
-    the fused AdamW kernel (no temporaries), and the per-tensor loop is its nearest relative that
-    runs on meta tensors (temporaries of one parameter at a time)."""
-    if cfg["optimizer"] == "adamw":
-        return torch.optim.AdamW(trainable, lr=cfg["learning_rate"], betas=tuple(cfg["betas"]), eps=cfg["eps"],
-                                 weight_decay=cfg["weight_decay"], foreach=False)
-    return optim.build_optimizer(trainable, cfg["optimizer"], lr=cfg["learning_rate"],
-                                 weight_decay=cfg["weight_decay"], stochastic_rounding=cfg["stochastic_rounding"])
-
-
-def swap_plans(model: flux.Flux, cfg: dict) -> dict[str, SwapPlan]:
-    """Blocks swapped per kind, with blockswap.py's own rules and limits."""
-    requested = (cfg["blocks_to_swap"], cfg["double_blocks_to_swap"], cfg["single_blocks_to_swap"])
-    counts = {kind: 0 for kind in model.block_kinds}
-    if any(n > 0 for n in requested):
-        try:  # as train.swap_counts calls it
-            counts = blockswap.swap_counts(model, cfg["blocks_to_swap"] or None, *requested[1:])
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
-    plans = {}
-    for kind, n in counts.items():
-        blocks = getattr(model, kind)
-        block_bytes = sum(_nbytes(w) for w in blockswap.swappable_weights(blocks[0]))
-        plans[kind] = SwapPlan(kind, len(blocks), n, cfg["swap_mode"], block_bytes)
-    return plans
-
-
-def _nbytes(t: Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-def _track_weights(tracker: MemoryTracker, model: flux.Flux, network, swap: dict[str, SwapPlan]) -> None:
-    """Count every weight and buffer: swapped blocks' Linear weights in host memory, the slots
-    that swapped blocks pass through as swap slots, everything else resident on the device.
-    (h2d_only's host masters of the slots' first occupants are counted in swap_buffers_of.)"""
-    for p in model.parameters():
-        tracker.track(p, TRAINABLE if p.requires_grad else FROZEN)
-    for b in model.buffers():
-        tracker.track(b, FROZEN)
-    if network is not None:
-        for p in network.parameters():
-            tracker.track(p, TRAINABLE)
-        for b in network.buffers():  # the LoRA alphas
-            tracker.track(b, TRAINABLE)
-    for kind, plan in swap.items():
-        blocks = getattr(model, kind)
-        for index in plan.swapped:
-            for w in blockswap.swappable_weights(blocks[index]):
-                tracker.track(w, SWAPPED, "host")
-        for index in range(plan.device_slots):  # the first slots take turns holding swapped blocks
-            for w in blockswap.swappable_weights(blocks[index]):
-                tracker.track(w, SLOTS)
-
-
-def swap_buffers_of(tracker: MemoryTracker, model: flux.Flux, swap: dict[str, SwapPlan]) -> list[Tensor]:
-    """Host buffers block swap allocates besides the swapped weights: exchange keeps one spare
-    block per kind, h2d_only a master copy of each slot's first occupant."""
-    buffers = []
-    for kind, plan in swap.items():
-        extra = plan.host_blocks - plan.num_swapped
-        weights = blockswap.swappable_weights(getattr(model, kind)[0])
-        with tracker.allocating(SWAP_SPARE, "host"):
-            buffers += [torch.empty_like(w) for _ in range(extra) for w in weights]
-    return buffers
-
-
 # --- one training step ---------------------------------------------------------------------------
-
-
-def step_inputs(setup: Setup, device) -> dict:
-    """A batch as the cache delivers it: fp32 latents, T5 states and CLIP pooled in the model dtype."""
-    cfg, p = setup.cfg, setup.params
-    b, side = cfg["batch_size"], latent_side(cfg)
-    text_len = text_tokens(setup)
-    dtype = DTYPES[cfg["dtype"]]
-    batch = {
-        "latent": torch.randn(b, p.in_channels // 4, side, side, device=device),
-        "t5": torch.randn(b, text_len, p.context_in_dim, device=device, dtype=dtype),
-        "clip_pooled": torch.randn(b, p.vec_in_dim, device=device, dtype=dtype),
-    }
-    if cfg["apply_t5_attn_mask"]:
-        batch["t5_mask"] = torch.ones(b, text_len, dtype=torch.bool, device=device)
-    return batch
-
-
-def latent_side(cfg: dict) -> int:
-    """The VAE shrinks images 8x; without one (ae_path = "", the demo) the pixels are the latent."""
-    return cfg["resolution"] // 8 if cfg["ae_path"] else cfg["resolution"]
-
-
-def text_tokens(setup: Setup) -> int:
-    return setup.cfg["t5_max_length"] or flux.default_t5_max_length(setup.params)
-
-
-def step_loss(model: flux.Flux, objective: losses.FlowMatching, batch: dict) -> Tensor:
-    """train.training_loss, with noise and noise levels drawn on the device."""
-    x0 = batch["latent"].float()
-    b, _, h, w = x0.shape
-    noise = torch.randn_like(x0)
-    sigma = objective.sample_sigmas(b, flux.image_seq_len(h, w), device=x0.device)
-    x_t = objective.noisy(x0, noise, sigma)
-    cond = {k: batch[k] for k in ("t5", "clip_pooled", "t5_mask") if k in batch}
-    out = flux.denoise(model, x_t, sigma, cond, objective.guidance(b, x0.device, x0.dtype))
-    return objective.loss(out, x0, noise, sigma, x_t)[0]
-
-
-def objective_of(cfg: dict) -> losses.FlowMatching:
-    return losses.FlowMatching(
-        timestep_sampling=cfg["timestep_sampling"], sigmoid_scale=cfg["sigmoid_scale"],
-        discrete_flow_shift=cfg["discrete_flow_shift"], logit_mean=cfg["logit_mean"], logit_std=cfg["logit_std"],
-        mode_scale=cfg["mode_scale"], model_prediction_type=cfg["model_prediction_type"], loss_type=cfg["loss_type"],
-        huber_c=cfg["huber_c"], huber_schedule=cfg["huber_schedule"], guidance_scale=cfg["guidance_scale"])
-
-
-def finish_step(setup: Setup) -> None:
-    """What the training loop does after the backward passes of a step."""
-    if setup.fused is not None:
-        setup.fused.step()  # the hooks already stepped every weight
-    else:
-        optim.clip_grad_norm_(setup.trainable, setup.cfg["max_grad_norm"] or float("inf"))
-        setup.optimizer.step()
-        setup.optimizer.zero_grad(set_to_none=True)
-    if setup.ema is not None:
-        setup.ema.update(setup.ema.update_every)  # a step on which the average updates
 
 
 def prime_optimizer(setup: Setup) -> None:
@@ -621,6 +471,13 @@ def prime_optimizer(setup: Setup) -> None:
         loss = sum((p.float() * 0).sum() for p in setup.trainable)
         loss.backward()  # what outlives this block was made by the optimizer: its state
         finish_step(setup)
+
+
+def finish_step(setup: Setup) -> None:
+    """What the training loop does after the backward passes of a step."""
+    training.close_gradients(setup.opt, setup.cfg)
+    ema = setup.opt.ema
+    training.apply_step(setup.opt, ema.update_every if ema is not None else 1)  # a step on which the EMA updates
 
 
 def _label_gradients(tracker: MemoryTracker, trainable: list[nn.Parameter]) -> None:
@@ -637,19 +494,19 @@ def _label_gradients(tracker: MemoryTracker, trainable: list[nn.Parameter]) -> N
 def _label_blocks(setup: Setup) -> list:
     """Hooks that tell the tracker which block runs, in forward and in backward."""
     tracker, handles = setup.tracker, []
-    for kind, index, block in setup.model.blocks():
-        name = f"{kind}.{index}"
+    for kind, blocks in setup.family.blocks(setup.model).items():
+        for index, block in enumerate(blocks):
+            name = f"{kind}.{index}"
 
-        def pre(module, args, name=name):
-            if tracker.where.startswith("forward"):  # not in a checkpoint recompute
+            def pre(module, args, name=name):
                 tracker.where = f"forward, {name}"
 
-        def post(module, args, outputs, name=name):
-            for t in outputs if isinstance(outputs, tuple) else (outputs,):
-                if isinstance(t, Tensor) and t.requires_grad:  # its gradient arrives as the block's backward starts
-                    t.register_hook(lambda grad, name=name: setattr(tracker, "where", f"backward, {name}"))
+            def post(module, args, outputs, name=name):
+                for t in outputs if isinstance(outputs, (tuple, list)) else (outputs,):
+                    if isinstance(t, Tensor) and t.requires_grad:  # its gradient arrives as the block's backward starts
+                        t.register_hook(lambda grad, name=name: setattr(tracker, "where", f"backward, {name}"))
 
-        handles += [block.register_forward_pre_hook(pre), block.register_forward_hook(post)]
+            handles += [block.register_forward_pre_hook(pre), block.register_forward_hook(post)]
     return handles
 
 
@@ -687,24 +544,24 @@ def triton_launches_skipped():
 
 def walk(setup: Setup, measure=nullcontext) -> None:
     """Prime the optimizer, then run one measured training step; `measure()` wraps the step."""
-    cfg, tracker, model = setup.cfg, setup.tracker, setup.model
+    cfg, tracker, model, family = setup.cfg, setup.tracker, setup.model, setup.family
     device = next(model.parameters()).device
-    objective = objective_of(cfg)
+    objective = family.objective(cfg)
     triton = device.type == "meta" and triton_like_cuda(cfg)
     kernel_mode = layers._kernel_mode
     handles = _label_blocks(setup)
     try:
         layers.set_kernels("triton" if triton else "torch")
-        with tracker, mock.patch.object(flux, "attention", flash_attention), \
+        with tracker, layers.attention_impl(partial(flash_attention, tracker)), \
                 triton_launches_skipped() if triton else nullcontext():
             prime_optimizer(setup)
             tracker.reset_peak()
             with measure():
                 for _ in range(min(cfg["gradient_accumulation_steps"], 2)):  # a second one meets live gradients
                     with tracker.doing("loading the batch"):
-                        batch = step_inputs(setup, device)
-                    with tracker.doing("forward"), offloaded_activations(tracker, cfg["offload_activations"]):
-                        loss = step_loss(model, objective, batch)
+                        batch = family.plan_batch(cfg, setup.params, device)
+                    with tracker.doing("forward"), offloaded_activations(tracker, cfg):
+                        loss = training.training_loss(family, objective, model, batch, cfg)[0]
                     with tracker.doing("backward"):
                         loss.backward()
                     del loss, batch
@@ -719,40 +576,49 @@ def walk(setup: Setup, measure=nullcontext) -> None:
 # --- the plan ------------------------------------------------------------------------------------
 
 
-def plan(cfg: dict, params: flux.FluxParams | None = None) -> dict:
+def plan(cfg: dict, params=None) -> dict:
     """Walk one training step of `cfg` on the meta device. Returns the numbers, in bytes:
     device (category -> bytes at the peak), peak_bytes, peak_where, device_high_water
     (category -> the most it held at any moment), allocator_rounding_bytes, host (category ->
-    bytes), host_bytes, swap (kind -> swapped blocks and bytes per block), and a description."""
+    bytes), host_bytes, swap (group -> swapped blocks and bytes per block), and a description."""
     start = time.perf_counter()
     setup = build(cfg, "meta", params)
     walk(setup)
     return summarize(setup, time.perf_counter() - start)
 
 
+def swap_summary(setup: Setup) -> dict:
+    """Per group of blocks: how many swap, of how many, through how many slots, and the bytes
+    of its largest block (what swapping one more saves at most)."""
+    swap = setup.prepared.swap
+    out = {}
+    for name, blocks in setup.family.blocks(setup.model).items():
+        swapped = 0 if swap is None or name not in swap.groups else len(blocks) - swap.groups[name].num_slots
+        out[name] = {"swapped": swapped, "of": len(blocks), "blocks": list(range(len(blocks) - swapped, len(blocks))),
+                     "mode": setup.cfg["swap_mode"], "device_slots": min(swapped, len(blocks) - swapped),
+                     "bytes_per_block": max(blockswap.block_bytes(b) for b in blocks)}
+    return out
+
+
 def summarize(setup: Setup, seconds: float = 0.0) -> dict:
     tracker, cfg = setup.tracker, setup.cfg
     host = {SWAPPED: tracker.live[("host", SWAPPED)], SWAP_SPARE: tracker.live[("host", SWAP_SPARE)],
             OFFLOADED: tracker.host_peak_breakdown[OFFLOADED]}  # offloaded activations at their highest
-    side = latent_side(cfg) // 2  # 2x2 patches
     return {
         "device": dict(tracker.peak_breakdown),
         "peak_bytes": tracker.peak_bytes,
         "peak_where": tracker.peak_where,
         "device_high_water": {name: tracker.high_water[("device", name)] for name in DEVICE_CATEGORIES},
         "allocator_rounding_bytes": tracker.peak_rounded - tracker.peak_bytes,
-        # flash backward accumulates dq in fp32 (B, L, hidden) inside the kernel, beside cuBLAS's workspace
-        "workspace_bytes": CUBLAS_WORKSPACE + 4 * cfg["batch_size"] * (side * side + text_tokens(setup))
-        * setup.params.hidden_size,
+        # flash backward accumulates dq in fp32 (the query's size) inside the kernel, beside cuBLAS's workspace
+        "workspace_bytes": CUBLAS_WORKSPACE + 4 * tracker.largest_query,
         "host": host,
         "host_bytes": sum(host.values()),
-        "swap": {kind: {"swapped": p.num_swapped, "of": p.num_blocks, "blocks": p.swapped, "mode": p.mode,
-                        "device_slots": p.device_slots, "bytes_per_block": p.block_bytes}
-                 for kind, p in setup.swap.items()},
+        "swap": swap_summary(setup),
         "parameters": sum(p.numel() for p in setup.model.parameters()),
         "trainable_parameters": sum(p.numel() for p in setup.trainable),
-        "image_tokens": side * side,
-        "text_tokens": text_tokens(setup),
+        "tokens": tracker.longest_sequence,
+        "model": setup.family.describe(setup.params),
         "params_source": setup.params_source,
         "kernels": "Triton" if triton_like_cuda(cfg) else "torch",
         "seconds": seconds,
@@ -773,8 +639,8 @@ def format_plan(result: dict, cfg: dict) -> str:
     lines = [
         f"memory plan: {trained} ({result['trainable_parameters'] / 1e6:,.1f} M of "
         f"{result['parameters'] / 1e6:,.1f} M parameters train); {', '.join(s for s in switches if s)}",
-        f"  {cfg['resolution']} px, batch {cfg['batch_size']}: {result['image_tokens']} image + "
-        f"{result['text_tokens']} text tokens per sample; {result['params_source']}",
+        f"  {result['model']}, {cfg['resolution']} px, batch {cfg['batch_size']}: attention over {result['tokens']} "
+        f"tokens per sample; {result['params_source']}",
         f"  attention counted as flash (no L x L matrix); element-wise chains and optimizer updates as "
         f"{result['kernels']} code",
         "",
@@ -819,20 +685,16 @@ def expected_nvidia_smi(result: dict) -> tuple[float, float]:
 
 def format_swap(result: dict) -> list[str]:
     """Which blocks are swapped, and what swapping one saves."""
-    swap, lines = result["swap"], []
-    for kind, s in swap.items():
+    lines = []
+    for name, s in result["swap"].items():
         per = f"{s['bytes_per_block'] / MiB:,.0f} MiB"
         if s["swapped"]:
             first, last = s["blocks"][0], s["blocks"][-1]
-            lines.append(f"block swap ({s['mode']}): {kind} {s['swapped']} of {s['of']} swapped, blocks {first}-{last} "
-                         f"start in host memory and pass through {s['device_slots']} resident blocks' storage; "
+            lines.append(f"block swap ({s['mode']}): {name} {s['swapped']} of {s['of']} swapped, blocks {first}-{last} "
+                         f"start in host memory and pass through {s['device_slots']} device slots; "
                          f"{per} saved per block")
         else:
-            lines.append(f"block swap: no {kind} swapped; swapping one would save {per}")
-    if set(swap) == {"double_blocks", "single_blocks"}:
-        per_count = swap["double_blocks"]["bytes_per_block"] / 2 + swap["single_blocks"]["bytes_per_block"]
-        lines.append(f"  one step of blocks_to_swap (half a double block + one single block) saves "
-                     f"{per_count / 1e6:,.0f} MB (sd-scripts quotes about 640 MB in bf16)")
+            lines.append(f"block swap: no {name} swapped; swapping one would save {per}")
     return lines
 
 

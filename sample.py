@@ -1,20 +1,20 @@
-"""FLUX.1 sampling: Euler on the flow, the dev time-shifted schedule, embedded guidance,
-optional true CFG with a negative prompt, LoRAs with strengths. A function to call from
-code (`generate`) and a CLI:
+"""Sampling: the prompt syntax, the flow Euler step, image files, and the sampling CLI. The
+schedule and the sampler of each model come from its family (families/), so this file holds
+what every family shares:
 
-    python sample.py --flux flux1-dev.safetensors --ae ae.safetensors \
+    python sample.py --model flux1-dev.safetensors --ae ae.safetensors \
         --clip_l clip_l.safetensors --t5 t5xxl_fp16.safetensors \
         --prompt "a photo of a cat" --lora my_lora.safetensors:0.8 --out cat.png
+    python sample.py --config configs/flux_8gb.py --prompt "..."   # files and memory settings of a config
 
 Prompt files use the kohya syntax, one prompt a line:
     a red circle --n blurry --w 1024 --h 768 --d 42 --l 1.0 --g 3.5 --s 28
-(--n negative prompt, --w/--h size, --d seed, --l true-CFG scale, --g embedded guidance,
---s steps; lines starting with # are comments).
+(--n negative prompt, --w/--h size, --d seed, --l CFG scale, --g embedded guidance, --s steps;
+lines starting with # are comments).
 """
 import argparse
 import json
-import math
-import shlex
+import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from torch import Tensor
 
-from models import flux
+import atomic
 
 
 @dataclass
@@ -33,8 +33,8 @@ class SamplePrompt:
     width: int = 1024
     height: int = 1024
     seed: int = 0
-    cfg_scale: float = 1.0  # true CFG (two passes) only when > 1 and a negative prompt exists
-    guidance: float = 3.5  # embedded guidance (dev); ignored by schnell
+    cfg_scale: float = 1.0  # classifier-free guidance (two passes) only when != 1
+    guidance: float = 3.5  # embedded guidance (FLUX dev); ignored where a model has none
     steps: int = 28
 
 
@@ -58,6 +58,8 @@ def parse_prompt_line(line: str, defaults: SamplePrompt | None = None) -> Sample
             fields[name] = kind(value.strip())
         except ValueError:
             raise ValueError(f"--{flag} expects a {kind.__name__}, got {value.strip()!r} in {line!r}") from None
+        if flag in ("w", "h", "s") and fields[name] < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {fields[name]} in {line!r}")
     return replace(defaults or SamplePrompt(prompt=""), **fields)
 
 
@@ -66,57 +68,35 @@ def read_prompt_file(path: str | Path, defaults: SamplePrompt | None = None) -> 
     return [p for line in lines if (p := parse_prompt_line(line, defaults)) is not None]
 
 
-def time_shift(mu: float, sigma: float, t: Tensor) -> Tensor:
-    return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
-
-
-def get_schedule(num_steps: int, image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15,
-                 shift: bool = True) -> list[float]:
-    """Noise levels from 1 to 0. dev shifts toward high noise by mu, linear in the token count
-    through (256, base_shift) and (4096, max_shift); schnell uses the plain linear schedule."""
-    timesteps = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
-    if shift:
-        slope = (max_shift - base_shift) / (4096 - 256)
-        mu = base_shift + slope * (image_seq_len - 256)
-        timesteps[:-1] = time_shift(mu, 1.0, timesteps[:-1])  # t=0 stays 0 (1/0 would be inf)
-    return timesteps.tolist()
+# --- the flow sampler --------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def sample_latent(model, cond: dict, noise: Tensor, steps: int, guidance: float, shift: bool,
-                  neg_cond: dict | None = None, cfg_scale: float = 1.0) -> Tensor:
-    """Euler from noise (B, C, h, w) at t=1 down to t=0; x_t = (1-t) x0 + t noise."""
-    x = noise
-    b, _, h, w = x.shape
-    guidance_vec = torch.full((b,), guidance, device=x.device)
-    schedule = get_schedule(steps, flux.image_seq_len(h, w), shift=shift)
+def euler(velocity, x: Tensor, schedule: list[float]) -> Tensor:
+    """Euler along a flow from schedule[0] down to schedule[-1]: x <- x + (t_next - t) v(x, t),
+    x_t = (1 - t) x0 + t noise."""
     for t_curr, t_prev in zip(schedule[:-1], schedule[1:]):
-        t_vec = torch.full((b,), t_curr, device=x.device)
-        velocity = flux.denoise(model, x, t_vec, cond, guidance_vec)
-        if neg_cond is not None and cfg_scale != 1.0:
-            velocity_neg = flux.denoise(model, x, t_vec, neg_cond, guidance_vec)
-            velocity = velocity_neg + cfg_scale * (velocity - velocity_neg)
-        x = x + (t_prev - t_curr) * velocity
+        x = x + (t_prev - t_curr) * velocity(x, t_curr)
     return x
 
 
-def initial_noise(prompt: SamplePrompt, channels: int, downscale: int, device) -> Tensor:
+def initial_noise(prompt: SamplePrompt, channels: int, downscale: int, multiple: int, device) -> Tensor:
     """Seeded noise on the CPU (the same image on every device), (1, C, h, w)."""
-    if prompt.width % (2 * downscale) or prompt.height % (2 * downscale):
-        raise ValueError(f"width and height must be multiples of {2 * downscale}, got {prompt.width}x{prompt.height}")
+    if prompt.width % multiple or prompt.height % multiple:
+        raise ValueError(f"width and height must be multiples of {multiple}, got {prompt.width}x{prompt.height}")
     generator = torch.Generator().manual_seed(prompt.seed)
     shape = (1, channels, prompt.height // downscale, prompt.width // downscale)
     return torch.randn(shape, generator=generator).to(device)
 
 
-def generate(model, codec, prompt: SamplePrompt, cond: dict, neg_cond: dict | None = None) -> Image.Image:
+def generate(family, model, codec, prompt: SamplePrompt, cond: dict, neg_cond: dict | None = None) -> Image.Image:
     """One image for one prompt. `codec` turns latents into pixels (the VAE, or identity);
-    `cond`/`neg_cond` are batched text conditionings (see models.flux.denoise)."""
+    `cond`/`neg_cond` are the family's sampling conditioning (family.sample_conditioning)."""
     device = next(model.parameters()).device
-    noise = initial_noise(prompt, codec.channels, codec.downscale, device)
+    multiple = family.latent_multiple * codec.downscale
+    noise = initial_noise(prompt, codec.channels, codec.downscale, multiple, device)
     use_cfg = neg_cond is not None and prompt.cfg_scale != 1.0
-    latent = sample_latent(model, cond, noise, prompt.steps, prompt.guidance, shift=model.params.guidance_embed,
-                           neg_cond=neg_cond if use_cfg else None, cfg_scale=prompt.cfg_scale)
+    latent = family.sample(model, prompt, cond, neg_cond if use_cfg else None, noise)
     return to_pil(codec.decode(latent))
 
 
@@ -126,76 +106,166 @@ def to_pil(pixels: Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
-def save_png(image: Image.Image, path: str | Path, prompt: SamplePrompt, extra: dict | None = None) -> None:
-    """PNG with the prompt and settings in its text metadata; written atomically."""
-    info = PngInfo()
-    info.add_text("parameters", json.dumps({**asdict(prompt), **(extra or {})}))
-    info.add_text("prompt", prompt.prompt)
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def save_image(image: Image.Image, path: str | Path, prompt: SamplePrompt, extra: dict | None = None) -> None:
+    """PNG (the prompt and settings in its text metadata), JPEG or WebP by the suffix; atomic."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    image.save(tmp, pnginfo=info)
-    tmp.replace(path)
+    kind = IMAGE_FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise ValueError(f"{path}: choose a .png, .jpg or .webp file name")
+    options = {"quality": 95} if kind in ("JPEG", "WEBP") else {}
+    if kind == "PNG":
+        info = PngInfo()
+        info.add_text("parameters", json.dumps({**asdict(prompt), **(extra or {})}))
+        info.add_text("prompt", prompt.prompt)
+        options["pnginfo"] = info
+    atomic.write_file(path, lambda tmp: image.save(tmp, format=kind, **options))
 
 
 def parse_lora_arg(arg: str) -> tuple[str, float]:
-    """'file.safetensors:0.8' -> (path, 0.8); no ':strength' means 1.0."""
-    path, sep, strength = arg.rpartition(":")
-    if sep and path and not Path(arg).exists():
-        try:
-            return path, float(strength)
-        except ValueError:
-            pass
-    return arg, 1.0
+    """'file.safetensors:0.8' or kohya's 'file.safetensors;0.8' -> (path, 0.8); no strength
+    means 1.0. A file that exists under the whole name is taken as it is."""
+    if Path(arg).exists():
+        return arg, 1.0
+    cut = max(arg.rfind(":"), arg.rfind(";"))
+    if cut <= 0 or not arg[:cut].lower().endswith(".safetensors"):
+        return arg, 1.0
+    path, strength = arg[:cut], arg[cut + 1 :]
+    try:
+        return path, float(strength)
+    except ValueError:
+        raise ValueError(f"--lora {arg}: {strength!r} is not a strength; write FILE:0.8 or FILE;0.8") from None
 
 
-def main(argv=None):
-    from models import load_codec, load_text_encoder  # the CLI loads everything; generate() does not
-    import lora
+# --- the CLI -----------------------------------------------------------------------------------------
 
-    parser = argparse.ArgumentParser(description="FLUX.1 sampling")
-    parser.add_argument("--flux", required=True, help="flux1-dev/schnell.safetensors")
-    parser.add_argument("--ae", default="", help="ae.safetensors ('' decodes nothing: pixel-space models)")
-    parser.add_argument("--clip_l", required=True)
-    parser.add_argument("--t5", required=True)
-    parser.add_argument("--clip_tokenizer", default="")
-    parser.add_argument("--t5_tokenizer", default="")
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description="Sample images from a diffusion model (FLUX.1), with LoRAs.")
+    parser.add_argument("--config", default="", help="a training config: model files and memory settings from it")
+    parser.add_argument("--model", "--flux", dest="model", default="", help="the denoiser checkpoint (model_path)")
+    parser.add_argument("--model_family", default="", help="'auto' (default) or a family name")
+    parser.add_argument("--ae", default=None, help="ae.safetensors ('' decodes nothing: pixel-space models)")
+    parser.add_argument("--clip_l", default=None)
+    parser.add_argument("--t5", default=None)
+    parser.add_argument("--clip_tokenizer", default=None)
+    parser.add_argument("--t5_tokenizer", default=None)
     parser.add_argument("--prompt", help="a prompt, kohya options allowed (--w 768 --s 20 ...)")
     parser.add_argument("--prompt_file", help="a kohya prompt file")
-    parser.add_argument("--lora", action="append", default=[], help="file.safetensors[:strength], repeatable")
+    parser.add_argument("--lora", action="append", default=[], help="FILE[:STRENGTH] or FILE;STRENGTH, repeatable")
     parser.add_argument("--lora_on_the_fly", action="store_true", help="apply LoRAs as modules instead of merging")
-    parser.add_argument("--out", default="samples", help="output PNG (one prompt) or folder")
-    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--t5_max_length", type=int, default=0, help="0: 512 for dev, 256 for schnell")
-    parser.add_argument("--apply_t5_attn_mask", action="store_true", help="mask T5 padding (if the LoRA trained so)")
-    parser.add_argument("--model_overrides", default="{}", help="JSON of FluxParams overrides (tiny models)")
+    parser.add_argument("--out", default="samples", help="output image (.png, .jpg, .webp; one prompt) or folder")
+    parser.add_argument("--seed", type=int, default=None, help="the seed of every prompt without its own --d")
+    parser.add_argument("--dtype", default=None, choices=("bf16", "fp32"))
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--t5_max_length", type=int, default=None, help="0: the family's default")
+    parser.add_argument("--apply_t5_attn_mask", action="store_true", default=None, help="mask T5 padding")
+    parser.add_argument("--model_overrides", default=None, help="JSON of network overrides (tiny models)")
+    parser.add_argument("--fp8_base", action="store_true", default=None, help="block weights in fp8")
+    parser.add_argument("--blocks_to_swap", type=int, default=None, help="kohya's count of blocks kept in host memory")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     if not args.prompt and not args.prompt_file:
         parser.error("give --prompt or --prompt_file")
+    return args
 
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    model = flux.load(args.flux, dtype=dtype, device=args.device, **json.loads(args.model_overrides))
-    model.requires_grad_(False).eval()
-    for spec in args.lora:
-        path, strength = parse_lora_arg(spec)
-        lora.apply_lora_file(model, path, multiplier=strength, merge=not args.lora_on_the_fly)
-    is_dev = model.params.guidance_embed
-    defaults = SamplePrompt(prompt="", steps=28 if is_dev else 4, guidance=3.5)
-    prompts = read_prompt_file(args.prompt_file, defaults) if args.prompt_file else [parse_prompt_line(args.prompt, defaults)]
-    max_length = args.t5_max_length or flux.default_t5_max_length(model.params)
-    text = load_text_encoder(args.clip_l, args.t5, args.clip_tokenizer, args.t5_tokenizer, max_length=max_length,
-                             apply_mask=args.apply_t5_attn_mask, dtype=dtype, device=args.device)
-    codec = load_codec(args.ae, dtype=dtype, device=args.device)
-    out = Path(args.out)
-    for i, prompt in enumerate(prompts):
-        cond = text.encode([prompt.prompt])
-        neg = text.encode([prompt.negative]) if prompt.cfg_scale != 1.0 else None
-        image = generate(model, codec, prompt, cond, neg)
-        path = out if (len(prompts) == 1 and out.suffix == ".png") else out / f"{i:03d}.png"
-        save_png(image, path, prompt, {"loras": args.lora, "model": Path(args.flux).name})
+
+CLI_KEYS = {"model": "model_path", "model_family": "model_family", "ae": "ae_path", "clip_l": "clip_l_path",
+            "t5": "t5_path", "clip_tokenizer": "clip_tokenizer", "t5_tokenizer": "t5_tokenizer", "dtype": "dtype",
+            "device": "device", "t5_max_length": "t5_max_length", "apply_t5_attn_mask": "apply_t5_attn_mask",
+            "fp8_base": "fp8_base", "blocks_to_swap": "blocks_to_swap"}
+
+
+def sampling_config(args) -> dict:
+    """A resolved config (config.py) from --config and the flags, with the model files checked."""
+    from config import ConfigError, load_config, validate
+
+    cfg = load_config(args.config or None, check_files=False)
+    for flag, key in CLI_KEYS.items():
+        value = getattr(args, flag)
+        if value not in (None, ""):
+            cfg[key] = value
+    if args.model_overrides is not None:
+        cfg["model_overrides"] = json.loads(args.model_overrides)
+    if not args.config:
+        cfg["model_family"] = args.model_family or "auto"
+    validate(cfg, check_files=False)
+    for key in ("model_path", "ae_path", "clip_l_path", "t5_path"):
+        if cfg[key] and not Path(cfg[key]).exists():
+            raise ConfigError(f"{key}: file or folder not found: {cfg[key]}")
+    if not cfg["model_path"]:
+        raise ConfigError("give --model (or --config with model_path)")
+    return cfg
+
+
+def encode_prompts(family, cfg: dict, params, prompts: list[SamplePrompt], dtype, device) -> list:
+    """Every prompt's conditioning, computed before the denoiser loads; the text encoders then
+    leave the device."""
+    text = family.text_encoder(cfg, params, dtype, device)
+    encoded = []
+    for prompt in prompts:
+        cond = family.sample_conditioning(text.encode([prompt.prompt]), prompt, device)
+        neg = family.sample_conditioning(text.encode([prompt.negative]), prompt, device) \
+            if prompt.cfg_scale != 1.0 else None
+        encoded.append((cond, neg))
+    del text
+    return encoded
+
+
+def run_cli(args) -> list[Path]:
+    import families
+    import lora
+    import training
+    from config import DTYPES
+    from models.loading import load_state_dict
+
+    cfg = sampling_config(args)
+    family = families.get(cfg["model_family"])
+    device = torch.device(cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[cfg["dtype"]]
+    sd = load_state_dict(cfg["model_path"], allow_pickle=cfg["allow_pickle"])  # memory-mapped
+    params = family.params(sd, cfg)
+    defaults = replace(family.prompt_defaults(cfg, params), seed=args.seed if args.seed is not None else 0)
+    prompts = read_prompt_file(args.prompt_file, defaults) if args.prompt_file \
+        else [parse_prompt_line(args.prompt, defaults)]
+    loras = [parse_lora_arg(spec) for spec in args.lora]
+    encoded = encode_prompts(family, cfg, params, prompts, dtype, device)
+    model = family.load(sd, cfg, dtype=dtype, device="cpu").requires_grad_(False).eval()
+    del sd
+    for path, strength in loras:
+        lora.apply_lora_file(model, path, family, multiplier=strength, merge=not args.lora_on_the_fly)
+    training.place(model, family, cfg, device, mode="h2d_only")
+    codec = family.codec(cfg, dtype, device)
+    return write_samples(args, family, model, codec, prompts, encoded, cfg)
+
+
+def write_samples(args, family, model, codec, prompts, encoded, cfg) -> list[Path]:
+    out, paths = Path(args.out), []
+    for i, (prompt, (cond, neg)) in enumerate(zip(prompts, encoded)):
+        image = generate(family, model, codec, prompt, cond, neg)
+        single = len(prompts) == 1 and out.suffix.lower() in IMAGE_FORMATS
+        path = out if single else out / f"{i:03d}.png"
+        save_image(image, path, prompt, {"loras": args.lora, "model": Path(cfg["model_path"]).name})
         print(f"saved {path}")
+        paths.append(path)
+    return paths
+
+
+def main(argv=None) -> list[Path]:
+    args = parse_args(argv)
+    if Path(args.out).suffix and Path(args.out).suffix.lower() not in IMAGE_FORMATS:
+        raise SystemExit(f"error: --out {args.out}: choose a .png, .jpg or .webp file name, or a folder")
+    return run_cli(args)
 
 
 if __name__ == "__main__":
-    main()
+    debug = "--debug" in sys.argv
+    try:
+        main()
+    except (ValueError, FileNotFoundError, OSError) as error:  # ConfigError is a ValueError
+        if debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)

@@ -11,17 +11,16 @@ from dataclasses import dataclass, field, replace
 import torch
 from einops import rearrange
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from .layers import (
     EmbedND,
     MLPEmbedder,
     Modulation,
     QKNorm,
+    TanhGELU,
     attention,
     gated_residual,
     gated_residual_norm_modulate,
-    gelu_tanh,
     norm_modulate,
     qk_norm_rope,
     timestep_embedding,
@@ -62,27 +61,19 @@ class SelfAttention(nn.Module):
 
 
 class DoubleStreamBlock(nn.Module):
-    """Separate weights for the image and text streams, one joint attention over [txt, img]."""
+    """Separate weights for the image and text streams, one joint attention over [txt, img].
+    The reference's parameterless LayerNorms (img_norm1, ...) are folded into norm_modulate."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qkv_bias: bool):
         super().__init__()
         mlp_hidden = int(hidden_size * mlp_ratio)
         self.num_heads = num_heads
-        for stream in ("img", "txt"):
-            setattr(self, f"{stream}_mod", Modulation(hidden_size, double=True))
-            setattr(self, f"{stream}_norm1", nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6))
-            setattr(self, f"{stream}_attn", SelfAttention(hidden_size, num_heads, qkv_bias))
-            setattr(self, f"{stream}_norm2", nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6))
-            mlp = nn.Sequential(
-                nn.Linear(hidden_size, mlp_hidden, bias=True),
-                nn.GELU(approximate="tanh"),  # kept for the module index; forward uses gelu_tanh
-                nn.Linear(mlp_hidden, hidden_size, bias=True),
-            )
-            setattr(self, f"{stream}_mlp", mlp)
-
-    @staticmethod
-    def _mlp(mlp: nn.Sequential, x: Tensor) -> Tensor:
-        return mlp[2](gelu_tanh(mlp[0](x)))
+        self.img_mod = Modulation(hidden_size, double=True)
+        self.img_attn = SelfAttention(hidden_size, num_heads, qkv_bias)
+        self.img_mlp = nn.Sequential(nn.Linear(hidden_size, mlp_hidden), TanhGELU(), nn.Linear(mlp_hidden, hidden_size))
+        self.txt_mod = Modulation(hidden_size, double=True)
+        self.txt_attn = SelfAttention(hidden_size, num_heads, qkv_bias)
+        self.txt_mlp = nn.Sequential(nn.Linear(hidden_size, mlp_hidden), TanhGELU(), nn.Linear(mlp_hidden, hidden_size))
 
     def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor, mask: Tensor | None = None):
         img_mod1, img_mod2 = self.img_mod(vec)
@@ -107,16 +98,17 @@ class DoubleStreamBlock(nn.Module):
         img, img_mlp_in = gated_residual_norm_modulate(
             img, img_mod1.gate, self.img_attn.proj(img_attn), img_mod2.shift, img_mod2.scale
         )
-        img = gated_residual(img, img_mod2.gate, self._mlp(self.img_mlp, img_mlp_in))
+        img = gated_residual(img, img_mod2.gate, self.img_mlp(img_mlp_in))
         txt, txt_mlp_in = gated_residual_norm_modulate(
             txt, txt_mod1.gate, self.txt_attn.proj(txt_attn), txt_mod2.shift, txt_mod2.scale
         )
-        txt = gated_residual(txt, txt_mod2.gate, self._mlp(self.txt_mlp, txt_mlp_in))
+        txt = gated_residual(txt, txt_mod2.gate, self.txt_mlp(txt_mlp_in))
         return img, txt
 
 
 class SingleStreamBlock(nn.Module):
-    """One weight set over [txt, img]; attention and MLP run in parallel from one linear1."""
+    """One weight set over [txt, img]; attention and MLP run in parallel from one linear1.
+    The reference's parameterless pre_norm is folded into norm_modulate."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
         super().__init__()
@@ -126,8 +118,7 @@ class SingleStreamBlock(nn.Module):
         self.linear1 = nn.Linear(hidden_size, hidden_size * 3 + self.mlp_hidden_dim)  # [q | k | v | mlp_in]
         self.linear2 = nn.Linear(hidden_size + self.mlp_hidden_dim, hidden_size)  # [attn | mlp_act] -> H
         self.norm = QKNorm(hidden_size // num_heads)
-        self.pre_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp_act = nn.GELU(approximate="tanh")
+        self.mlp_act = TanhGELU()
         self.modulation = Modulation(hidden_size, double=False)
 
     def forward(self, x: Tensor, vec: Tensor, pe: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -137,14 +128,15 @@ class SingleStreamBlock(nn.Module):
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = qk_norm_rope(q, k, self.norm.query_norm.scale, self.norm.key_norm.scale, pe)
         attn = attention(q, k.to(v.dtype), v, mask)
-        output = self.linear2(torch.cat((attn, gelu_tanh(mlp)), dim=2))
+        output = self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2))
         return gated_residual(x, mod.gate, output)
 
 
 class LastLayer(nn.Module):
+    """(shift, scale) modulation of the final LayerNorm (parameterless: folded into norm_modulate)."""
+
     def __init__(self, hidden_size: int, out_channels: int):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
@@ -156,12 +148,10 @@ class LastLayer(nn.Module):
 class Flux(nn.Module):
     """The FLUX.1 flow transformer.
 
-    `double_blocks` and `single_blocks` are the repeated blocks (block swap, checkpointing,
-    LoRA block selection). `block_hooks` holds objects with `before_block(kind, i, block)` and
-    `after_block(kind, i, block)`; nothing else here knows about swapping.
+    `double_blocks` and `single_blocks` are the repeated blocks. Gradient checkpointing, block
+    swap and LoRA act on them from outside (activations.py, blockswap.py, lora.py), through the
+    lists families/flux.py names; the forward below is the reference's.
     """
-
-    block_kinds = ("double_blocks", "single_blocks")
 
     def __init__(self, params: FluxParams):
         super().__init__()
@@ -189,8 +179,6 @@ class Flux(nn.Module):
             [SingleStreamBlock(p.hidden_size, p.num_heads, p.mlp_ratio) for _ in range(p.depth_single_blocks)]
         )
         self.final_layer = LastLayer(p.hidden_size, p.out_channels)
-        self.gradient_checkpointing = False
-        self.block_hooks: list = []
 
     def forward(
         self,
@@ -220,29 +208,13 @@ class Flux(nn.Module):
         if txt_mask is not None:  # image tokens always attend
             mask = torch.cat((txt_mask.bool(), torch.ones(img.shape[:2], dtype=torch.bool, device=img.device)), 1)
 
-        for i, block in enumerate(self.double_blocks):
-            img, txt = self._run_block("double_blocks", i, block, img, txt, vec, pe, mask)
+        for block in self.double_blocks:
+            img, txt = block(img, txt, vec, pe, mask)
         x = torch.cat((txt, img), dim=1)
-        for i, block in enumerate(self.single_blocks):
-            x = self._run_block("single_blocks", i, block, x, vec, pe, mask)
+        for block in self.single_blocks:
+            x = block(x, vec, pe, mask)
         img = x[:, txt.shape[1] :, ...]
         return self.final_layer(img, vec)  # (B, L_img, out_channels)
-
-    def _run_block(self, kind: str, index: int, block: nn.Module, *args):
-        for hook in self.block_hooks:
-            hook.before_block(kind, index, block)
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            # Non-reentrant: recomputes the block in backward; works with frozen inputs.
-            out = checkpoint(block, *args, use_reentrant=False)
-        else:
-            out = block(*args)
-        for hook in self.block_hooks:
-            hook.after_block(kind, index, block)
-        return out
-
-    def blocks(self) -> list[tuple[str, int, nn.Module]]:
-        """Every repeated block in execution order as (kind, index, module)."""
-        return [(kind, i, b) for kind in self.block_kinds for i, b in enumerate(getattr(self, kind))]
 
     @classmethod
     def from_state_dict(cls, sd: dict, dtype: torch.dtype | None = None, device=None, **overrides) -> "Flux":

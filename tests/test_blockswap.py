@@ -5,7 +5,9 @@ a CUDA side stream. A swapped model and an unswapped copy train side by side and
 must agree bit for bit (outputs, gradients, AdamW updates), in training, in sampling and
 alternating between the two. Where the weights are is checked independently of blockswap's
 own bookkeeping: the device slots are the storage that blocks 0..K-1 held right after the
-swap was built, and every block must compute with weights inside that storage.
+swap was built, and every Linear must compute with a weight inside that storage, in forward
+and in a checkpoint recompute alike. A network whose blocks differ in shape (and hold convs)
+swaps the same way.
 """
 import copy
 
@@ -13,8 +15,12 @@ import pytest
 import torch
 from torch import nn
 
-from blockswap import BlockSwap, kohya_split, max_blocks_to_swap, offload_activations, swap_counts
-from lora import LoRANetwork, flux_lora_targets
+from activations import checkpoint_blocks, offload_activations
+from blockswap import BlockSwap, check_counts
+from families.flux import FAMILY as FLUX
+from families.flux import kohya_split, max_blocks_to_swap
+from families.flux import lora_targets as flux_lora_targets
+from lora import LoRANetwork
 from models.flux import Flux, FluxParams, img_ids, txt_ids
 
 PARAMS = FluxParams(
@@ -48,9 +54,13 @@ def linear_weights(block: nn.Module) -> list[torch.Tensor]:
     return [m.weight for m in block.modules() if isinstance(m, nn.Linear)]
 
 
+def storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
 class ResidencyCheck:
-    """On every block call (forward, checkpoint recompute, sampling): the block's Linear weights
-    lie in the device slots, and no more than K blocks of a kind have weights there."""
+    """On every Linear call inside a swapped block (forward, checkpoint recompute, sampling): its
+    weight lies in the device slots, and no more than K blocks of a kind have weights there."""
 
     def __init__(self, model: Flux, swapped: dict[str, int]):
         self.model = model
@@ -59,20 +69,29 @@ class ResidencyCheck:
         for kind, n in swapped.items():
             blocks = getattr(model, kind)
             self.limit[kind] = len(blocks) - n
-            self.slots[kind] = {w.data_ptr() for b in blocks[: self.limit[kind]] for w in linear_weights(b)}
+            self.slots[kind] = {storage(w) for b in blocks[: self.limit[kind]] for w in linear_weights(b)}
             for i, block in enumerate(blocks):
-                block.register_forward_pre_hook(lambda module, args, kind=kind, i=i: self.check(kind, i))
+                for linear in (m for m in block.modules() if isinstance(m, nn.Linear)):
+                    linear.register_forward_pre_hook(lambda module, args, kind=kind, i=i: self.check(kind, i, module))
 
     def resident(self, kind: str) -> list[int]:
         blocks = getattr(self.model, kind)
-        return [b for b, block in enumerate(blocks) if {w.data_ptr() for w in linear_weights(block)} & self.slots[kind]]
+        return [b for b, block in enumerate(blocks) if {storage(w) for w in linear_weights(block)} & self.slots[kind]]
 
-    def check(self, kind: str, index: int) -> None:
+    def check(self, kind: str, index: int, linear: nn.Linear) -> None:
         self.calls += 1
-        block = getattr(self.model, kind)[index]
-        outside = [w.shape for w in linear_weights(block) if w.data_ptr() not in self.slots[kind]]
-        assert not outside, f"{kind}.{index} computes with weights outside the device slots: {outside}"
+        assert storage(linear.weight) in self.slots[kind], f"{kind}.{index} computes with a weight outside the slots"
         assert len(self.resident(kind)) <= self.limit[kind], f"{kind}: resident {self.resident(kind)}"
+
+
+def swap_config(blocks_to_swap=0, double=-1, single=-1) -> dict:
+    return {"blocks_to_swap": blocks_to_swap, "double_blocks_to_swap": double, "single_blocks_to_swap": single}
+
+
+def attach(model, cls=None, mode="exchange", device="cpu", pin_memory=False, **counts):
+    """BlockSwap (or a subclass) on a FLUX model with the family's groups and split rule."""
+    counts = FLUX.swap_counts(model, swap_config(**counts))
+    return (cls or BlockSwap)(model, FLUX.blocks(model), counts, device, mode=mode, pin_memory=pin_memory)
 
 
 class LaggingCopies(BlockSwap):
@@ -106,12 +125,12 @@ def make_pair(train: str, checkpointing: bool, fp8: bool = False, device="cpu"):
         from fp8 import quantize_linears_
 
         reference.requires_grad_(False)  # fp8 storage is for a frozen base
-        quantize_linears_(reference)
+        quantize_linears_(reference, [b for group in FLUX.blocks(reference).values() for b in group])
     swapped = copy.deepcopy(reference)
     pairs = []
     for model in (reference, swapped):
         model.to(device)
-        model.gradient_checkpointing = checkpointing
+        checkpoint_blocks([b for group in FLUX.blocks(model).values() for b in group], checkpointing)
         if train == "lora":
             model.requires_grad_(False)
             torch.manual_seed(1)
@@ -159,11 +178,11 @@ CASES = [
 @pytest.mark.parametrize("train,mode,checkpointing,fp8", CASES)
 def test_swapping_changes_nothing_that_is_computed(train, mode, checkpointing, fp8):
     (ref, ref_params, ref_opt), (model, params, opt) = make_pair(train, checkpointing, fp8)
-    swap = LaggingCopies(model, "cpu", blocks_to_swap=BLOCKS_TO_SWAP, mode=mode)
+    swap = attach(model, LaggingCopies, mode=mode, blocks_to_swap=BLOCKS_TO_SWAP)
     residency = ResidencyCheck(model, SWAPPED)
     initial = {"double_blocks": [0, 1], "single_blocks": [0, 1]}
     assert swap.resident_blocks() == initial
-    masters = {id(t): t.clone() for g in swap.groups.values() for host in g.host if host for t in host}
+    masters = {id(t): t.clone() for g in swap.groups.values() for t in g.host if t is not None}
 
     for step in range(STEPS):
         before = dict(swap.transfers)
@@ -182,30 +201,32 @@ def test_swapping_changes_nothing_that_is_computed(train, mode, checkpointing, f
         assert torch.equal(sample(ref, seed=100 + step), sample(model, seed=100 + step))
         assert swap.resident_blocks() == initial  # sampling wrapped around
 
-    assert residency.calls >= STEPS * 2 * 10  # forward, (recompute), sampling of all 10 blocks
+    linears = 4 * 10 + 6 * 3
+    assert residency.calls >= STEPS * (3 if checkpointing else 2) * linears  # forward, (recompute), sampling
     assert max(len(residency.resident(k)) for k in SWAPPED) <= 2
     if mode == "h2d_only":  # the host masters were never written
         for g in swap.groups.values():
-            for host in g.host:
-                for t in host or []:
+            for t in g.host:
+                if t is not None:
                     assert torch.equal(t, masters[id(t)])
 
 
 def test_remove_restores_a_plain_model():
     (ref, _, _), (model, _, _) = make_pair("full", checkpointing=True)
-    swap = BlockSwap(model, "cpu", double_blocks_to_swap=1, single_blocks_to_swap=3)
+    swap = attach(model, double=1, single=3)
     assert swap.resident_blocks() == {"double_blocks": [0, 1, 2], "single_blocks": [0, 1, 2]}
     sample(model, seed=0)
     swap.remove()
-    assert model.block_hooks == []
-    ptrs = [w.data_ptr() for _, _, b in model.blocks() for w in linear_weights(b)]
+    blocks = [b for group in FLUX.blocks(model).values() for b in group]
+    assert not any(b._forward_pre_hooks or b._forward_hooks for b in blocks)  # no hook left behind
+    ptrs = [storage(w) for b in blocks for w in linear_weights(b)]
     assert len(set(ptrs)) == len(ptrs)  # every weight has storage of its own again
     assert torch.equal(sample(ref, seed=1), sample(model, seed=1))
 
 
 def test_forward_without_backward_and_inference_switch():
     (ref, _, _), (model, _, _) = make_pair("full", checkpointing=True)
-    swap = BlockSwap(model, "cpu", blocks_to_swap=BLOCKS_TO_SWAP)
+    swap = attach(model, blocks_to_swap=BLOCKS_TO_SWAP)
     batch, _ = make_batch(0)
     model(**batch)  # builds a graph that is never used: the last blocks stay resident
     assert swap.resident_blocks() == {"double_blocks": [2, 3], "single_blocks": [4, 5]}
@@ -222,33 +243,75 @@ def test_counts_and_limits():
     assert max_blocks_to_swap(19, 38) == 35  # FLUX.1: all but two of each kind
     assert max_blocks_to_swap(4, 6) == 4
     model = Flux(PARAMS)
-    assert swap_counts(model, blocks_to_swap=3) == {"double_blocks": 1, "single_blocks": 4}
-    assert swap_counts(model, single_blocks_to_swap=2) == {"double_blocks": 0, "single_blocks": 2}
-    assert swap_counts(model, 3, -1, -1) == swap_counts(model, 3)  # -1: the config's "not given"
+    groups = FLUX.blocks(model)
+
+    def swap_counts(**counts):
+        return check_counts(groups, FLUX.swap_counts(model, swap_config(**counts)))
+
+    assert swap_counts(blocks_to_swap=3) == {"double_blocks": 1, "single_blocks": 4}
+    assert swap_counts(single=2) == {"double_blocks": 0, "single_blocks": 2}
     with pytest.raises(ValueError, match="at most 4"):
-        swap_counts(model, blocks_to_swap=5)
+        swap_counts(blocks_to_swap=5)
     with pytest.raises(ValueError, match="double_blocks: cannot swap 3 of 4"):
-        swap_counts(model, double_blocks_to_swap=3)
+        swap_counts(double=3)
     with pytest.raises(ValueError, match="not both"):
-        swap_counts(model, blocks_to_swap=2, single_blocks_to_swap=2)
+        swap_counts(blocks_to_swap=2, single=2)
     with pytest.raises(ValueError, match="swap_mode"):
-        BlockSwap(model, "cpu", blocks_to_swap=2, mode="offload")
+        attach(model, blocks_to_swap=2, mode="offload")
 
 
 def test_h2d_only_refuses_trainable_swapped_weights():
     model = Flux(PARAMS)  # full fine-tuning: every weight requires grad
     with pytest.raises(ValueError, match="never copies weights back"):
-        BlockSwap(model, "cpu", blocks_to_swap=2, mode="h2d_only")
-    assert model.block_hooks == []
+        attach(model, blocks_to_swap=2, mode="h2d_only")
+    assert not any(b._forward_pre_hooks for group in FLUX.blocks(model).values() for b in group)
 
 
-def test_blocks_sharing_a_slot_must_match():
-    from fp8 import Fp8Linear
+class Uneven(nn.Module):
+    """Blocks of different widths and layer kinds (Linear, Conv2d, Conv1d) in one group, as SD3's
+    pre-only last block, SD3.5 Medium's attn2 blocks and SDXL's levels have."""
 
-    model = Flux(PARAMS)
-    model.single_blocks[3].linear1 = Fp8Linear.from_linear(model.single_blocks[3].linear1)
-    with pytest.raises(ValueError, match="share a device slot"):
-        BlockSwap(model, "cpu", single_blocks_to_swap=4)
+    def __init__(self):
+        super().__init__()
+        widths = [8, 16, 8, 24, 8, 12]
+        self.blocks = nn.ModuleList(nn.ModuleDict({
+            "conv": nn.Conv2d(4, 4, 3, padding=1), "up": nn.Linear(4, w), "down": nn.Linear(w, 4),
+            "mix": nn.Conv1d(4, 4, 1)}) for w in widths)
+
+    def forward(self, x):  # x (B, 4, H, W)
+        for block in self.blocks:
+            x = block["conv"](x)
+            h = block["down"](torch.tanh(block["up"](x.permute(0, 2, 3, 1))))  # (B, H, W, 4)
+            b, hh, ww, c = h.shape
+            h = block["mix"](h.reshape(b, hh * ww, c).transpose(1, 2)).transpose(1, 2).reshape(b, hh, ww, c)
+            x = x + h.permute(0, 3, 1, 2)
+        return x
+
+
+@pytest.mark.parametrize("mode", ["exchange", "h2d_only"])
+def test_blocks_of_different_shapes_share_slots(mode):
+    torch.manual_seed(0)
+    ref = Uneven()
+    model = copy.deepcopy(ref)
+    for m in (ref, model):  # h2d_only: the weights are frozen and the biases train
+        for name, p in m.named_parameters():
+            p.requires_grad_(mode == "exchange" or name.endswith("bias"))
+    swap = LaggingCopies(model, {"blocks": list(model.blocks)}, {"blocks": 4}, "cpu", mode=mode)
+    group = swap.groups["blocks"]
+    assert sum(t is not None for t in group.slots) == 2
+    widest = 4 * 4 * 9 * 4 + 2 * 4 * (4 * 24) + 4 * 16  # conv 3x3, up/down at width 24, conv1d, fp32
+    assert group.buffer_bytes >= widest
+    x = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        out_ref, out = ref(x), model(x)
+        assert torch.equal(out, out_ref)
+        out_ref.square().mean().backward()
+        out.square().mean().backward()
+        assert_same([p.grad for p in ref.parameters() if p.requires_grad],
+                    [p.grad for p in model.parameters() if p.requires_grad], "gradient")
+        assert swap.resident_blocks() == {"blocks": [0, 1]} and swap.stalls == 0
+        with torch.no_grad():
+            assert torch.equal(ref(x), model(x))
 
 
 def test_offload_activations_keeps_results_and_skips_weights(monkeypatch):
@@ -283,8 +346,8 @@ def test_offload_activations_keeps_results_and_skips_weights(monkeypatch):
 def test_cuda_overlapped_swap_matches(mode):
     (ref, ref_params, ref_opt), (model, params, opt) = make_pair("lora", True, device="cuda")
     model.to("cpu")  # the swap moves what stays resident; swapped weights never reach the GPU
-    swap = BlockSwap(model, "cuda", blocks_to_swap=BLOCKS_TO_SWAP, mode=mode, pin_memory=True)
-    assert all(t.is_pinned() for g in swap.groups.values() for host in g.host if host for t in host)
+    swap = attach(model, mode=mode, device="cuda", pin_memory=True, blocks_to_swap=BLOCKS_TO_SWAP)
+    assert all(t.is_pinned() for g in swap.groups.values() for t in g.host if t is not None)
     for step in range(STEPS):
         out_ref, grads_ref = train_step(ref, ref_params, ref_opt, step, "cuda")
         out, grads = train_step(model, params, opt, step, "cuda")

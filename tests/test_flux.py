@@ -160,13 +160,24 @@ def test_comfyui_prefix_loads_the_same():
         assert torch.equal(load_ours(prefixed, params)(**x), load_ours(sd, params)(**x))
 
 
+def _blocks(model: Flux) -> list:
+    from families.flux import FAMILY
+
+    return [b for group in FAMILY.blocks(model).values() for b in group]
+
+
 def _forward_backward(model: Flux, x: dict, checkpointing: bool):
-    model.gradient_checkpointing = checkpointing
+    from activations import checkpoint_blocks
+
+    checkpoint_blocks(_blocks(model), checkpointing)
     model.zero_grad()
     img = x["img"].clone().requires_grad_(True)
     calls = []
-    # a pre-hook: the recomputation in backward stops early, before a forward hook would fire
-    handles = [block.register_forward_pre_hook(lambda *_: calls.append(1)) for _, _, block in model.blocks()]
+    # a pre-hook on each block's first layer (its modulation), which runs once in forward and once
+    # more in a checkpoint's recomputation (the recompute calls the block's own forward, not the
+    # block as a module, so hooks on the block itself fire once)
+    first_layers = [next(iter(block.children())) for block in _blocks(model)]
+    handles = [layer.register_forward_pre_hook(lambda *_: calls.append(1)) for layer in first_layers]
     out = model(**{**x, "img": img})
     out.square().mean().backward()
     for handle in handles:
@@ -191,8 +202,10 @@ def test_gradient_checkpointing_same_outputs_and_gradients():
 
 
 def test_blocks_lists_every_repeated_block():
+    from families.flux import FAMILY
+
     model = Flux(tiny_params(True, depth=3, depth_single_blocks=2))
-    listed = model.blocks()
+    listed = [(kind, i, b) for kind, blocks in FAMILY.blocks(model).items() for i, b in enumerate(blocks)]
     expected = [("double_blocks", i, b) for i, b in enumerate(model.double_blocks)]
     expected += [("single_blocks", i, b) for i, b in enumerate(model.single_blocks)]
     assert [(k, i) for k, i, _ in listed] == [(k, i) for k, i, _ in expected]

@@ -13,11 +13,13 @@ from fp8 import (
     Fp8Linear,
     dequantize_weight,
     fp8_weight_bytes,
-    load_flux_fp8,
     quantize_linears_,
     quantize_weight,
 )
-from lora import LoRANetwork, flux_lora_targets
+from activations import checkpoint_blocks
+from families.flux import FAMILY as FLUX
+from families.flux import lora_targets as flux_lora_targets
+from lora import LoRANetwork
 from models.flux import Flux, FluxParams, img_ids, txt_ids
 from models.loading import load_state_dict
 
@@ -32,6 +34,16 @@ OUTPUT_ERROR_BOUND = 0.03
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
+
+
+def blocks(model: Flux) -> list[nn.Module]:
+    return [b for group in FLUX.blocks(model).values() for b in group]
+
+
+def load_flux_fp8(sd: dict, dtype=torch.bfloat16, per_row: bool = False, **overrides) -> Flux:
+    """The family's loader with fp8_base on, as train.py calls it."""
+    cfg = {"fp8_base": True, "fp8_per_row": per_row, "model_overrides": overrides}
+    return FLUX.load(sd, cfg, dtype=dtype)
 
 
 def frozen_flux(seed=0, dtype=torch.bfloat16) -> Flux:
@@ -72,7 +84,7 @@ def test_quantize_rounds_each_weight_to_nearest_fp8(per_row):
 def test_fp8_flux_output_stays_close_to_bf16(per_row):
     model = frozen_flux()
     quantized = copy.deepcopy(model)
-    names = quantize_linears_(quantized, per_row=per_row)
+    names = quantize_linears_(quantized, blocks(quantized), per_row=per_row)
     assert len(names) == 4 * 10 + 6 * 3  # every Linear of every block, nothing outside them
     assert all(n.split(".")[0] in ("double_blocks", "single_blocks") for n in names)
     batch = make_batch()
@@ -84,7 +96,7 @@ def test_fp8_flux_output_stays_close_to_bf16(per_row):
 def test_stored_bytes_halve(per_row):
     model = frozen_flux()
     quantized = copy.deepcopy(model)
-    names = quantize_linears_(quantized, per_row=per_row)
+    names = quantize_linears_(quantized, blocks(quantized), per_row=per_row)
     bf16 = sum(model.get_submodule(n).weight.untyped_storage().nbytes() for n in names)
     fp8 = sum(quantized.get_submodule(n).weight.untyped_storage().nbytes() for n in names)
     assert fp8 * 2 == bf16
@@ -108,11 +120,11 @@ def dequantized_copy(model: Flux) -> Flux:
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_lora_trains_on_an_fp8_base(checkpointing):
     quantized = frozen_flux(dtype=torch.float32)
-    quantize_linears_(quantized)
+    quantize_linears_(quantized, blocks(quantized))
     plain = dequantized_copy(quantized)
     grads = []
     for model in (quantized, plain):
-        model.gradient_checkpointing = checkpointing
+        checkpoint_blocks(blocks(model), checkpointing)
         torch.manual_seed(1)
         network = LoRANetwork.inject(model, flux_lora_targets(model, rank=4))
         for lora in network.loras.values():
@@ -149,7 +161,7 @@ def released_state_dict(model: Flux, style: str) -> dict:
     """The model's weights as an fp8 file in the wild stores them (block Linears in fp8)."""
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     prefix = ""
-    for kind in model.block_kinds:
+    for kind in FLUX.blocks(model):
         for name, module in getattr(model, kind).named_modules():
             if not isinstance(module, nn.Linear):
                 continue
@@ -180,13 +192,13 @@ def test_released_fp8_files_load(style, tmp_path):
 
     if style == "plain":  # expected: the bf16 model with its block weights rounded to fp8
         expected = copy.deepcopy(model)
-        for kind in model.block_kinds:
+        for kind in FLUX.blocks(model):
             for module in getattr(expected, kind).modules():
                 if isinstance(module, nn.Linear):
                     module.weight.data = module.weight.to(FP8).to(torch.bfloat16)
     else:  # expected: the same model quantized here
         expected = copy.deepcopy(model)
-        quantize_linears_(expected, per_row=style == "per_row")
+        quantize_linears_(expected, blocks(expected), per_row=style == "per_row")
     fp8_linears = [m for m in loaded.modules() if isinstance(m, Fp8Linear)]
     assert len(fp8_linears) == 4 * 10 + 6 * 3
     assert all(m.weight_scale.shape == ((m.out_features, 1) if style == "per_row" else ()) for m in fp8_linears)
@@ -199,7 +211,7 @@ def test_full_precision_file_is_quantized_at_load():
     model = frozen_flux()
     loaded = load_flux_fp8(model.state_dict(), per_row=True, axes_dim=PARAMS.axes_dim)
     expected = copy.deepcopy(model)
-    quantize_linears_(expected, per_row=True)
+    quantize_linears_(expected, blocks(expected), per_row=True)
     batch = make_batch()
     assert torch.equal(loaded(**batch), expected(**batch))
 
@@ -214,9 +226,10 @@ def test_clear_errors():
     sd["single_blocks.0.linear2.weight_scale"] = torch.ones(64, 4)  # block-wise
     with pytest.raises(ValueError, match="block-wise"):
         load_flux_fp8(sd, axes_dim=PARAMS.axes_dim)
+    unfrozen = Flux(PARAMS)
     with pytest.raises(ValueError, match="frozen"):
-        quantize_linears_(Flux(PARAMS))  # weights still require grad
+        quantize_linears_(unfrozen, blocks(unfrozen))  # weights still require grad
     model = frozen_flux()
     LoRANetwork.inject(model, flux_lora_targets(model, rank=2))
     with pytest.raises(RuntimeError, match="before adding LoRA"):
-        quantize_linears_(model)
+        quantize_linears_(model, blocks(model))

@@ -9,11 +9,23 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import atomic
 import lora
-from lora import LoRANetwork, apply_lora_file, flux_lora_targets, kohya_metadata, load_lora_file
+from activations import checkpoint_blocks
+from families.flux import FAMILY as FLUX
+from families.flux import lora_targets as flux_lora_targets
+from lora import LoRANetwork, kohya_metadata
 from models.flux import Flux, FluxParams, img_ids, txt_ids
 
 # ---- helpers ------------------------------------------------------------------------------------
+
+
+def load_lora_file(path):
+    return lora.load_lora_file(path, FLUX)
+
+
+def apply_lora_file(model, path_or_sd, **options):
+    return lora.apply_lora_file(model, path_or_sd, FLUX, **options)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
@@ -313,7 +325,7 @@ def test_diffusers_format_file_loads_with_the_same_deltas(width_3072_lora, tmp_p
     edited[f"{block}.to_k.lora_A.weight"] = torch.randn(2, 3072, generator=g) * 0.05
     edited[f"{block}.to_k.lora_B.weight"] = torch.randn(3072, 2, generator=g) * 0.05
     del edited[f"{block}.to_v.lora_A.weight"], edited[f"{block}.to_v.lora_B.weight"]
-    fused = lora.to_kohya(edited)
+    fused = lora.to_kohya(edited, FLUX)
     name = "lora_unet_double_blocks_0_img_attn_qkv"
     assert fused[f"{name}.lora_up.weight"].shape == (9216, 6)
     p = probes(3072)
@@ -330,7 +342,7 @@ def test_diffusers_adapter_metadata_alpha_and_final_layer_swap():
     a, b = torch.randn(4, 128, generator=g), torch.randn(256, 4, generator=g)
     sd = {"transformer.norm_out.linear.lora_A.weight": a, "transformer.norm_out.linear.lora_B.weight": b}
     meta = {"lora_adapter_metadata": '{"transformer.lora_alpha": 2, "transformer.r": 4}'}
-    kohya = lora.to_kohya(sd, meta)
+    kohya = lora.to_kohya(sd, FLUX, meta)
     name = "lora_unet_final_layer_adaLN_modulation_1"
     assert float(kohya[f"{name}.alpha"]) == 2.0
     delta = our_deltas(kohya)[name]
@@ -370,7 +382,7 @@ def test_only_lora_trains_with_checkpointing_and_dropout():
     x = tiny_inputs(model)
     network = LoRANetwork.inject(model, flux_lora_targets(model, 4), dropout=0.5)
     randomize(network)
-    model.gradient_checkpointing = True
+    checkpoint_blocks([b for group in FLUX.blocks(model).values() for b in group])
     network.train()
     model(**x).square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in network.parameters())
@@ -389,7 +401,10 @@ def test_save_load_round_trip_metadata_and_atomic_write(tmp_path, monkeypatch):
     randomize(network)
     config = {"seed": 42, "learning_rate": 1e-4, "optimizer": "adamw", "resolution": 512, "network_dim": 4,
               "network_alpha": 1.5, "group_ranks": {"single": 2}, "instance_prompt": "ohwx"}
-    meta = kohya_metadata(config, model.params, "dev", step=10, num_images=3)
+    config = {**config, "guidance_scale": 1.0, "timestep_sampling": "shift", "discrete_flow_shift": 3.1582,
+              "model_prediction_type": "raw", "sigmoid_scale": 1.0, "logit_mean": 0.0, "logit_std": 1.0,
+              "mode_scale": 1.29, "apply_t5_attn_mask": False}
+    meta = kohya_metadata(config, model.params, FLUX.lora_metadata(config, model.params), step=10, num_images=3)
     path = tmp_path / "lora.safetensors"
     network.save(path, meta, dtype=torch.float32)
     sd, read_meta = load_lora_file(path)
@@ -423,7 +438,7 @@ def test_save_load_round_trip_metadata_and_atomic_write(tmp_path, monkeypatch):
         open(filename, "wb").write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(lora, "save_file", failing_save)
+    monkeypatch.setattr(atomic.safetensors.torch, "save_file", failing_save)
     with pytest.raises(OSError, match="disk full"):
         network.save(path, meta)
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["lora.safetensors"]
@@ -490,4 +505,5 @@ def test_mismatched_files_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="fp8"):
         live.merge()
     with pytest.raises(ValueError, match="no FLUX.1 counterpart"):
-        lora.to_kohya({"transformer.foo.lora_A.weight": torch.ones(1, 1), "transformer.foo.lora_B.weight": torch.ones(1, 1)})
+        lora.to_kohya({"transformer.foo.lora_A.weight": torch.ones(1, 1), "transformer.foo.lora_B.weight": torch.ones(1, 1)},
+                      FLUX)

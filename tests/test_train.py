@@ -127,7 +127,11 @@ def test_config_typo_and_missing_file_fail_before_any_model_loads(tmp_path, demo
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(train.flux.Flux, "from_state_dict", no_loading)
+    import models.flux
+    from families.flux import Flux as FluxFamily
+
+    monkeypatch.setattr(models.flux.Flux, "from_state_dict", no_loading)
+    monkeypatch.setattr(FluxFamily, "load", no_loading)
     with pytest.raises(ConfigError, match="Did you mean 'learning_rate'"):
         train.main([config_file(tmp_path, demo_files), "--learning_rat=1e-4"])
     with pytest.raises(ConfigError, match="not found"):

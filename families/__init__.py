@@ -1,0 +1,228 @@
+"""The model families and the surface each one offers the rest of the trainer.
+
+A family is everything that makes FLUX.1, SD3, SDXL or DeepFloyd IF itself: how to tell its
+checkpoint from others, its network (from models/), its text encoders and how a caption
+becomes tensors, its codec, its objective, how a batch becomes the network's inputs, its
+sampler, its LoRA targets and file naming, which blocks swap and checkpoint, its config
+checks and the shapes the memory plan needs. One file per family (families/flux.py, ...)
+implements `Family` below; a reader who wants to know how a family trains opens that file.
+
+train.py, sample.py, plan.py, training.py, lora.py, cache.py, blockswap.py, losses.py and
+optim.py never import a family module and never compare a family name: they ask this
+registry for the family a config names (`get`, `resolve`) and call its methods.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from models.loading import FAMILY_NAMES, detect_family, load_state_dict
+
+
+class Family:
+    """The surface. Methods a family must provide raise NotImplementedError here; the others
+    have the default most families want. `cfg` is always a resolved config (config.py)."""
+
+    name = ""  # the config's model_family value
+    title = ""  # for messages: "FLUX.1"
+    # Config keys of this family's section of config.py that it reads; setting a family key that
+    # the chosen family does not read is a config error (it would be silently ignored).
+    config_keys: tuple[str, ...] = ()
+    # Config keys of the files this family needs besides model_path (checked before loading).
+    required_paths: tuple[str, ...] = ()
+    lora_prefix = "lora_unet"  # kohya's prefix of the denoiser's LoRA modules
+    lora_config_keys: tuple[str, ...] = ()  # the family's LoRA keys, recorded in ss_network_args
+    latent_multiple = 1  # latent sides must be multiples of this (patch size, UNet downsamplings)
+
+    # --- the checkpoint ----------------------------------------------------------------------------
+
+    def detect(self, sd: dict) -> bool:
+        """Whether a state dict (keys and shapes only are read) is this family's checkpoint."""
+        raise NotImplementedError
+
+    def params(self, sd: dict, cfg: dict):
+        """The network's hyper-parameters from the checkpoint's shapes (and cfg's model_overrides)."""
+        raise NotImplementedError
+
+    def default_params(self, cfg: dict):
+        """The released model's hyper-parameters, for a memory plan without the file."""
+        raise NotImplementedError
+
+    def build(self, params) -> nn.Module:
+        """The network with fresh weights on the current default device (meta for plans)."""
+        raise NotImplementedError
+
+    def load(self, sd: dict, cfg: dict, dtype: torch.dtype, device="cpu") -> nn.Module:
+        """The network from a checkpoint, by assignment; frozen block Linears in fp8 when
+        cfg["fp8_base"] (fp8.fp8_state_dict_to_model with `blocks`)."""
+        raise NotImplementedError
+
+    def variant(self, params) -> str:
+        """Which released model the shapes are ('dev', 'schnell', 'sd3.5-large', ...)."""
+        return ""
+
+    def describe(self, params) -> str:
+        return f"{self.title} {self.variant(params)}".strip()
+
+    # --- blocks: what swaps, checkpoints, goes to fp8 and is selected by index --------------------
+
+    def blocks(self, model: nn.Module) -> dict[str, list[nn.Module]]:
+        """Groups of repeated blocks, each in execution order, each block called as a module."""
+        raise NotImplementedError
+
+    def swap_counts(self, model: nn.Module, cfg: dict) -> dict[str, int]:
+        """Blocks to swap per group from cfg (blocks_to_swap with the family's split rule, or
+        the per-group keys). Raises ValueError with the possible range."""
+        groups = self.blocks(model)
+        n = cfg["blocks_to_swap"]
+        if len(groups) != 1:
+            raise NotImplementedError(f"{self.title} must say how blocks_to_swap splits over {list(groups)}")
+        return {next(iter(groups)): n}
+
+    # --- config ------------------------------------------------------------------------------------
+
+    def check_config(self, cfg: dict) -> None:
+        """Checks only this family needs, before any model loads; raise ConfigError."""
+
+    def resolution_multiple(self, cfg: dict) -> int:
+        """Image sides must be multiples of this (codec downscale x patch size)."""
+        return 16
+
+    # --- data: codec and text ----------------------------------------------------------------------
+
+    def codec(self, cfg: dict, dtype: torch.dtype, device):
+        """Images <-> what the network denoises: the family's VAE, or pixels."""
+        from models import load_codec
+
+        return load_codec(cfg["ae_path"], dtype=dtype, device=device)
+
+    def text_encoder(self, cfg: dict, params, dtype: torch.dtype, device):
+        """A prompt encoder: `.identity` (str), `.encode(list[str]) -> dict[str, Tensor]`
+        (batch first; these are what the text cache stores), `.to(device)`."""
+        raise NotImplementedError
+
+    def text_length(self, cfg: dict, params) -> int:
+        """Tokens per caption of the main text encoder (the cache key and the plan use it)."""
+        raise NotImplementedError
+
+    def text_mask(self, cfg: dict) -> bool:
+        """Whether the text encoders' padding is masked (part of the cache key)."""
+        return False
+
+    # --- training ----------------------------------------------------------------------------------
+
+    def objective(self, cfg: dict):
+        """The training objective (losses.py) with this family's defaults and cfg's choices."""
+        raise NotImplementedError
+
+    def seq_len(self, latent: Tensor) -> int:
+        """What resolution-dependent noise shifts read (FLUX: image tokens)."""
+        return latent.shape[-2] * latent.shape[-1]
+
+    def conditioning(self, batch: dict, cfg: dict) -> dict:
+        """The network's conditioning from a training batch (text tensors, size and crop,
+        guidance, low-resolution image ...)."""
+        raise NotImplementedError
+
+    def predict(self, model: nn.Module, x_t: Tensor, t: Tensor, cond: dict) -> Tensor:
+        """The network's output for x_t (B, C, h, w) at the objective's time t (B,)."""
+        raise NotImplementedError
+
+    # --- sampling ----------------------------------------------------------------------------------
+
+    def prompt_defaults(self, cfg: dict, params):
+        """sample.SamplePrompt with this family's sampling defaults and cfg's sample_* keys."""
+        raise NotImplementedError
+
+    def sample_conditioning(self, text: dict, prompt, device) -> dict:
+        """The network's conditioning for sampling from encoded text (batch of 1) and a prompt."""
+        raise NotImplementedError
+
+    def sample(self, model: nn.Module, prompt, cond: dict, neg_cond: dict | None, noise: Tensor) -> Tensor:
+        """Denoise `noise` (1, C, h, w) into a latent with the family's sampler."""
+        raise NotImplementedError
+
+    # --- LoRA ----------------------------------------------------------------------------------------
+
+    def lora_targets(self, model: nn.Module, cfg: dict) -> dict[str, int]:
+        """Module path -> rank of every layer that gets a LoRA (block selection, group ranks)."""
+        raise NotImplementedError
+
+    def lora_metadata(self, cfg: dict, params) -> dict[str, str]:
+        """kohya / modelspec metadata particular to the family (architecture, base model, ...)."""
+        return {}
+
+    def lora_from_diffusers(self, module: str) -> tuple[str, int | None]:
+        """A diffusers / PEFT LoRA module name -> (native module path, row slice of a fused
+        weight or None). Raises ValueError for names without a counterpart."""
+        raise ValueError(f"{self.title} LoRA files are read in the kohya format only; {module!r} is not one")
+
+    def lora_slice_sizes(self, path: str, down: Tensor, slices: dict) -> list[int]:
+        """Row sizes of the slices of a fused weight (q, k, v, ...), for re-fusing split LoRAs;
+        `slices` (index -> {"down", "up", "alpha"}) are the ones the file has."""
+        raise ValueError(f"{path} is not a fused weight of {self.title}")
+
+    def lora_up_from_diffusers(self, path: str, up: Tensor) -> Tensor:
+        """A diffusers file's lora_up rows in the checkpoint's order (where the two differ)."""
+        return up
+
+    def lora_loader_notes(self, targets: dict[str, int]) -> list[str]:
+        """What common loaders will not apply of a LoRA with these targets (said when saving)."""
+        return []
+
+    # --- the memory plan -----------------------------------------------------------------------------
+
+    def plan_batch(self, cfg: dict, params, device) -> dict:
+        """A batch as the caches deliver it, with random values: the plan's step runs on it."""
+        raise NotImplementedError
+
+
+# --- the registry ----------------------------------------------------------------------------------
+
+
+def _families() -> dict[str, Family]:
+    from . import flux
+
+    return {family.name: family for family in (flux.FAMILY,)}
+
+
+FAMILIES: dict[str, Family] = _families()
+
+
+def names() -> list[str]:
+    return list(FAMILIES)
+
+
+def get(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ValueError(f"model_family={name!r}: choose one of {', '.join(map(repr, FAMILIES))} or 'auto'")
+    return FAMILIES[name]
+
+
+def detect(sd: dict, path: str = "") -> Family:
+    """The family whose checkpoint this is; an error that says what it looks like otherwise."""
+    for family in FAMILIES.values():
+        if family.detect(sd):
+            return family
+    found = FAMILY_NAMES[detect_family(sd)]
+    raise ValueError(f"{path or 'the checkpoint'} looks like {found}, which is not a model this trainer "
+                     f"trains ({', '.join(FAMILIES)}); set model_path to a denoiser checkpoint")
+
+
+@dataclass
+class Resolved:
+    family: Family
+    note: str  # what was found, for the log
+
+
+def resolve(model_family: str, model_path: str, allow_pickle: bool = False) -> Resolved:
+    """The family a config names, or the one its checkpoint's keys show ("auto")."""
+    if model_family != "auto":
+        return Resolved(get(model_family), f"model_family={model_family!r}")
+    if not model_path or not Path(model_path).exists():
+        return Resolved(get("flux"), "model_family='auto' and no model file to look at: FLUX.1")
+    family = detect(load_state_dict(model_path, allow_pickle=allow_pickle), model_path)  # header only
+    return Resolved(family, f"model_family='auto': {Path(model_path).name} is {family.title}")

@@ -1,0 +1,158 @@
+"""What trains, and one training step: the functions train.py and the memory plan both call,
+so the plan cannot drift from training.
+
+    network = load_network(family, cfg, sd)               # or family.build(params) on meta
+    prepared = prepare(network, family, cfg, device)      # what trains, checkpointing, swap
+    opt = build_optimization(prepared.trainable, cfg)     # optimizer, fused step, schedule, EMA
+    loss, per_sample, noised = training_loss(family, objective, prepared.model, batch, cfg, generator)
+    loss.backward()
+    grad_norm = close_gradients(opt, cfg)                 # clip (or close the fused step)
+    apply_step(opt, step)                                  # optimizer step, schedule, EMA
+"""
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+import activations
+import blockswap
+import lora
+import optim
+
+
+# --- what trains -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    model: nn.Module
+    network: lora.LoRANetwork | None  # None for full fine-tuning
+    trainable: dict[str, nn.Parameter]  # by name: the LoRA weights, or every weight of the model
+    swap: blockswap.BlockSwap | None
+    targets: dict[str, int]  # LoRA module path -> rank (empty for full fine-tuning)
+
+
+def load_network(family, cfg: dict, sd: dict, dtype: torch.dtype) -> nn.Module:
+    """The denoiser in host memory (the file stays memory-mapped; fp8 base if the config says)."""
+    return family.load(sd, cfg, dtype=dtype, device="cpu")
+
+
+def choose_trainable(model: nn.Module, family, cfg: dict, device=None):
+    """A LoRA network on the family's targets (train_mode "lora"; its fp32 weights on `device`)
+    or every weight of the model ("full"). Returns (network or None, trainable by name, targets)."""
+    model.requires_grad_(False)
+    if cfg["train_mode"] == "full":
+        model.requires_grad_(True)
+        return None, dict(model.named_parameters()), {}
+    targets = family.lora_targets(model, cfg)
+    # LoRA weights train in fp32 whatever the base dtype; LoRALinear casts them for the matmul.
+    network = lora.LoRANetwork.inject(model, targets, alpha=network_alpha(cfg), dropout=cfg["network_dropout"],
+                                      dtype=torch.float32, device=device, prefix=family.lora_prefix)
+    return network, dict(network.named_parameters()), targets
+
+
+def network_alpha(cfg: dict) -> float:
+    """alpha for scale alpha / rank: the config's, or the rank when it is 0 (scale 1; kohya's
+    "alpha None or 0 means alpha = rank")."""
+    return cfg["network_alpha"] or float(cfg["network_dim"])
+
+
+def prepare(model: nn.Module, family, cfg: dict, device, host_device="cpu", allocate=None,
+            on_trainable=None) -> Prepared:
+    """Set the network up as training runs it: what trains, gradient checkpointing of the
+    family's blocks, block swap (or the whole model on `device`). `host_device`, `allocate` and
+    `on_trainable(network, trainable)` (called before placement) let the memory plan run the
+    same code on the meta device and label what it makes."""
+    network, trainable, targets = choose_trainable(model, family, cfg, device)
+    if on_trainable is not None:
+        on_trainable(network, trainable)
+    groups = family.blocks(model)
+    activations.checkpoint_blocks([b for group in groups.values() for b in group], cfg["gradient_checkpointing"])
+    swap = place(model, family, cfg, device, cfg["swap_mode"], host_device, allocate)
+    model.train()
+    if network is not None:
+        network.train()
+    return Prepared(model, network, trainable, swap, targets)
+
+
+def place(model: nn.Module, family, cfg: dict, device, mode: str, host_device="cpu",
+          allocate=None) -> blockswap.BlockSwap | None:
+    """The model on `device`, except the weights of the blocks the config swaps (training and
+    sampling alike), which stay in host memory and stream in."""
+    counts = family.swap_counts(model, cfg)
+    if not any(counts.values()):
+        model.to(device)
+        return None
+    return blockswap.BlockSwap(model, family.blocks(model), counts, device, mode=mode, pin_memory=cfg["pin_memory"],
+                               host_device=host_device, allocate=allocate)
+
+
+# --- optimizer, schedule, fused step, EMA ------------------------------------------------------------
+
+
+@dataclass
+class Optimization:
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    fused: optim.FusedBackwardStep | None
+    ema: optim.EMA | None
+
+
+def build_optimization(trainable: dict[str, nn.Parameter], cfg: dict, seed: int | None = None,
+                       foreach: bool | None = None) -> Optimization:
+    """The optimizer (and the step fused into backward), its LR schedule and the EMA. `seed`
+    seeds the fused step's rounding noise (None on the meta device); `foreach` chooses AdamW's
+    implementation off CUDA (optim.build_optimizer)."""
+    params = list(trainable.values())
+    extra = {"stochastic_rounding": cfg["stochastic_rounding"]} if cfg["optimizer"] == "adafactor" \
+        else {"foreach": foreach}
+    optimizer = optim.build_optimizer(params, cfg["optimizer"], lr=cfg["learning_rate"],
+                                      weight_decay=cfg["weight_decay"], betas=tuple(cfg["betas"]), eps=cfg["eps"],
+                                      **extra)
+    scheduler = optim.build_scheduler(optimizer, cfg["lr_scheduler"], warmup_steps=cfg["lr_warmup_steps"],
+                                      total_steps=cfg["max_train_steps"], end_lr_ratio=cfg["lr_end_ratio"],
+                                      power=cfg["lr_power"])
+    fused = None
+    if cfg["fused_backward"]:
+        fused = optim.FusedBackwardStep(optimizer, max_grad_norm=0.0, seed=seed,
+                                        max_grad_norm_per_param=cfg["max_grad_norm_per_param"] or None,
+                                        stochastic_rounding=cfg["stochastic_rounding"])
+    ema = optim.EMA(params, decay=cfg["ema_decay"], update_every=cfg["ema_every"]) if cfg["ema_decay"] else None
+    return Optimization(params, optimizer, scheduler, fused, ema)
+
+
+# --- one step ----------------------------------------------------------------------------------------
+
+
+def training_loss(family, objective, model: nn.Module, batch: dict, cfg: dict,
+                  generator: torch.Generator | None = None):
+    """One forward pass: noise the cached latents at drawn levels and score the prediction.
+    Noise and levels come from a CPU generator in training (runs reproduce across devices and
+    resumes); the memory plan passes None and draws on the device. Returns (mean loss,
+    per-sample losses (B,), the losses.Noised draw)."""
+    x0 = batch["latent"].float()
+    noised = objective.noised(x0, generator, family.seq_len(x0))
+    out = family.predict(model, noised.x_t, noised.t, family.conditioning(batch, cfg))
+    loss, per_sample = objective.loss(out, x0, noised, mask=batch.get("mask"))
+    return loss, per_sample, noised
+
+
+def close_gradients(opt: Optimization, cfg: dict) -> Tensor:
+    """After the step's backward passes: clip to the global norm (the fused step has already
+    updated every weight and only measured the norm). Returns the norm before clipping."""
+    if opt.fused is not None:
+        opt.fused.step()
+        return opt.fused.last_grad_norm
+    return optim.clip_grad_norm_(opt.params, cfg["max_grad_norm"] or float("inf"))
+
+
+def apply_step(opt: Optimization, step: int) -> None:
+    """The optimizer step (unless fused), the LR schedule, and the EMA of step number `step`
+    (counted from 1: the steps done once this one is)."""
+    if opt.fused is None:
+        opt.optimizer.step()
+        opt.optimizer.zero_grad(set_to_none=True)
+    opt.scheduler.step()
+    if opt.ema is not None:
+        opt.ema.update(step)
