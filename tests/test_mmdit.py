@@ -420,3 +420,30 @@ def test_scaled_pos_embed_picks_tables_as_kohya():
     assert model.params.enable_scaled_pos_embed and model.params.pos_embed_latent_sizes == (64, 96, 128)
     model.enable_scaled_pos_embed(None)
     assert model.scaled_pos_embed_bounds is None and not model.params.enable_scaled_pos_embed
+
+
+def test_fused_kernel_entry_points_serve_sd3():
+    """The same forward and backward with layers.set_kernels("triton") (the Triton interpreter
+    here): norm_modulate, gated_residual(_norm_modulate) and gelu_tanh run as kernels."""
+    from models import layers
+
+    params = CONFIGS["sd3.5_medium"]
+    model = load_ours(random_state_dict(params))
+    x = random_inputs(params)
+    target = torch.randn(BATCH, *LATENT, generator=torch.Generator().manual_seed(2))
+
+    def loss_and_grads(mode):
+        layers.set_kernels(mode)
+        try:
+            model.zero_grad()
+            loss = (model(**x) - target).square().mean()
+            loss.backward()
+        finally:
+            layers.set_kernels("torch")
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss_torch, grads_torch = loss_and_grads("torch")
+    loss_triton, grads_triton = loss_and_grads("triton")
+    assert abs(loss_triton - loss_torch) <= 1e-5 * loss_torch
+    for name, grad in grads_torch.items():
+        assert (grads_triton[name] - grad).abs().max() <= 1e-4 * grad.abs().max() + 1e-7, name
