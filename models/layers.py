@@ -33,6 +33,28 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, time_fa
     return emb
 
 
+def sincos_pos_embed_2d(dim: int, rows: Tensor, cols: Tensor) -> Tensor:
+    """Fixed 2-D sin-cos positions (MAE / DiT / SD3 `pos_embed`) for a grid of coordinates.
+
+    rows (h,) and cols (w,) are the coordinates of each grid row and column (0, 1, 2, ... for
+    the plain table). Returns (h*w, dim) float64, tokens row-major. Each token is
+    [sin(col*f) | cos(col*f) | sin(row*f) | cos(row*f)] with f = 10000^(-k/(dim/4)),
+    k = 0..dim/4-1: the column comes first, as in the reference code (its meshgrid puts w first)."""
+    if dim % 4:
+        raise ValueError(f"a 2-D sin-cos embedding needs dim divisible by 4, got {dim}")
+    quarter = dim // 4
+    freqs = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64, device=rows.device) / quarter)
+
+    def axis(pos: Tensor) -> Tensor:  # (n,) -> (n, dim/2) = [sin | cos]
+        angles = pos.double()[:, None] * freqs[None]
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+    col_emb, row_emb = axis(cols), axis(rows)
+    h, w = len(rows), len(cols)
+    grid = torch.cat([col_emb[None].expand(h, w, -1), row_emb[:, None].expand(h, w, -1)], dim=-1)
+    return rearrange(grid, "h w d -> (h w) d")
+
+
 class MLPEmbedder(nn.Module):
     """Linear -> SiLU -> Linear (FLUX time_in, guidance_in, vector_in)."""
 

@@ -75,6 +75,16 @@ def load_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, t
     return sd
 
 
+def strip_prefix(sd: dict, prefixes: tuple[str, ...]) -> tuple[dict, str]:
+    """The keys under the first of `prefixes` that occurs, without it, and that prefix; the whole
+    dict and "" when none occurs. An all-in-one checkpoint (SD3: model.diffusion_model.,
+    first_stage_model., text_encoders.) thus gives each loader only its own section."""
+    for prefix in prefixes:
+        if any(k.startswith(prefix) for k in sd):
+            return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}, prefix
+    return sd, ""
+
+
 def detect_family(sd: dict) -> str:
     """A best guess at what a state dict holds, for error messages."""
     keys = list(sd)
