@@ -282,7 +282,8 @@ class UNet(nn.Module):
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor) -> Tensor:
         """x (B, in, h, w), timesteps (B,) integer indices 0..999, context (B, T, context_dim),
         y (B, adm) = [pooled text | size_embedding(...)] -> (B, out, h, w); h, w multiples of 4
-        for SDXL's two downsamplings (2**(levels-1) in general)."""
+        for SDXL's two downsamplings (2**(levels-1) in general). x, context and y in the weights'
+        dtype; the timestep embedding is made in fp32 and cast here."""
         t_emb = timestep_embedding(timesteps, self.params.model_channels, time_factor=1.0)  # fp32 [cos | sin]
         emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype)) + self.label_emb(y)
         skips = []
