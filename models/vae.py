@@ -275,6 +275,8 @@ class AutoEncoder(nn.Module):
         `scale_factor=0.18215, shift_factor=0.0` for an SD1.x VAE. The model is built on the
         meta device and the tensors are assigned, not copied."""
         sd, prefix = strip_prefix(sd)
+        if is_diffusers_vae(sd):
+            sd = diffusers_vae_to_original(sd)
         sd = select_parts(sd, parts)
         params = infer_params(sd, prefix=prefix, parts=parts, **overrides)
         with torch.device("meta"):
@@ -313,8 +315,8 @@ def infer_params(sd: dict, prefix: str = "", parts: tuple[str, ...] = ("encoder"
     """AutoEncoderParams from the keys and shapes of a prefix-stripped VAE state dict."""
     if any(".down_blocks." in k or ".up_blocks." in k for k in sd):
         raise ValueError(
-            "this is a diffusers-format VAE (down_blocks / up_blocks keys); give the original single "
-            "file instead (FLUX ae.safetensors, sdxl_vae.safetensors, or the full SD3 / SDXL checkpoint)"
+            "this is a diffusers-format VAE (down_blocks / up_blocks keys): rename its keys with "
+            "diffusers_vae_to_original first (AutoEncoder.from_state_dict does)"
         )
     level_keys = {"encoder": "encoder.down.0.block.0.conv1.weight", "decoder": "decoder.up.0.block.0.conv1.weight"}
     required = tuple(k for part in parts for k in (f"{part}.conv_in.weight", level_keys[part], f"{part}.conv_out.weight"))
@@ -366,3 +368,51 @@ def latent_family(z_channels: int, use_quant_conv: bool, prefix: str) -> str:
         f"unknown autoencoder ({z_channels} latent channels, quant convs: {use_quant_conv}): "
         "pass scale_factor= and shift_factor= for its latent space"
     )
+
+
+# --- VAE files in the diffusers layout -------------------------------------------------------------
+# diffusers' AutoencoderKL names the same modules differently (and some files, e.g. sdxl_vae.safetensors
+# of madebyollin/sdxl-vae-fp16-fix, are saved that way). Its decoder `up_blocks` run in storage order,
+# deepest first, where the original `up.{i}` is indexed by resolution level; its attention projections
+# are Linear (C, C) where the original has 1x1 convs (C, C, 1, 1).
+
+# (diffusers pattern, original replacement), applied to the key after `encoder.` / `decoder.`
+DIFFUSERS_VAE_RENAMES = (
+    (r"^down_blocks\.(\d+)\.resnets\.(\d+)\.", r"down.\1.block.\2."),
+    (r"^down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample."),
+    (r"^up_blocks\.(\d+)\.upsamplers\.0\.", r"up.\1.upsample."),  # level index fixed below
+    (r"^up_blocks\.(\d+)\.resnets\.(\d+)\.", r"up.\1.block.\2."),
+    (r"^mid_block\.resnets\.0\.", "mid.block_1."),
+    (r"^mid_block\.resnets\.1\.", "mid.block_2."),
+    (r"^mid_block\.attentions\.0\.group_norm\.", "mid.attn_1.norm."),
+    (r"^mid_block\.attentions\.0\.(to_q|query)\.", "mid.attn_1.q."),  # to_q: newer files, query: older
+    (r"^mid_block\.attentions\.0\.(to_k|key)\.", "mid.attn_1.k."),
+    (r"^mid_block\.attentions\.0\.(to_v|value)\.", "mid.attn_1.v."),
+    (r"^mid_block\.attentions\.0\.(to_out\.0|proj_attn)\.", "mid.attn_1.proj_out."),
+    (r"^conv_norm_out\.", "norm_out."),
+    (r"\.conv_shortcut\.", ".nin_shortcut."),
+)
+
+
+def is_diffusers_vae(sd: dict) -> bool:
+    return any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in sd)
+
+
+def diffusers_vae_to_original(sd: dict) -> dict:
+    """A (prefix-stripped) diffusers-layout AutoencoderKL state dict -> the original layout that
+    AutoEncoder loads. Only names and the attention weights' shapes change; tensors are not copied."""
+    up_levels = len({k.split(".")[2] for k in sd if k.startswith("decoder.up_blocks.")})
+    converted = {}
+    for key, tensor in sd.items():
+        part, _, rest = key.partition(".")
+        if part in ("encoder", "decoder"):
+            for pattern, replacement in DIFFUSERS_VAE_RENAMES:
+                rest = re.sub(pattern, replacement, rest)
+            if part == "decoder" and rest.startswith("up."):  # storage order -> resolution level
+                index, _, tail = rest[len("up.") :].partition(".")
+                rest = f"up.{up_levels - 1 - int(index)}.{tail}"
+            key = f"{part}.{rest}"
+            if ".mid.attn_1." in key and key.endswith(".weight") and tensor.ndim == 2:
+                tensor = tensor[:, :, None, None]  # Linear (C, C) -> 1x1 conv (C, C, 1, 1), a view
+        converted[key] = tensor
+    return converted

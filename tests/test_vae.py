@@ -124,11 +124,16 @@ def test_transformer_state_dict_is_refused():
         transformer_sd = Flux(FluxParams()).state_dict()
     with pytest.raises(ValueError, match="autoencoder.*looks like a FLUX.1 transformer"):
         AutoEncoder.from_state_dict(transformer_sd)
-    # the diffusers layout of the same weights is named as such
-    params = AutoEncoderParams(ch=32, ch_mult=[1, 2], num_res_blocks=1)
-    diffusers_sd = diffusers_vae(random_vae_state_dict(params), params).state_dict()
-    with pytest.raises(ValueError, match="diffusers-format VAE"):
-        AutoEncoder.from_state_dict(diffusers_sd)
+
+
+def test_diffusers_layout_round_trips():
+    # original -> diffusers' converter -> our diffusers_vae_to_original: the same tensors under the same keys
+    params = AutoEncoderParams(ch=32, ch_mult=[1, 2, 2], num_res_blocks=1)
+    original = random_vae_state_dict(params)
+    diffusers_sd = diffusers_vae(original, params).state_dict()
+    back = AutoEncoder.from_state_dict(diffusers_sd).state_dict()
+    assert back.keys() == original.keys()
+    assert all(torch.equal(back[k], original[k]) for k in original)
 
 
 def test_sample_is_reproducible_and_differs_from_mean():
