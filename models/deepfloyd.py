@@ -440,8 +440,9 @@ def _find_pair(key: str, by_original: dict[str, ModulePair]) -> tuple[ModulePair
 def _diffusers_keys(pair: ModulePair, module: str, param: str) -> list[str]:
     if pair.kind == "same":
         return [".".join(filter(None, (pair.diffusers, module, param)))]
-    names = RESBLOCK_NAMES if pair.kind == "resblock" else ATTENTION_NAMES
-    new = names[module]
+    new = (RESBLOCK_NAMES if pair.kind == "resblock" else ATTENTION_NAMES).get(module)
+    if new is None:
+        raise ValueError(f"{pair.original}.{module}.{param} is not a DeepFloyd IF UNet parameter")
     if module == "qkv" and not pair.self_attention:
         new = new[:1]  # q only
     return [f"{pair.diffusers}.{n}.{param}" for n in ([new] if isinstance(new, str) else new)]

@@ -37,7 +37,10 @@ from models.deepfloyd import (
     to_original,
 )
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated"),  # the vendored nn.py's gelu_jit
+]
 
 ORACLES = Path(__file__).parent / "oracles" / "deepfloyd_if"
 DATA = Path(__file__).parent / "data" / "deepfloyd"
@@ -439,3 +442,5 @@ def test_diffusers_keys_must_match_the_config():
     sd["extra.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match=r"1 missing, 1 unexpected\)\n  missing: \['mid_block.attentions.0.to_k"):
         to_original(sd, cfg)
+    with pytest.raises(ValueError, match="middle_block.0.in_layers.1.weight is not a DeepFloyd IF UNet parameter"):
+        to_diffusers({"middle_block.0.in_layers.1.weight": torch.zeros(1)}, cfg)
