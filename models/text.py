@@ -5,11 +5,21 @@ FLUX.1 conditions on two encoders (black-forest-labs/flux: src/flux/modules/cond
     prompts padded to max_length and, in the reference, no attention mask;
   - CLIP-L text model: `pooler_output`, (B, 768) = the final-LayerNorm'd EOS token, not projected,
     from 77 tokens with truncation.
+The other families' recipes are at the end of this file, one prompt-encoder class each:
+  - SD3 / SD3.5 (SD3PromptEncoder): CLIP-L and CLIP-G penultimate states, T5 unmasked; parts
+    assembled by sd3_conditioning, per-encoder caption dropout by drop_encoder_parts;
+  - SDXL (SDXLPromptEncoder): CLIP-L + bigG penultimate states, projected bigG pooled, 75-token
+    windows for longer captions;
+  - DeepFloyd IF (IFPromptEncoder): T5 with its mask, IF's caption clean-up, the released
+    unconditional embedding.
+Each has `.identity`, `.encode(prompts) -> dict` of fp32 tensors (bool masks), `.to(device)` and
+`.tokens_lost(caption)` (see truncated_token_count).
 
 The weights come as
   - single files: `clip_l.safetensors` (HF keys `text_model.*`), `t5xxl_fp16.safetensors`,
     `t5xxl_fp8_e4m3fn.safetensors` (HF keys `shared.weight`, `encoder.block.N.layer...`), or the
-    same keys under a ComfyUI / LDM prefix such as `text_encoders.clip_l.transformer.`;
+    same keys under a ComfyUI / LDM prefix such as `text_encoders.clip_l.transformer.`; CLIP-G
+    also in the OpenCLIP layout of SDXL checkpoints (see clip_g_state_dict);
   - Hugging Face folders: config.json + model.safetensors (or shards with an index).
 A single file has no config: widths, layer counts, vocabulary and head counts are read from the
 tensor shapes, and what shapes cannot tell (activation, epsilon, CLIP head width) is a known
@@ -632,7 +642,9 @@ def encode_clip(model: torch.nn.Module, ids: Tensor, eos_id: int) -> tuple[Tenso
 
 def join_windows(states: Tensor, join: str) -> Tensor:
     """(B, n, 77, D) per-window states -> one sequence per caption.
-    "concat": every window whole, n * 77 long (ComfyUI's SDXL encoding of long prompts).
+    "concat": every window whole, n * 77 long: ComfyUI's layout of a caption that fills its n
+    windows (ComfyUI makes only as many windows as a caption needs and moves a word that would
+    cross token 75 into the next; here there are always n, so that every caption has one shape).
     "kohya": the first window's BOS, each window's 75 caption states, the last window's final
     token: 75 * n + 2 long (sd-scripts strategy_sdxl `_get_hidden_states_sdxl`)."""
     if join == "concat":
@@ -696,7 +708,10 @@ def drop_encoder_parts(parts: dict[str, Tensor], rates: dict[str, float], genera
     unknown = set(rates) - set(groups)
     if unknown:
         raise ValueError(f"dropout rates for unknown encoders {sorted(unknown)}; known: {sorted(groups)}")
-    batch = len(next(iter(parts.values())))
+    present = [key for keys in groups.values() for key in keys if key in parts]  # other keys pass through
+    if not present:
+        raise ValueError(f"none of the encoder outputs {sorted(sum(groups.values(), ()))} is in {sorted(parts)}")
+    batch = len(parts[present[0]])
     out = dict(parts)
     for encoder, keys in groups.items():
         drop = torch.rand(batch, generator=generator) < rates.get(encoder, 0.0)
@@ -794,8 +809,9 @@ class SDXLPromptEncoder:
                  of the first window.
     S = 77 for max_token_length 75 (the reference). Longer captions (150, 225) are cut into
     75-token windows, each `BOS + 75 + EOS/pad`, encoded separately (clip_window_ids); join
-    "concat" keeps every window whole (S = 77 * n, as ComfyUI), "kohya" drops the inner BOS/EOS
-    states (S = 75 * n + 2, as kohya-ss/sd-scripts). Both take the pooled output of window 0.
+    "concat" keeps every window whole (S = 77 * n, ComfyUI's layout), "kohya" drops the inner
+    BOS/EOS states (S = 75 * n + 2, as kohya-ss/sd-scripts); see join_windows. Both take the
+    pooled output of window 0, as kohya (`pool2[::n_size]`) and ComfyUI (first_pooled) do.
     The size and crop embeddings of the 2816-wide vector y are the family's, not the encoder's."""
 
     def __init__(self, clip_l: TextEncoder, clip_g: TextEncoder, max_token_length: int = 75, join: str = "concat"):
@@ -863,12 +879,15 @@ IF_RECIPE = "deepfloyd-if-1"
 IF_URL = re.compile(
     r"\b(?:https?:(?:/{1,3}|[a-zA-Z0-9%])"  # a scheme: only it and its slashes go ...
     r"|www:(?:/{1,3}|[a-zA-Z0-9%])"  # (the reference's second pattern, "www:" as written there)
-    r"|[a-zA-Z0-9.\-]+\.(?:com|co|ru|net|org|edu|gov|it)[\w/-]*\b/?(?!@))"  # ... and a host in these domains, with its path
+    r"|[a-zA-Z0-9.\-]+\.(?:com|co|ru|net|org|edu|gov|it)[\w/-]*\b/?(?!@))"  # ... and a host here, with its path
 )
 IF_MARKUP = re.compile(  # what html.parser reads as markup, and what bs4's .text leaves out
     r"<(script|style)\b[^<>]*>.*?</\1\s*>|<!--.*?-->|<[!?][^<>]*>|</?[a-zA-Z][^<>]*>", re.DOTALL
 )
-IF_DASHES = "\u002d\u058a\u05be\u1400\u1806\u2010-\u2015\u2e17\u2e1a\u2e3a\u2e3b\u2e40\u301c\u3030\u30a0\ufe31\ufe32\ufe58\ufe63\uff0d"
+IF_DASHES = (  # the hyphen-minus and the Unicode dashes
+    "\u002d\u058a\u05be\u1400\u1806\u2010-\u2015\u2e17\u2e1a\u2e3a\u2e3b\u2e40\u301c\u3030\u30a0"
+    "\ufe31\ufe32\ufe58\ufe63\uff0d"
+)
 IF_FILE_TYPES = "png|jpg|jpeg|bmp|webp|eps|pdf|apk|mp4"
 IF_STEPS_BEFORE_FIX = [(re.compile(pattern), replacement) for pattern, replacement in (
     (r"@\w+\b", ""),  # @handles
@@ -985,12 +1004,15 @@ class IFPromptEncoder:
             self.unconditional_t5 = load_unconditional_embedding(self.unconditional_path)
             expected = (t5.max_length, t5.model.config.d_model)
             if tuple(self.unconditional_t5.shape) != expected:
-                raise ValueError(f"{self.unconditional_path} holds a {tuple(self.unconditional_t5.shape)} embedding; "
-                                 f"this T5 gives {expected} (IF's zero_t5-v1_1-xxl_vector.npy is (77, 4096))")  # fmt: skip
+                raise ValueError(
+                    f"{self.unconditional_path} holds a {tuple(self.unconditional_t5.shape)} embedding; this T5 "
+                    f"gives {expected} (IF's zero_t5-v1_1-xxl_vector.npy is (77, 4096))"
+                )
 
     @classmethod
     def load(cls, t5: str | Path, tokenizer: str | Path | None = None, unconditional_path: str | Path | None = None,
-             clean_captions: bool = True, dtype: torch.dtype | None = None, device=None) -> "IFPromptEncoder":  # fmt: skip
+             clean_captions: bool = True, dtype: torch.dtype | None = None,
+             device=None) -> "IFPromptEncoder":  # fmt: skip
         """T5 from an IF repository's text_encoder/ (tokenizer/ beside it), DeepFloyd/t5-v1_1-xxl
         or t5xxl_*.safetensors. IF runs it in bf16."""
         return cls(load_text_encoder("t5", t5, tokenizer, IF_T5_LENGTH, dtype, device), clean_captions,
