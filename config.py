@@ -97,6 +97,12 @@ DEFAULTS = dict(
     sample_guidance=3.5,          # default embedded guidance for samples (dev)
     validate_every=100,           # 0 disables
     log_every=1,
+    # --- SD3 / SD3.5 only (families/sd3.py) ---
+
+    # --- SDXL only (families/sdxl.py) ---
+
+    # --- DeepFloyd IF only (families/deepfloyd.py) ---
+
     # --- memory (blockswap.py, optim.py, fp8.py; `python train.py CONFIG --plan` shows the effect) ---
     blocks_to_swap=0,             # kohya's count for FLUX: n -> n//2 double + (n - n//2)*2 single blocks live in host memory
     double_blocks_to_swap=-1,     # finer control; -1 derives both from blocks_to_swap

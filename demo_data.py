@@ -156,3 +156,12 @@ def make_demo(root: str | Path = "runs/demo_data") -> dict:
         t5_path=str(make_t5(root / "t5")),
         sample_prompts=str(make_prompts(root / "prompts.txt")),
     )
+
+
+# --- SD3 demo (configs/demo_sd3.py) ---------------------------------------------------------------
+
+
+# --- SDXL demo (configs/demo_sdxl.py) -------------------------------------------------------------
+
+
+# --- DeepFloyd IF demo (configs/demo_if.py) -------------------------------------------------------

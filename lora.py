@@ -9,7 +9,7 @@ with `down` (rank, in) and `up` (out, rank). `up` starts at zero, so training st
 from the base model. Merging folds the path into W: W += multiplier * alpha/rank * up @ down.
 
 The model is wrapped from outside, as kohya-ss/sd-scripts does: each target Linear's
-`forward` is patched to go through a LoRALinear, and the module tree of the model is left
+`forward` is patched to go through a LoRAModule, and the module tree of the model is left
 as it was. So the model's state dict keys, `model.to()`, gradient checkpointing and block
 swapping see only base weights, and the LoRA weights live in one LoRANetwork (an
 nn.Module of its own: move it with `network.to(device)`, train it with
@@ -40,17 +40,34 @@ from models.loading import FP8_DTYPES
 # --- the layer -----------------------------------------------------------------------------------
 
 
-class LoRALinear(nn.Module):
-    """The LoRA path of one nn.Linear `base`.
+LORA_BASES = (nn.Linear, nn.Conv1d, nn.Conv2d)  # the layers a LoRA can sit beside
+
+
+def _rank_layers(base: nn.Module, rank: int, device, dtype) -> tuple[nn.Module, nn.Module]:
+    """lora_down and lora_up for `base`, in kohya's layout: for a Linear, Linear(in, r) and
+    Linear(r, out); for a convolution (LoCon), down has the base's kernel, stride and padding,
+    up is 1x1 (weights (r, in, k[, k]) and (out, r, 1[, 1]))."""
+    options = dict(bias=False, device=device, dtype=dtype)
+    if isinstance(base, nn.Linear):
+        return nn.Linear(base.in_features, rank, **options), nn.Linear(rank, base.out_features, **options)
+    if base.groups != 1:
+        raise ValueError(f"LoRA on grouped convolutions is not supported ({base})")
+    conv = type(base)
+    down = conv(base.in_channels, rank, base.kernel_size, base.stride, base.padding, base.dilation, **options)
+    return down, conv(rank, base.out_channels, 1, **options)
+
+
+class LoRAModule(nn.Module):
+    """The LoRA path of one Linear, Conv1d or Conv2d `base`.
 
     `base` is kept by reference and is not a child module: its weights never appear in this
     module's parameters() or state_dict(). `attach()` patches `base.forward` so that calling
-    the base Linear (from inside the model) runs `self.forward`; `restore()` undoes that.
+    the base layer (from inside the model) runs `self.forward`; `restore()` undoes that.
     """
 
     def __init__(
         self,
-        base: nn.Linear,
+        base: nn.Module,
         rank: int,
         alpha: float | None = None,
         dropout: float = 0.0,
@@ -63,12 +80,13 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRA rank must be a positive integer, got {rank}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        if not isinstance(base, LORA_BASES):
+            raise TypeError(f"LoRA needs a Linear or Conv1d/Conv2d base, got {type(base).__name__}")
         object.__setattr__(self, "base", base)  # plain attribute: not registered as a child
         self.rank = rank
         device = base.weight.device if device is None else device
         dtype = torch.float32 if dtype is None else dtype
-        self.lora_down = nn.Linear(base.in_features, rank, bias=False, device=device, dtype=dtype)
-        self.lora_up = nn.Linear(rank, base.out_features, bias=False, device=device, dtype=dtype)
+        self.lora_down, self.lora_up = _rank_layers(base, rank, device, dtype)
         alpha = rank if alpha is None or alpha == 0 else alpha  # kohya: alpha None or 0 means alpha = rank
         self.register_buffer("alpha", torch.tensor(float(alpha), device=device))
         self.multiplier = multiplier
@@ -90,7 +108,7 @@ class LoRALinear(nn.Module):
 
     def attach(self) -> None:
         if self.attached:
-            raise RuntimeError("this LoRALinear is already attached to its base Linear")
+            raise RuntimeError("this LoRA is already attached to its base layer")
         # Whatever forward the base has now (its class's, or an earlier LoRA's) becomes the inner call,
         # so LoRAs attached one after another stack.
         self._saved_forward = self.base.__dict__.get("forward")  # None: the class's forward
@@ -103,7 +121,7 @@ class LoRALinear(nn.Module):
             return
         if self.base.__dict__.get("forward") != self.forward:
             raise RuntimeError(
-                "another LoRA was attached to this Linear after this one: remove LoRAs in reverse order"
+                "another LoRA was attached to this layer after this one: remove LoRAs in reverse order"
             )
         if self._saved_forward is None:
             del self.base.forward  # back to the class's forward
@@ -122,14 +140,22 @@ class LoRALinear(nn.Module):
         if self.merged_multiplier is not None or self.multiplier == 0:
             return out  # merged: the base weight already holds the delta
         # The matmuls run in the input's dtype with the (fp32) LoRA weights cast to it, as
-        # autocast would: backward then saves the same bf16 x the base Linear saves, not an
+        # autocast would: backward then saves the same bf16 x the base layer saves, not an
         # fp32 copy per layer, and the gradients still reach the fp32 weights through the cast.
-        h = F.linear(x, self.lora_down.weight.to(x.dtype))  # (..., rank)
+        h = self._apply(self.lora_down, x)  # (..., rank) or (B, rank, ...) for a convolution
         if self.training and self.dropout > 0:
             h = F.dropout(h, p=self.dropout)
         h = h * (self.scale() * self.multiplier).to(h.dtype)  # scaled at rank width: cheaper than at out width
-        h = F.linear(h, self.lora_up.weight.to(x.dtype))  # (..., out)
+        h = self._apply(self.lora_up, h)
         return out + h.to(out.dtype)
+
+    @staticmethod
+    def _apply(layer: nn.Module, x: Tensor) -> Tensor:
+        """The layer with its weight cast to x's dtype (Linear, or a convolution's own geometry)."""
+        weight = layer.weight.to(x.dtype)
+        if isinstance(layer, nn.Linear):
+            return F.linear(x, weight)
+        return layer._conv_forward(x, weight, None)
 
     def delta_weight(self, multiplier: float | None = None) -> Tensor:
         """multiplier * alpha/rank * up @ down, (out, in), fp32."""
@@ -152,17 +178,20 @@ class LoRALinear(nn.Module):
 
 
 def lora_delta(down: Tensor, up: Tensor, alpha: Tensor | float, multiplier: float = 1.0) -> Tensor:
-    """The weight change of one LoRA module, computed in fp32: (out, rank) @ (rank, in)."""
+    """The weight change of one LoRA module, computed in fp32: (out, rank) @ (rank, in), or for
+    a convolution (out, rank, 1, 1) x (rank, in, k, k) -> (out, in, k, k) (the 1x1 up composes
+    with the down kernel exactly)."""
     rank = down.shape[0]
     scale = float(alpha) / rank
-    return (up.float() @ down.float()) * (scale * multiplier)
+    delta = up.float().flatten(1) @ down.float().flatten(1)  # (out, in * k * k)
+    return delta.reshape(up.shape[0], *down.shape[1:]) * (scale * multiplier)
 
 
 
 
-def add_to_weight(linear: nn.Linear, delta: Tensor) -> None:
-    """linear.weight += delta, summed in fp32 and rounded once to the weight's dtype."""
-    weight = linear.weight
+def add_to_weight(layer: nn.Module, delta: Tensor) -> None:
+    """layer.weight += delta, summed in fp32 and rounded once to the weight's dtype."""
+    weight = layer.weight
     if weight.dtype in FP8_DTYPES:
         # fp8 keeps 3 mantissa bits: a LoRA delta is mostly below one rounding step and would vanish
         raise ValueError("cannot merge a LoRA into fp8 weights (it would be rounded away); apply it on the fly")
@@ -207,7 +236,7 @@ def kohya_name(module_path: str, prefix: str = "lora_unet") -> str:
 
 def linear_names(model: nn.Module, prefix: str = "lora_unet") -> dict[str, str]:
     """kohya name -> module path for every Linear in the model (how a file's names are resolved)."""
-    return {kohya_name(path, prefix): path for path, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return {kohya_name(path, prefix): path for path, m in model.named_modules() if isinstance(m, LORA_BASES)}
 
 
 def targets_from_state_dict(model: nn.Module, sd: dict[str, Tensor], prefix: str = "lora_unet") -> dict[str, int]:
@@ -235,7 +264,7 @@ def _shorten(items: list, limit: int = 12) -> str:
 class LoRANetwork(nn.Module):
     """All LoRA modules of a model, keyed by kohya name. Its parameters() are the trainable ones."""
 
-    def __init__(self, loras: dict[str, LoRALinear], module_paths: dict[str, str], prefix: str = "lora_unet"):
+    def __init__(self, loras: dict[str, LoRAModule], module_paths: dict[str, str], prefix: str = "lora_unet"):
         super().__init__()
         self.loras = nn.ModuleDict(loras)
         self.module_paths = dict(module_paths)  # kohya name -> module path in the model
@@ -258,18 +287,18 @@ class LoRANetwork(nn.Module):
         fp32) on `device` (default: where the base weight is, meta included)."""
         modules = dict(model.named_modules())
         missing = sorted(p for p in targets if p not in modules)
-        not_linear = sorted(p for p in targets if p in modules and not isinstance(modules[p], nn.Linear))
+        not_linear = sorted(p for p in targets if p in modules and not isinstance(modules[p], LORA_BASES))
         if missing or not_linear:
             raise ValueError(
-                f"LoRA targets must be Linear modules of the model; not found: {_shorten(missing)}; "
-                f"not nn.Linear: {_shorten(not_linear)}"
+                f"LoRA targets must be Linear or Conv layers of the model; not found: {_shorten(missing)}; "
+                f"not Linear or Conv: {_shorten(not_linear)}"
             )
         loras, paths = {}, {}
         for path, rank in targets.items():
             if rank == 0:
                 continue
             name = kohya_name(path, prefix)
-            loras[name] = LoRALinear(modules[path], rank, alpha, dropout, dtype=dtype, device=device)
+            loras[name] = LoRAModule(modules[path], rank, alpha, dropout, dtype=dtype, device=device)
             paths[name] = path
         network = cls(loras, paths, prefix)
         for lora in network.loras.values():
@@ -551,16 +580,15 @@ def _inference_dtype(model: nn.Module, targets: dict[str, int]) -> torch.dtype:
 def _merge_state_dict(model: nn.Module, sd: dict, targets: dict[str, int], multiplier: float, prefix: str):
     modules = dict(model.named_modules())
     for path in targets:
-        name, linear = kohya_name(path, prefix), modules[path]
+        name, layer = kohya_name(path, prefix), modules[path]
         down, up = sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"]
-        if up.shape[0] != linear.out_features or down.shape[1] != linear.in_features:
-            raise ValueError(
-                f"{name}: LoRA ({up.shape[0]}x{down.shape[1]}) does not fit {path} "
-                f"({linear.out_features}x{linear.in_features}); is it for another model size?"
-            )
+        shape = (up.shape[0], *down.shape[1:])
+        if shape != tuple(layer.weight.shape):
+            raise ValueError(f"{name}: LoRA {shape} does not fit {path} {tuple(layer.weight.shape)}; "
+                             "is it for another model size?")
         alpha = sd.get(f"{name}.alpha", down.shape[0])
-        device = linear.weight.device
-        add_to_weight(linear, lora_delta(down.to(device), up.to(device), alpha, multiplier))
+        device = layer.weight.device
+        add_to_weight(layer, lora_delta(down.to(device), up.to(device), alpha, multiplier))
 
 
 # --- metadata ------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""Sampling: the prompt syntax, the flow Euler step, image files, and the sampling CLI. The
-schedule and the sampler of each model come from its family (families/), so this file holds
-what every family shares:
+"""Sampling: the prompt syntax, image files, and the sampling CLI. The schedule and the
+sampler of each model come from its family (families/, with the algorithms in samplers.py),
+so this file holds what every family shares:
 
     python sample.py --model flux1-dev.safetensors --ae ae.safetensors \
         --clip_l clip_l.safetensors --t5 t5xxl_fp16.safetensors \
@@ -66,18 +66,6 @@ def parse_prompt_line(line: str, defaults: SamplePrompt | None = None) -> Sample
 def read_prompt_file(path: str | Path, defaults: SamplePrompt | None = None) -> list[SamplePrompt]:
     lines = Path(path).read_text(encoding="utf-8").splitlines()
     return [p for line in lines if (p := parse_prompt_line(line, defaults)) is not None]
-
-
-# --- the flow sampler --------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def euler(velocity, x: Tensor, schedule: list[float]) -> Tensor:
-    """Euler along a flow from schedule[0] down to schedule[-1]: x <- x + (t_next - t) v(x, t),
-    x_t = (1 - t) x0 + t noise."""
-    for t_curr, t_prev in zip(schedule[:-1], schedule[1:]):
-        x = x + (t_prev - t_curr) * velocity(x, t_curr)
-    return x
 
 
 def initial_noise(prompt: SamplePrompt, channels: int, downscale: int, multiple: int, device) -> Tensor:

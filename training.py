@@ -45,7 +45,7 @@ def choose_trainable(model: nn.Module, family, cfg: dict, device=None):
         model.requires_grad_(True)
         return None, dict(model.named_parameters()), {}
     targets = family.lora_targets(model, cfg)
-    # LoRA weights train in fp32 whatever the base dtype; LoRALinear casts them for the matmul.
+    # LoRA weights train in fp32 whatever the base dtype; LoRAModule casts them for the matmul.
     network = lora.LoRANetwork.inject(model, targets, alpha=network_alpha(cfg), dropout=cfg["network_dropout"],
                                       dtype=torch.float32, device=device, prefix=family.lora_prefix)
     return network, dict(network.named_parameters()), targets
@@ -133,7 +133,7 @@ def training_loss(family, objective, model: nn.Module, batch: dict, cfg: dict,
     per-sample losses (B,), the losses.Noised draw)."""
     x0 = batch["latent"].float()
     noised = objective.noised(x0, generator, family.seq_len(x0))
-    out = family.predict(model, noised.x_t, noised.t, family.conditioning(batch, cfg))
+    out = family.predict(model, noised.x_t, noised.t, family.conditioning(batch, cfg, generator))
     loss, per_sample = objective.loss(out, x0, noised, mask=batch.get("mask"))
     return loss, per_sample, noised
 

@@ -122,9 +122,11 @@ class Family:
         """What resolution-dependent noise shifts read (FLUX: image tokens)."""
         return latent.shape[-2] * latent.shape[-1]
 
-    def conditioning(self, batch: dict, cfg: dict) -> dict:
+    def conditioning(self, batch: dict, cfg: dict, generator: torch.Generator | None = None) -> dict:
         """The network's conditioning from a training batch (text tensors, size and crop,
-        guidance, low-resolution image ...)."""
+        guidance, low-resolution image ...). Anything random (per-encoder caption dropout, a
+        noise augmentation) draws from `generator`: a CPU generator in training (resumable),
+        None in validation (no dropout) and in the memory plan (draw on the batch's device)."""
         raise NotImplementedError
 
     def predict(self, model: nn.Module, x_t: Tensor, t: Tensor, cond: dict) -> Tensor:
@@ -184,9 +186,20 @@ class Family:
 
 
 def _families() -> dict[str, Family]:
-    from . import flux
+    """Every module in this package that defines FAMILY, in the order of ORDER (then by name)."""
+    import importlib
+    import pkgutil
 
-    return {family.name: family for family in (flux.FAMILY,)}
+    found = {}
+    for info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        if isinstance(getattr(module, "FAMILY", None), Family):
+            found[module.FAMILY.name] = module.FAMILY
+    return dict(sorted(found.items(), key=lambda item: (ORDER.index(item[0]) if item[0] in ORDER else len(ORDER),
+                                                       item[0])))
+
+
+ORDER = ("flux", "sd3", "sdxl", "deepfloyd")  # detection order and the order names() lists them
 
 
 FAMILIES: dict[str, Family] = _families()

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 import fp8
 import losses
 import sample
+import samplers
 from lora import parse_block_indices
 from config import ConfigError
 from models import flux as network
@@ -142,7 +143,7 @@ class Flux(Family):
         """Packed image tokens, what flux_shift's mu reads."""
         return (latent.shape[-2] // 2) * (latent.shape[-1] // 2)
 
-    def conditioning(self, batch: dict, cfg: dict) -> dict:
+    def conditioning(self, batch: dict, cfg: dict, generator=None) -> dict:
         cond = {k: batch[k] for k in ("t5", "clip_pooled", "t5_mask") if k in batch}
         b = batch["latent"].shape[0]
         cond["guidance"] = torch.full((b,), cfg["guidance_scale"], device=batch["latent"].device)
@@ -166,17 +167,9 @@ class Flux(Family):
     def sample(self, model: nn.Module, prompt: sample.SamplePrompt, cond: dict, neg_cond: dict | None,
                noise: Tensor) -> Tensor:
         """Euler on dev's shifted schedule (schnell: linear), true CFG when a negative is given."""
-        schedule = get_schedule(prompt.steps, self.seq_len(noise), shift=model.params.guidance_embed)
-
-        def velocity(x: Tensor, t: float) -> Tensor:
-            t_vec = torch.full((x.shape[0],), t, device=x.device)
-            v = denoise(model, x, t_vec, cond)
-            if neg_cond is not None and prompt.cfg_scale != 1.0:
-                v_neg = denoise(model, x, t_vec, neg_cond)
-                v = v_neg + prompt.cfg_scale * (v - v_neg)
-            return v
-
-        return sample.euler(velocity, noise, schedule)
+        sigmas = samplers.flux_sigmas(prompt.steps, self.seq_len(noise), shift=model.params.guidance_embed)
+        velocity = lambda x, t, c: denoise(model, x, t, c)  # noqa: E731  (t is sigma itself)
+        return samplers.sample_flow(velocity, noise, sigmas, cond, neg_cond, samplers.Guidance(prompt.cfg_scale))
 
     # --- LoRA --------------------------------------------------------------------------------------
 
@@ -277,16 +270,6 @@ def denoise(model: network.Flux, x_t: Tensor, sigma: Tensor, cond: dict) -> Tens
         txt_mask=cond.get("t5_mask"),
     )
     return network.unpack(out.to(x_t.dtype), h, w)
-
-
-def get_schedule(num_steps: int, image_seq_len: int, shift: bool = True) -> list[float]:
-    """Noise levels from 1 to 0 (float64 arithmetic). dev shifts toward high noise by mu, linear
-    in the token count (losses.flux_mu: 0.5 at 256 tokens, 1.15 at 4096); schnell uses the plain
-    linear schedule (black-forest-labs/flux: sampling.get_schedule)."""
-    timesteps = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
-    if shift:
-        timesteps[:-1] = losses.time_shift(losses.flux_mu(image_seq_len), timesteps[:-1])  # t=0 stays 0
-    return timesteps.tolist()
 
 
 # --- block swap counts -------------------------------------------------------------------------------

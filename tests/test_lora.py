@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from torch import nn
 from safetensors.torch import save_file
 
 import atomic
@@ -507,3 +508,34 @@ def test_mismatched_files_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="no FLUX.1 counterpart"):
         lora.to_kohya({"transformer.foo.lora_A.weight": torch.ones(1, 1), "transformer.foo.lora_B.weight": torch.ones(1, 1)},
                       FLUX)
+
+
+@pytest.mark.parametrize("conv", ["conv2d_3x3_stride2", "conv1d_1"])
+def test_lora_on_convolutions_merges_exactly(conv):
+    """LoCon: a LoRA beside a Conv2d (kohya: down with the base's kernel, stride and padding, up
+    1x1) and beside IF's Conv1d(k=1) projections; the on-the-fly output equals the base layer
+    with up @ down merged into its kernel, and the file has kohya's conv shapes."""
+    torch.manual_seed(0)
+    if conv == "conv2d_3x3_stride2":
+        base, x = nn.Conv2d(6, 10, 3, stride=2, padding=1), torch.randn(2, 6, 9, 7)
+        shapes = ((4, 6, 3, 3), (10, 4, 1, 1))
+    else:
+        base, x = nn.Conv1d(6, 10, 1), torch.randn(2, 6, 5)
+        shapes = ((4, 6, 1), (10, 4, 1))
+    model = nn.Sequential(base).requires_grad_(False)
+    network = LoRANetwork.inject(model, {"0": 4}, alpha=2.0)
+    randomize(network)
+    live = model(x)
+    sd = network.kohya_state_dict()
+    assert (tuple(sd["lora_unet_0.lora_down.weight"].shape), tuple(sd["lora_unet_0.lora_up.weight"].shape)) == shapes
+    expected = base._conv_forward(x, base.weight + lora.lora_delta(*(sd[f"lora_unet_0.{k}"] for k in (
+        "lora_down.weight", "lora_up.weight", "alpha"))), base.bias)
+    torch.testing.assert_close(live, expected, rtol=1e-5, atol=1e-6)
+    assert (live - base._conv_forward(x, base.weight, base.bias)).abs().max() > 1e-3  # the LoRA acts
+    network.merge()
+    torch.testing.assert_close(model(x), live, rtol=1e-5, atol=1e-6)
+    network.unmerge()
+    network.remove()
+    fresh = nn.Sequential(base)
+    assert lora.apply_lora_file(fresh, sd, FLUX, multiplier=1.0) is None  # merged by file, same result
+    torch.testing.assert_close(fresh(x), live, rtol=1e-5, atol=1e-6)

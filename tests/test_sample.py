@@ -27,7 +27,7 @@ def test_prompt_line_kohya_syntax():
 
 
 def test_schedules():
-    from families.flux import get_schedule
+    from samplers import flux_sigmas as get_schedule
 
     schnell = get_schedule(4, 4096, shift=False)
     assert schnell == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
@@ -42,11 +42,11 @@ def test_schedules():
 
 def test_euler_follows_a_straight_flow():
     """With the exact velocity of a straight path the sampler lands on its start point."""
-    from families.flux import get_schedule
+    import samplers
 
     x0 = torch.randn(1, 3, 4, 4)
     noise = torch.randn_like(x0)
-    out = sample.euler(lambda x_t, t: noise - x0, noise, get_schedule(5, 4))
+    out = samplers.sample_flow(lambda x_t, t, cond: noise - x0, noise, samplers.flux_sigmas(5, 4), None)
     assert torch.allclose(out, x0, atol=1e-5)
 
 
