@@ -441,7 +441,8 @@ def build(cfg: dict, device: str = "meta", params=None, seed: int = 0) -> Setup:
         with tracker.allocating(OPTIMIZER):
             # AdamW one tensor at a time: on CUDA training runs the fused kernel, which makes no
             # temporaries of the whole set; the per-tensor loop is its nearest relative off CUDA.
-            opt = training.build_optimization(prepared.trainable, cfg, foreach=False)
+            opt = training.build_optimization(prepared.trainable, cfg, foreach=False,
+                                              lr_multipliers=family.lr_multipliers(cfg, prepared.trainable))
     return Setup(cfg, family, params, source, prepared, opt, tracker)
 
 

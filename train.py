@@ -295,7 +295,8 @@ def build_run(cfg: dict, family, sd: dict, params, device, run_dir: Path, data: 
     prepared = training.prepare(model, family, cfg, device)
     if prepared.swap is not None:
         print(prepared.swap.describe())
-    opt = training.build_optimization(prepared.trainable, cfg, seed=cfg["seed"])
+    opt = training.build_optimization(prepared.trainable, cfg, seed=cfg["seed"],
+                                      lr_multipliers=family.lr_multipliers(cfg, prepared.trainable))
     order = DataOrder(len(data.train) * cfg["repeats"], cfg["batch_size"], cfg["seed"])  # index % images
     return Run(cfg, family, params, device, run_dir, data, prepared, opt, family.objective(cfg), order,
                torch.Generator().manual_seed(cfg["seed"]))

@@ -99,15 +99,28 @@ class Optimization:
     ema: optim.EMA | None
 
 
+def param_groups(trainable: dict[str, nn.Parameter], cfg: dict, lr_multipliers: dict[str, float] | None):
+    """The trainable parameters, in groups of equal learning rate: learning_rate times the
+    multiplier a family gives a parameter by name (block-wise learning rates, LoRA+); one group
+    when there are none."""
+    if not lr_multipliers:
+        return list(trainable.values())
+    groups: dict[float, list] = {}
+    for name, p in trainable.items():
+        groups.setdefault(float(lr_multipliers.get(name, 1.0)), []).append(p)
+    return [{"params": ps, "lr": cfg["learning_rate"] * m} for m, ps in groups.items() if m > 0]
+
+
 def build_optimization(trainable: dict[str, nn.Parameter], cfg: dict, seed: int | None = None,
-                       foreach: bool | None = None) -> Optimization:
+                       foreach: bool | None = None, lr_multipliers: dict[str, float] | None = None) -> Optimization:
     """The optimizer (and the step fused into backward), its LR schedule and the EMA. `seed`
     seeds the fused step's rounding noise (None on the meta device); `foreach` chooses AdamW's
-    implementation off CUDA (optim.build_optimizer)."""
+    implementation off CUDA (optim.build_optimizer); `lr_multipliers` (parameter name ->
+    factor; 0 freezes) come from the family (Family.lr_multipliers)."""
     params = list(trainable.values())
     extra = {"stochastic_rounding": cfg["stochastic_rounding"]} if cfg["optimizer"] == "adafactor" \
         else {"foreach": foreach}
-    optimizer = optim.build_optimizer(params, cfg["optimizer"], lr=cfg["learning_rate"],
+    optimizer = optim.build_optimizer(param_groups(trainable, cfg, lr_multipliers), cfg["optimizer"], lr=cfg["learning_rate"],
                                       weight_decay=cfg["weight_decay"], betas=tuple(cfg["betas"]), eps=cfg["eps"],
                                       **extra)
     scheduler = optim.build_scheduler(optimizer, cfg["lr_scheduler"], warmup_steps=cfg["lr_warmup_steps"],

@@ -153,6 +153,11 @@ class Family:
         """Module path -> rank of every layer that gets a LoRA (block selection, group ranks)."""
         raise NotImplementedError
 
+    def lr_multipliers(self, cfg: dict, trainable: dict[str, nn.Parameter]) -> dict[str, float]:
+        """Learning-rate factors by trainable parameter name (block-wise learning rates); {} for
+        one learning rate."""
+        return {}
+
     def lora_metadata(self, cfg: dict, params) -> dict[str, str]:
         """kohya / modelspec metadata particular to the family (architecture, base model, ...)."""
         return {}
@@ -180,6 +185,18 @@ class Family:
     def plan_batch(self, cfg: dict, params, device) -> dict:
         """A batch as the caches deliver it, with random values: the plan's step runs on it."""
         raise NotImplementedError
+
+    def plan_text_encoders(self, cfg: dict, params) -> list:
+        """The caching phase of the plan: each text-encoder network in the order caching runs
+        them, as (name, build, inputs): build() makes the network (a transformers model) on the
+        current default device in cfg's dtype; inputs(device) gives the keyword arguments of one
+        encoding batch of cfg["text_batch_size"] captions (input_ids, attention_mask, ...)."""
+        raise NotImplementedError
+
+    def plan_codec(self, cfg: dict, params) -> nn.Module | None:
+        """The autoencoder network (models.vae.AutoEncoder) built on the current default device,
+        for the plan's caching (encode) and sampling (decode) phases; None for pixels."""
+        return None
 
 
 # --- the registry ----------------------------------------------------------------------------------
