@@ -13,7 +13,7 @@ The model is wrapped from outside, as kohya-ss/sd-scripts does: each target Line
 as it was. So the model's state dict keys, `model.to()`, gradient checkpointing and block
 swapping see only base weights, and the LoRA weights live in one LoRANetwork (an
 nn.Module of its own: move it with `network.to(device)`, train it with
-`network.parameters()`, switch dropout with `network.train()` / `network.eval()`).
+`network.parameters()`; dropout follows the model's train() / eval(), as the base layer's does).
 
 File format (kohya, read by ComfyUI, Forge/A1111 and diffusers): per module
 `<name>.lora_down.weight` (rank, in), `<name>.lora_up.weight` (out, rank) and `<name>.alpha`
@@ -143,7 +143,7 @@ class LoRAModule(nn.Module):
         # autocast would: backward then saves the same bf16 x the base layer saves, not an
         # fp32 copy per layer, and the gradients still reach the fp32 weights through the cast.
         h = self._apply(self.lora_down, x)  # (..., rank) or (B, rank, ...) for a convolution
-        if self.training and self.dropout > 0:
+        if self.base.training and self.dropout > 0:  # the model's mode: off in validation and sampling
             h = F.dropout(h, p=self.dropout)
         h = h * (self.scale() * self.multiplier).to(h.dtype)  # scaled at rank width: cheaper than at out width
         h = self._apply(self.lora_up, h)

@@ -42,6 +42,8 @@ def config_file(tmp_path: Path, demo_files: dict, **settings) -> str:
         lr_scheduler="constant",
     )
     base.update(settings)
+    if base.get("train_mode") == "full":  # LoRA settings are refused for full fine-tuning
+        base.pop("network_dim"), base.pop("network_alpha")
     path = tmp_path / "config.py"
     path.write_text("".join(f"{k} = {v!r}\n" for k, v in base.items()))
     return str(path)
@@ -154,7 +156,7 @@ def test_corrupt_image_is_skipped_and_listed(tmp_path, demo_files, capsys):
     out = capsys.readouterr().out
     assert "skipped 1 unreadable image" in out and "broken.png" in out
     with pytest.raises(Exception, match="broken.png"):
-        train.main([config_file(tmp_path, files, max_train_steps=1, on_bad_image="stop", recache=True)])
+        train.main([config_file(tmp_path, files, max_train_steps=1, on_bad_image="stop", recache=True, run_name="t2")])
 
 
 @pytest.fixture(scope="module")
@@ -222,10 +224,13 @@ def test_sigterm_saves_at_the_step_boundary_and_resume_continues(tmp_path, demo_
 
     monkeypatch.setattr(train, "load_batch", terminate_during_step_2)
     cfg = config_file(tmp_path, demo_files, max_train_steps=6, save_every=0)
-    train.main([cfg])
+    with pytest.raises(train.RunStopped, match="stopped at step 2.*--resume=latest") as stopped:
+        train.main([cfg])
+    assert stopped.value.code == 143  # 128 + SIGTERM, as schedulers expect of a terminated job
     run = tmp_path / "runs" / "t"
     assert sorted(p.name for p in (run / "state").iterdir()) == ["step_000002"]
-    assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored, no exception leaked
+    assert not (run / "t.safetensors").exists() and (run / "t_step000002.safetensors").exists()
+    assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored
     monkeypatch.setattr(train, "load_batch", real_load_batch)
     train.main([config_file(tmp_path, demo_files, max_train_steps=6, save_every=0, resume="latest")])
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
