@@ -14,6 +14,7 @@ Read `train()` top to bottom; it runs named phases:
   7. finish: the final file
 """
 import json
+import random
 import signal
 import sys
 import time
@@ -275,6 +276,7 @@ class Run:
     metrics: MetricsLog | None = None
     step: int = 0
     started_at: float = 0.0  # when training began (kept across resumes)
+    session_id: int = 0  # kohya's ss_session_id: a random number per process
     identity: dict | None = None  # model file and dataset fingerprint (run_identity)
 
 
@@ -385,7 +387,8 @@ def build_run(cfg: dict, family, sd: dict, params, device, run_dir: Path, data: 
         print(prepared.swap.describe())
     opt = training.build_optimization(prepared.trainable, cfg, seed=cfg["seed"],
                                       lr_multipliers=family.lr_multipliers(cfg, prepared.trainable))
-    order = DataOrder(len(data.train) * cfg["repeats"], cfg["batch_size"], cfg["seed"])  # index % images
+    images = len({entry.item.image_path for entry in data.train.entries})
+    order = DataOrder(images * cfg["repeats"], cfg["batch_size"], cfg["seed"])  # entry = index % entries
     return Run(cfg, family, params, device, run_dir, data, prepared, opt, family.objective(cfg), order,
                torch.Generator().manual_seed(cfg["seed"]))
 
@@ -478,10 +481,40 @@ def print_arithmetic(run: Run) -> None:
 def lora_metadata(run: Run) -> dict[str, str]:
     cfg, family = run.cfg, run.family
     network_args = {k: cfg[k] for k in lora.NETWORK_CONFIG_KEYS + family.lora_config_keys}
-    # kohya counts epochs from 1 and training images with their repeats
+    # kohya counts epochs from 1
     return lora.kohya_metadata(public_config(cfg), run.params, family.lora_metadata(cfg, run.params), network_args,
-                               step=run.step, epoch=run.order.epoch + 1, num_images=run.order.num_items,
-                               training_started_at=run.started_at)
+                               step=run.step, epoch=run.order.epoch + 1, run=run_facts(run))
+
+
+def run_facts(run: Run) -> dict:
+    """What kohya records about a run besides its settings (train_network.py's metadata)."""
+    cfg, order = run.cfg, run.order
+    updates_per_epoch = max(1, -(-order.batches_per_epoch // cfg["gradient_accumulation_steps"]))
+    captions = [e.item.caption for e in run.data.train.entries]
+    tags: dict[str, int] = {}
+    for caption in captions:
+        for tag in (t.strip() for t in caption.split(",")):
+            if tag:
+                tags[tag] = tags.get(tag, 0) + 1
+    folder = Path(cfg["dataset_dir"]).name
+    optimizer = type(run.opt.optimizer)
+    facts = {
+        "session_id": run.session_id,
+        "training_started_at": run.started_at,
+        "num_train_images": order.num_items,  # images x repeats, as kohya counts them
+        "num_validation_images": len(run.data.val) if run.data.val is not None else 0,
+        "num_batches_per_epoch": order.batches_per_epoch,
+        "num_epochs": -(-cfg["max_train_steps"] // updates_per_epoch),
+        "total_batch_size": cfg["batch_size"] * cfg["gradient_accumulation_steps"],
+        "dataset_dirs": {folder: {"n_repeats": cfg["repeats"],
+                                  "img_count": len({e.item.image_path for e in run.data.train.entries})}},
+        "tag_frequency": {folder: tags},
+        "optimizer": f"{optimizer.__module__}.{optimizer.__name__}",
+        "sd_model_name": Path(cfg["model_path"]).name,
+    }
+    if cfg["ae_path"]:
+        facts["vae_name"] = Path(cfg["ae_path"]).name
+    return facts
 
 
 def save(run: Run) -> None:
@@ -598,7 +631,7 @@ def train(cfg: dict) -> Path:
         data = load_data(cfg, family, params, device, DTYPES[cfg["dtype"]], items)
         # 3, 4. the denoiser, what trains, the optimizer
         run = build_run(cfg, family, sd, params, device, run_dir, data)
-        run.identity = identity
+        run.identity, run.session_id = identity, random.randint(0, 2**32)
         del sd
         # 5. resume
         run.started_at = time.time()

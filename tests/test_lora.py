@@ -405,7 +405,8 @@ def test_save_load_round_trip_metadata_and_atomic_write(tmp_path, monkeypatch):
     config = {**config, "guidance_scale": 1.0, "timestep_sampling": "shift", "discrete_flow_shift": 3.1582,
               "model_prediction_type": "raw", "sigmoid_scale": 1.0, "logit_mean": 0.0, "logit_std": 1.0,
               "mode_scale": 1.29, "apply_t5_attn_mask": False}
-    meta = kohya_metadata(config, model.params, FLUX.lora_metadata(config, model.params), step=10, num_images=3)
+    meta = kohya_metadata(config, model.params, FLUX.lora_metadata(config, model.params), step=10,
+                          run={"num_train_images": 3})
     path = tmp_path / "lora.safetensors"
     network.save(path, meta, dtype=torch.float32)
     sd, read_meta = load_lora_file(path)
