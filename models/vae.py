@@ -434,7 +434,8 @@ def decode_tiled(vae: AutoEncoder, z: Tensor, tile_latent: int = 64, overlap_lat
     rows, cols = tile_starts(height, tile_latent, overlap_latent), tile_starts(width, tile_latent, overlap_latent)
     for i, top in enumerate(rows):
         for j, left in enumerate(cols):
-            piece = decoder_upsampling(decoder, h[:, :, top : top + tile_latent, left : left + tile_latent].contiguous())
+            tile = h[:, :, top : top + tile_latent, left : left + tile_latent].contiguous()
+            piece = decoder_upsampling(decoder, tile)
             ph, pw = piece.shape[2:]
             ramp = overlap_latent * factor
             weight = (blend_ramp(ph, ramp, i == 0, i == len(rows) - 1)[:, None]

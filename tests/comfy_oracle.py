@@ -41,7 +41,8 @@ def _flux_config(keys, shapes) -> dict:
     """What flux_to_diffusers reads: block counts, and the width for the q/k/v/mlp slices."""
     if "img_in.weight" not in shapes:
         raise ValueError("a FLUX key map needs shapes (the width sets the q/k/v slices): pass {key: tensor or shape}")
-    return dict(depth=_count(keys, r"double_blocks\.(\d+)\."), depth_single_blocks=_count(keys, r"single_blocks\.(\d+)\."),
+    return dict(depth=_count(keys, r"double_blocks\.(\d+)\."),
+                depth_single_blocks=_count(keys, r"single_blocks\.(\d+)\."),
                 hidden_size=tuple(shapes["img_in.weight"])[0])
 
 

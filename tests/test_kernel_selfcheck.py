@@ -25,7 +25,8 @@ pytestmark = [
 ]
 triton, tl = kernels.triton, kernels.tl
 
-MODEL_KERNELS = ["norm_modulate", "gated_residual", "gated_residual_norm_modulate", "qk_norm_rope", "gelu_tanh", "geglu"]
+MODEL_KERNELS = ["norm_modulate", "gated_residual", "gated_residual_norm_modulate", "qk_norm_rope", "gelu_tanh",
+                 "geglu"]
 
 
 @pytest.fixture(autouse=True)

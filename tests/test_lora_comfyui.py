@@ -116,7 +116,8 @@ def test_a_key_comfyui_does_not_know_is_reported():
     model = tiny_flux()
     network = randomized_network(model, rank=2)
     sd = network.kohya_state_dict()
-    sd["lora_unet_double_blocks_0_img_attn_qkvv.lora_up.weight"] = sd.pop("lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight")
+    name = "lora_unet_double_blocks_0_img_attn_qkv"
+    sd[f"{name}v.lora_up.weight"] = sd.pop(f"{name}.lora_up.weight")
     sd["lora_unet_single_blocks_0_linear1.scale"] = torch.ones(())
     _, not_loaded = comfy_load(sd, comfy_key_map("flux", model.state_dict()))
     assert not_loaded == ["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight",
@@ -151,7 +152,8 @@ def test_sd3_slices_follow_the_width():
     key_map = comfy_key_map("sd3", keys)
     assert key_map["transformer.transformer_blocks.3.attn.to_k"] == \
         ("diffusion_model.joint_blocks.3.x_block.attn.qkv.weight", (0, 1536, 1536))
-    assert key_map["lora_unet_joint_blocks_3_x_block_attn_qkv"] == "diffusion_model.joint_blocks.3.x_block.attn.qkv.weight"
+    qkv = "diffusion_model.joint_blocks.3.x_block.attn.qkv.weight"
+    assert key_map["lora_unet_joint_blocks_3_x_block_attn_qkv"] == qkv
 
 
 def test_clip_key_map_names_kohyas_text_encoder_prefixes():

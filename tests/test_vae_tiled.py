@@ -59,7 +59,8 @@ def test_one_tile_is_the_whole_decode():
     sdxl_like = AutoEncoder.from_state_dict(random_vae_state_dict(params), parts=("decoder",)).eval()
     z = latent(7, 9)[:, :4]
     with torch.no_grad():
-        torch.testing.assert_close(decode_tiled(sdxl_like, z, tile_latent=16), sdxl_like.decode(z), rtol=1e-6, atol=1e-6)
+        tiled, whole = decode_tiled(sdxl_like, z, tile_latent=16), sdxl_like.decode(z)
+    torch.testing.assert_close(tiled, whole, rtol=1e-6, atol=1e-6)
 
 
 def test_tiled_decode_is_within_a_few_bf16_errors_of_the_whole_decode(vae):
