@@ -138,7 +138,7 @@ def check_images(items: list[ImageItem], resolution, on_error: str = "skip") -> 
                 image.verify()  # the file's structure and checksums, without decoding the pixels
         except Exception as error:  # PIL raises many kinds; each means "cannot use this file"
             if on_error == "stop":
-                raise ImageReadError(f"cannot read {item.image_path}: {type(error).__name__}: {error}") from None
+                raise ImageReadError(f"cannot read image {item.image_path}: {type(error).__name__}: {error}") from None
             skipped.append((item.image_path, f"{type(error).__name__}: {error}"))
             continue
         if size[0] < width or size[1] < height:
