@@ -32,7 +32,7 @@ from lora import parse_block_indices
 from config import ConfigError
 from models import flux as network
 from models import load_text_encoder
-from models.loading import load_state_dict
+from models.loading import strip_prefix
 
 from . import Family
 
@@ -57,7 +57,7 @@ class Flux(Family):
     # --- the checkpoint ----------------------------------------------------------------------------
 
     def detect(self, sd: dict) -> bool:
-        sd = network.strip_prefix(sd)
+        sd = strip_prefix(sd, network.PREFIXES)[0]
         return "img_in.weight" in sd and any(k.startswith(("double_blocks.", "single_blocks.")) for k in sd)
 
     def params(self, sd: dict, cfg: dict) -> network.FluxParams:
@@ -72,7 +72,7 @@ class Flux(Family):
     def load(self, sd: dict, cfg: dict, dtype: torch.dtype, device="cpu") -> nn.Module:
         if not cfg["fp8_base"]:
             return network.Flux.from_state_dict(sd, dtype=dtype, device=device, **cfg["model_overrides"])
-        sd = network.strip_prefix(sd)
+        sd = strip_prefix(sd, network.PREFIXES)[0]
         with torch.device("meta"):
             model = network.Flux(self.params(sd, cfg))
         blocks = [b for group in self.blocks(model).values() for b in group]

@@ -53,7 +53,7 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from .loading import check_family, file_identity, load_into, load_state_dict
+from .loading import check_family, file_identity, load_into, load_state_dict, strip_prefix
 
 T5_MAX_LENGTH = {"dev": 512, "schnell": 256}  # flux/util.py: max_length per variant
 CLIP_MAX_LENGTH = 77
@@ -131,14 +131,6 @@ TOKENIZER_MODEL_TYPE = {"clip": "BPE", "clip_g": "BPE", "t5": "Unigram"}  # "mod
 # ----------------------------------------------------------------------------- state dicts
 
 
-def strip_known_prefix(sd: dict, prefixes: tuple[str, ...]) -> dict:
-    """Keep only the keys under the first prefix found, without it; otherwise return sd as is."""
-    for prefix in prefixes:
-        if any(k.startswith(prefix) for k in sd):
-            return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-    return sd
-
-
 def drop_keys(sd: dict, prefixes: tuple[str, ...]) -> dict:
     return {k: v for k, v in sd.items() if not k.startswith(prefixes)}
 
@@ -167,7 +159,7 @@ def dequantize_scaled_fp8(sd: dict, dtype: torch.dtype | None = None) -> dict:
 
 def clip_state_dict(sd: dict) -> dict:
     """A CLIP text state dict in the released layout (`text_model.*`), extras dropped."""
-    sd = strip_known_prefix(sd, CLIP_PREFIXES)
+    sd = strip_prefix(sd, CLIP_PREFIXES)[0]
     sd = drop_keys(sd, CLIP_EXTRA_PREFIXES)
     # Old LDM checkpoints and transformers>=5 saves lack the `text_model.` level.
     if not any(k.startswith("text_model.") for k in sd) and any(k.startswith("embeddings.") for k in sd):
@@ -210,11 +202,11 @@ def clip_g_state_dict(sd: dict) -> dict:
     """A CLIP-G text state dict in the HF CLIPTextModelWithProjection layout, from any of the
     layouts above (an SDXL file's OpenCLIP keys, an SD3 all-in-one file, a separate file)."""
     if any(k.startswith(OPENCLIP_PREFIXES) for k in sd):
-        sd = openclip_text_state_dict(strip_known_prefix(sd, OPENCLIP_PREFIXES))
+        sd = openclip_text_state_dict(strip_prefix(sd, OPENCLIP_PREFIXES)[0])
     elif "transformer.resblocks.0.attn.in_proj_weight" in sd:  # a bare OpenCLIP model file
         sd = openclip_text_state_dict(sd)
     else:
-        sd = drop_keys(strip_known_prefix(sd, CLIP_G_PREFIXES), CLIP_G_EXTRA_PREFIXES)
+        sd = drop_keys(strip_prefix(sd, CLIP_G_PREFIXES)[0], CLIP_G_EXTRA_PREFIXES)
         if not any(k.startswith("text_model.") for k in sd) and any(k.startswith("embeddings.") for k in sd):
             sd = {k if k == "text_projection.weight" else f"text_model.{k}": v for k, v in sd.items()}
     return {k: v for k, v in sd.items() if not k.endswith("position_ids")}
@@ -222,7 +214,7 @@ def clip_g_state_dict(sd: dict) -> dict:
 
 def t5_state_dict(sd: dict, dtype: torch.dtype | None = None) -> dict:
     """A T5 encoder state dict in the HF layout with `shared.weight` as the token embedding."""
-    sd = strip_known_prefix(sd, T5_PREFIXES)
+    sd = strip_prefix(sd, T5_PREFIXES)[0]
     sd = drop_keys(sd, T5_EXTRA_PREFIXES)
     sd = dequantize_scaled_fp8(sd, dtype)
     # T5EncoderModel ties encoder.embed_tokens to shared; files carry one or both copies.

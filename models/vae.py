@@ -21,7 +21,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .layers import attention
-from .loading import check_family, load_into
+from .loading import check_family, load_into, strip_prefix
 
 
 @dataclass
@@ -277,7 +277,7 @@ class AutoEncoder(nn.Module):
         (see `infer_params`), and any AutoEncoderParams field can be overridden, e.g.
         `scale_factor=0.18215, shift_factor=0.0` for an SD1.x VAE. The model is built on the
         meta device and the tensors are assigned, not copied."""
-        sd, prefix = strip_prefix(sd)
+        sd, prefix = strip_prefix(sd, PREFIXES)
         if is_diffusers_vae(sd):
             sd = diffusers_vae_to_original(sd)
         sd = select_parts(sd, parts)
@@ -289,14 +289,6 @@ class AutoEncoder(nn.Module):
 
 
 PREFIXES = ("first_stage_model.", "vae.")
-
-
-def strip_prefix(sd: dict) -> tuple[dict, str]:
-    """Keep only the VAE's keys of a full checkpoint, without their prefix; also say which prefix."""
-    for prefix in PREFIXES:
-        if any(k.startswith(prefix) for k in sd):
-            return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}, prefix
-    return sd, ""
 
 
 def select_parts(sd: dict, parts: tuple[str, ...]) -> dict:
@@ -534,7 +526,7 @@ def autoencoder_skeleton(path: str | Path = "", kind: str = "flux") -> AutoEncod
     if path and Path(path).exists():
         from .loading import load_state_dict
 
-        sd, prefix = strip_prefix(load_state_dict(path))  # memory-mapped: the header only
+        sd, prefix = strip_prefix(load_state_dict(path), PREFIXES)  # memory-mapped: the header only
         if is_diffusers_vae(sd):
             sd = diffusers_vae_to_original(sd)
         return AutoEncoder(infer_params(sd, prefix))
