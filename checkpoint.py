@@ -165,7 +165,8 @@ def restore_rng(state: dict, generator: torch.Generator) -> None:
 # Settings that cannot change under trained weights (or without changing what the next batches
 # are); everything else may change on resume and takes effect. The family adds its LoRA keys.
 FROZEN_ON_RESUME = ("model_family", "train_mode", "network_dim", "network_alpha", "group_ranks", "optimizer",
-                    "resolution", "batch_size", "repeats", "crop", "seed", "dtype", "caption_ext", "instance_prompt")
+                    "resolution", "batch_size", "repeats", "crop", "seed", "dtype", "caption_ext", "instance_prompt",
+                    "targets", "use_dora", "split_qkv", "text_encoder_lr")
 
 
 def run_identity(cfg: dict, dataset_fingerprint: str) -> dict:

@@ -63,6 +63,10 @@ class Data:
     prompts: list  # sample.SamplePrompt
     codec: object  # models.VAECodec or PixelCodec, in host memory between samples
     skipped: list  # (image path, reason)
+    # Text encoders that train (text_encoder_lr) stay on the device: their networks by encoder name,
+    # and captions -> text tensors through them (with gradients in training); None when none trains.
+    text_networks: dict | None = None
+    live_text: object = None
 
 
 def load_data(cfg: dict, family, params, device, dtype, items: Items) -> Data:
@@ -90,11 +94,24 @@ def load_data(cfg: dict, family, params, device, dtype, items: Items) -> Data:
     unique = sorted(set(captions + [""]))  # "" for caption dropout and empty negatives
     warn_truncated(text, unique)
     text_cache.build(unique, text.encode, batch_size=cfg["text_batch_size"])
-    del text, swaps  # T5-XXL is 9 GB in bf16: gone before the denoiser loads
+    live = live_text_encoders(text, cfg)
+    del text, swaps  # T5-XXL is 9 GB in bf16: gone before the denoiser loads (unless it trains)
     empty = {k: v.to(device) for k, v in text_cache.load("").items()}
     val = cache.CachedDataset(kept_val, latent_cache, text_cache) if kept_val else None
     return Data(cache.CachedDataset(kept_train, latent_cache, text_cache), val, text_cache, empty, prompts, codec,
-                skipped)
+                skipped, *live)
+
+
+def live_text_encoders(text, cfg: dict) -> tuple:
+    """(networks, captions -> tensors) when a text encoder trains (text_encoder_lr): the cache is
+    then bypassed, the prompt encoder stays (in eval mode: T5's own dropout off) and encodes each
+    batch's captions with the LoRA'd encoders; (None, None) otherwise."""
+    if not cfg["text_encoder_lr"]:
+        return None, None
+    networks = text.networks()
+    for network in networks.values():
+        network.eval()
+    return networks, lambda captions: training.encode_text(text, captions)
 
 
 def warn_truncated(text, captions: list[str]) -> None:

@@ -38,18 +38,102 @@ def load_network(family, cfg: dict, sd: dict, dtype: torch.dtype) -> nn.Module:
     return family.load(sd, cfg, dtype=dtype, device="cpu")
 
 
-def choose_trainable(model: nn.Module, family, cfg: dict, device=None):
-    """A LoRA network on the family's targets (train_mode "lora"; its fp32 weights on `device`)
-    or every weight of the model ("full"). Returns (network or None, trainable by name, targets)."""
+def choose_trainable(model: nn.Module, family, cfg: dict, device=None, text_networks: dict | None = None):
+    """train_mode "lora": a LoRA network on the targets (the family's selection, or a `targets`
+    preset), plus a LoRA on each text encoder of text_encoder_lr (`text_networks`: encoder name
+    -> its network), its fp32 weights on `device`, started from network_weights when given.
+    "full": every weight of the model, or a preset's layers. Returns (network or None,
+    trainable by name, denoiser targets)."""
     model.requires_grad_(False)
     if cfg["train_mode"] == "full":
-        model.requires_grad_(True)
-        return None, dict(model.named_parameters()), {}
-    targets = family.lora_targets(model, cfg)
+        return None, full_trainable(model, family, cfg), {}
+    targets = lora_targets(model, family, cfg)
     # LoRA weights train in fp32 whatever the base dtype; LoRAModule casts them for the matmul.
-    network = lora.LoRANetwork.inject(model, targets, alpha=network_alpha(cfg), dropout=cfg["network_dropout"],
-                                      dtype=torch.float32, device=device, prefix=family.lora_prefix)
+    options = dict(alpha=network_alpha(cfg), dropout=cfg["network_dropout"], rank_dropout=cfg["rank_dropout"],
+                   module_dropout=cfg["module_dropout"], dora=cfg["use_dora"], dtype=torch.float32, device=device)
+    splits = fused_splits(model, family, targets) if cfg["split_qkv"] else None
+    networks = [lora.LoRANetwork.inject(model, targets, prefix=family.lora_prefix, splits=splits, **options)]
+    for encoder in cfg["text_encoder_lr"]:
+        if encoder not in (text_networks or {}):
+            raise ValueError(f"text_encoder_lr names {encoder!r}, but no such text encoder is loaded")
+        te_model, prefix = text_networks[encoder], family.text_encoder_loras()[encoder][0]
+        te_targets = family.text_encoder_lora_targets(encoder, te_model, cfg["network_dim"])
+        networks.append(lora.LoRANetwork.inject(te_model, te_targets, prefix=prefix, **options))
+    network = networks[0] if len(networks) == 1 else lora.LoRANetwork.join(networks)
+    if cfg["network_weights"] and not next(network.parameters()).is_meta:
+        fresh = lora.load_network_weights(network, cfg["network_weights"], family)
+        if fresh:
+            print(f"network_weights: {len(fresh)} modules are not in {cfg['network_weights']} and start fresh: "
+                  f"{', '.join(fresh[:4])}{' ...' if len(fresh) > 4 else ''}")
     return network, dict(network.named_parameters()), targets
+
+
+def lora_targets(model: nn.Module, family, cfg: dict) -> dict[str, int]:
+    """Module path -> rank: a `targets` preset (lora.PRESETS, over the family's lora_layers) or
+    the family's own selection keys."""
+    if cfg["targets"]:
+        return lora.preset_targets(family.lora_layers(model), cfg["targets"], family, cfg["network_dim"],
+                                   cfg["group_ranks"])
+    return family.lora_targets(model, cfg)
+
+
+def full_trainable(model: nn.Module, family, cfg: dict) -> dict[str, nn.Parameter]:
+    """Full fine-tuning: every weight, or with a `targets` preset the weights and biases of the
+    layers it selects (everything else frozen)."""
+    if not cfg["targets"]:
+        model.requires_grad_(True)
+        return dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    trainable = {f"{path}.{name}": p for path in lora.preset_layers(family.lora_layers(model), cfg["targets"], family)
+                 for name, p in modules[path].named_parameters(recurse=False)}
+    for p in trainable.values():
+        p.requires_grad_(True)
+    return trainable
+
+
+def fused_splits(model: nn.Module, family, targets: dict[str, int]) -> dict[str, list[int]]:
+    """split_qkv: module path -> row slices, for the targets that are fused weights."""
+    modules = dict(model.named_modules())
+    splits = {path: rows for path in targets if (rows := family.lora_fused_rows(path, modules[path]))}
+    if not splits:
+        raise ValueError(f"split_qkv: none of the LoRA targets is a fused q/k/v weight of {family.title}; "
+                         "remove split_qkv")
+    return splits
+
+
+def lr_multipliers(family, cfg: dict, trainable: dict[str, nn.Parameter]) -> dict[str, float]:
+    """Learning-rate factors by parameter name: the family's (block-wise rates, frozen blocks),
+    times LoRA+'s ratio on the up matrices (loraplus_lr_ratio) and each text encoder's own rate
+    (text_encoder_lr / learning_rate) on its LoRA."""
+    factors = dict(family.lr_multipliers(cfg, trainable))
+    te_rates = {f".{family.text_encoder_loras()[encoder][0]}_": lr / cfg["learning_rate"]
+                for encoder, lr in cfg["text_encoder_lr"].items()}
+    for name in trainable:
+        factor = factors.get(name, 1.0) * next((rate for p, rate in te_rates.items() if p in name), 1.0)
+        if cfg["loraplus_lr_ratio"] and ".lora_up." in name:
+            factor *= cfg["loraplus_lr_ratio"]
+        if factor != 1.0:
+            factors[name] = factor
+    return factors
+
+
+def describe_trainable(prepared, family, cfg: dict) -> list[str]:
+    """What trains, for the log: the selection, its modules folded by block index, its parameters."""
+    count = sum(p.numel() for p in prepared.trainable.values() if p.requires_grad)
+    how = f"preset {cfg['targets']!r}" if cfg["targets"] else f"{family.title}'s selection keys"
+    if prepared.network is None:
+        if not cfg["targets"]:
+            return [f"full fine-tuning: {count:,} parameters"]
+        paths = sorted({name.rsplit(".", 1)[0] for name in prepared.trainable})
+        return [f"full fine-tuning, {how}: {len(paths)} layers, {count:,} parameters:"] + \
+            [f"  {line}" for line in lora.describe_paths(paths)]
+    lines = [f"LoRA on {len(prepared.targets)} layers ({how}), {count:,} trainable parameters:"]
+    lines += [f"  {line}" for line in lora.describe_paths(list(prepared.targets))]
+    for encoder, (prefix, _) in family.text_encoder_loras().items():
+        names = [n for n in prepared.network.loras if n.startswith(prefix + "_")]
+        if names:
+            lines.append(f"  text encoder {encoder} ({prefix}): {len(names)} layers")
+    return lines
 
 
 def network_alpha(cfg: dict) -> float:
@@ -59,12 +143,13 @@ def network_alpha(cfg: dict) -> float:
 
 
 def prepare(model: nn.Module, family, cfg: dict, device, host_device="cpu", allocate=None,
-            on_trainable=None) -> Prepared:
+            on_trainable=None, text_networks: dict | None = None) -> Prepared:
     """Set the network up as training runs it: what trains, gradient checkpointing of the
     family's blocks, block swap (or the whole model on `device`). `host_device`, `allocate` and
     `on_trainable(network, trainable)` (called before placement) let the memory plan run the
-    same code on the meta device and label what it makes."""
-    network, trainable, targets = choose_trainable(model, family, cfg, device)
+    same code on the meta device and label what it makes; `text_networks` are the text
+    encoders' networks, for text-encoder LoRA."""
+    network, trainable, targets = choose_trainable(model, family, cfg, device, text_networks)
     if on_trainable is not None:
         on_trainable(network, trainable)
     groups = family.blocks(model)
@@ -118,6 +203,15 @@ def place_text_encoders(networks: dict[str, nn.Module], cfg: dict, device, host_
     return swaps
 
 
+def encode_text(text_encoder, captions: list[str]) -> dict:
+    """Captions through a prompt encoder (models/) with gradients, for text encoders that train.
+    Its `encode` runs under no_grad for caching; the decorator keeps the plain function as
+    `__wrapped__` (functools.wraps), which is called here. Under no_grad (validation, samples)
+    this is encode itself."""
+    encode = type(text_encoder).encode
+    return getattr(encode, "__wrapped__", encode)(text_encoder, list(captions))
+
+
 def text_encoder_load_device(cfg: dict, device):
     """Where a family loads its text encoders: straight onto the device when they run there in
     their own dtype, else into host memory (placed by place_text_encoders)."""
@@ -155,7 +249,10 @@ def build_optimization(trainable: dict[str, nn.Parameter], cfg: dict, seed: int 
     seeds the fused step's rounding noise (None on the meta device); `foreach` chooses AdamW's
     implementation off CUDA (optim.build_optimizer); `lr_multipliers` (parameter name ->
     factor; 0 freezes) come from the family (Family.lr_multipliers)."""
-    params = list(trainable.values())
+    frozen = {name for name, factor in (lr_multipliers or {}).items() if factor == 0}
+    for name in frozen:  # no gradient at all: nothing would ever step or clear it
+        trainable[name].requires_grad_(False)
+    params = [p for name, p in trainable.items() if name not in frozen]
     extra = {"stochastic_rounding": cfg["stochastic_rounding"]} if cfg["optimizer"] == "adafactor" \
         else {"foreach": foreach}
     optimizer = optim.build_optimizer(param_groups(trainable, cfg, lr_multipliers), cfg["optimizer"], lr=cfg["learning_rate"],

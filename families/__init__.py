@@ -35,6 +35,9 @@ class Family:
     required_paths: tuple[str, ...] = ()
     lora_prefix = "lora_unet"  # kohya's prefix of the denoiser's LoRA modules
     lora_config_keys: tuple[str, ...] = ()  # the family's LoRA keys, recorded in ss_network_args
+    # Keys besides the LoRA keys that decide which weights train (full fine-tuning too): a resume
+    # refuses to change them, as it refuses the LoRA keys; train_mode="full" accepts them.
+    trained_config_keys: tuple[str, ...] = ()
     latent_multiple = 1  # latent sides must be multiples of this (patch size, UNet downsamplings)
 
     # --- the checkpoint ----------------------------------------------------------------------------
@@ -176,9 +179,73 @@ class Family:
         """A diffusers file's lora_up rows in the checkpoint's order (where the two differ)."""
         return up
 
+    def lora_to_diffusers(self, path: str, up: Tensor, down: Tensor) -> dict[str, Tensor]:
+        """A LoRA of the native module `path` in diffusers names: diffusers module (with its
+        pipeline prefix, "transformer.") -> the lora_up rows that module gets (one entry, or one
+        per slice of a fused weight; `down` is shared by all). The inverse of lora_from_diffusers,
+        lora_slice_sizes and lora_up_from_diffusers (lora.py: kohya_to_diffusers). Row-wise: it
+        also places DoRA magnitudes given as `up` (out, 1)."""
+        raise ValueError(f"{self.title} LoRA files are written in the kohya format only")
+
     def lora_loader_notes(self, targets: dict[str, int]) -> list[str]:
         """What common loaders will not apply of a LoRA with these targets (said when saving)."""
         return []
+
+    def lora_readers(self, lora_format: str) -> list[str]:
+        """Who reads this family's LoRA files in `lora_format` ("kohya", "diffusers", "native")."""
+        return ["ComfyUI: Load LoRA (its key map reads kohya, diffusers and native names)",
+                "diffusers: pipe.load_lora_weights(FILE)", "this trainer: sample.py --lora, network_weights, "
+                "python lora.py merge"]
+
+    def text_encoder_loader_notes(self, encoders: list[str]) -> list[str]:
+        """What common loaders will not apply of text-encoder LoRAs on these encoders."""
+        return []
+
+    def lora_paths(self) -> list[str]:
+        """Module paths of every layer a LoRA of this family can name (the released models', all
+        variants), for reading kohya names without the checkpoint (python lora.py convert, info)."""
+        from config import DEFAULTS
+        from lora import LORA_BASES
+
+        if not hasattr(self, "_lora_paths"):
+            with torch.device("meta"):
+                model = self.build(self.default_params(dict(DEFAULTS, model_family=self.name)))
+            self._lora_paths = [p for p, m in model.named_modules() if isinstance(m, LORA_BASES)]
+        return self._lora_paths
+
+    def lora_layers(self, model: nn.Module) -> dict:
+        """Module path -> lora.Layer for every layer that can train (blocks, embedders, final
+        layer): its rank group, block, place in the order the blocks run and roles. The
+        layer-targeting presets (`targets = "late_blocks"`, lora.PRESETS) select from these."""
+        raise NotImplementedError(f"{self.title} has no layer-targeting presets yet: leave targets empty")
+
+    def target_presets(self) -> dict[str, tuple[str, object]]:
+        """Presets of this family's own: name -> (what it trains, rule on a lora.Layer); they may
+        replace the common ones of lora.PRESETS."""
+        return {}
+
+    def lora_fused_rows(self, path: str, layer: nn.Module) -> list[int]:
+        """Row sizes of the slices of a fused weight (q, k, v[, mlp]) for split LoRAs
+        (split_qkv); [] where the layer is not fused."""
+        return []
+
+    def text_encoder_loras(self) -> dict[str, tuple[str, str]]:
+        """Text encoders a LoRA can train: encoder name (as the prompt encoder's networks() names
+        it) -> (kohya prefix "lora_te1", diffusers prefix "text_encoder"). kohya's numbering:
+        te1 CLIP-L, te2 CLIP-G, te3 T5."""
+        return {}
+
+    def text_encoder_lora_targets(self, encoder: str, model: nn.Module, rank: int) -> dict[str, int]:
+        """Module path -> rank in a text encoder: kohya's targets, the Linears of CLIP's attention
+        and MLP and of T5's attention and feed-forward (what ComfyUI and diffusers map)."""
+        kinds = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP", "T5Attention", "T5DenseGatedActDense",
+                 "T5DenseActDense")
+        targets = {}
+        for path, module in model.named_modules():
+            if type(module).__name__ in kinds:
+                targets |= {f"{path}.{name}": rank for name, child in module.named_children()
+                            if isinstance(child, nn.Linear)}
+        return targets
 
     # --- the memory plan -----------------------------------------------------------------------------
 

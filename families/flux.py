@@ -28,7 +28,7 @@ import fp8
 import losses
 import sample
 import samplers
-from lora import parse_block_indices
+from lora import Layer, parse_block_indices
 from config import ConfigError
 from models import flux as network
 from models import load_text_encoder
@@ -53,6 +53,7 @@ class Flux(Family):
                    "mode_scale", "model_prediction_type", "huber_schedule")
     required_paths = ("clip_l_path", "t5_path")
     lora_config_keys = ("train_double_blocks", "train_single_blocks", "lora_embedders")
+    trained_config_keys = ("train_double_blocks", "train_single_blocks")  # full fine-tuning freezes the others
 
     # --- the checkpoint ----------------------------------------------------------------------------
 
@@ -205,6 +206,61 @@ class Flux(Family):
                             double_blocks=cfg["train_double_blocks"], single_blocks=cfg["train_single_blocks"],
                             embedders=cfg["lora_embedders"])
 
+    def lr_multipliers(self, cfg: dict, trainable: dict[str, nn.Parameter]) -> dict[str, float]:
+        """Full fine-tuning: the blocks outside train_double_blocks / train_single_blocks stay frozen
+        (factor 0), whole; LoRA selects its targets instead."""
+        if cfg["train_mode"] != "full":
+            return {}
+        frozen = {}
+        for kind, key in (("double_blocks", "train_double_blocks"), ("single_blocks", "train_single_blocks")):
+            pattern = re.compile(rf"{kind}\.(\d+)\.")
+            indices = {int(m.group(1)) for name in trainable if (m := pattern.match(name))}
+            if not indices:
+                continue
+            kept = set(parse_block_indices(cfg[key], max(indices) + 1, kind))
+            frozen |= {name: 0.0 for name in trainable if (m := pattern.match(name)) and int(m.group(1)) not in kept}
+        return frozen
+
+    def lora_layers(self, model: nn.Module) -> dict[str, Layer]:
+        """Every Linear of the blocks (double blocks run first, then single blocks), the input
+        embedders and the final layer. A single block's linear1 / linear2 hold attention and MLP of
+        the joint stream together."""
+        layers, total = {}, len(model.double_blocks) + len(model.single_blocks)
+        for kind, offset in (("double_blocks", 0), ("single_blocks", len(model.double_blocks))):
+            for i, block in enumerate(getattr(model, kind)):
+                for sub_path, module in block.named_modules():
+                    if isinstance(module, nn.Linear):
+                        group = _block_group(kind, sub_path)
+                        layers[f"{kind}.{i}.{sub_path}"] = Layer(group, kind, i, (offset + i) / total,
+                                                                 _roles(kind, sub_path))
+        for name in _embedder_names(model, True):
+            for sub_path, module in getattr(model, name).named_modules():
+                if isinstance(module, nn.Linear):
+                    layers[f"{name}.{sub_path}" if sub_path else name] = Layer(name, roles=frozenset({"embedder"}))
+        layers["final_layer.linear"] = Layer("final_layer", roles=frozenset({"final"}))
+        layers["final_layer.adaLN_modulation.1"] = Layer("final_layer", roles=frozenset({"final", "modulation"}))
+        return layers
+
+    def lora_fused_rows(self, path: str, layer: nn.Module) -> list[int]:
+        """q, k, v of a double block's qkv; q, k, v and the MLP input of a single block's linear1."""
+        hidden = layer.in_features
+        if re.fullmatch(r"double_blocks\.\d+\.(img|txt)_attn\.qkv", path):
+            return [hidden] * 3
+        if re.fullmatch(r"single_blocks\.\d+\.linear1", path):
+            return [hidden] * 3 + [layer.out_features - 3 * hidden]
+        return []
+
+    def text_encoder_loras(self) -> dict[str, tuple[str, str]]:
+        # kohya's lora_flux: CLIP-L is te1, T5 te3 ("ComfyUI compatible"); diffusers' FluxPipeline
+        # has them as text_encoder and text_encoder_2
+        return {"clip_l": ("lora_te1", "text_encoder"), "t5": ("lora_te3", "text_encoder_2")}
+
+    def text_encoder_loader_notes(self, encoders: list[str]) -> list[str]:
+        if "t5" not in encoders:
+            return []
+        return ["diffusers (T5, lora_te3): its FLUX loader reads CLIP-L LoRAs only and skips T5's with a warning; "
+                "ComfyUI applies them"]
+
     def lora_metadata(self, cfg: dict, params) -> dict[str, str]:
         variant = self.variant(params)
         meta = {
@@ -237,6 +293,21 @@ class Flux(Family):
         if path == "final_layer.adaLN_modulation.1":
             return torch.cat(up.chunk(2, dim=0)[::-1])  # diffusers (scale, shift) -> BFL (shift, scale)
         return up
+
+    def lora_to_diffusers(self, path: str, up: Tensor, down: Tensor) -> dict[str, Tensor]:
+        """Inverse of lora_from_diffusers: a fused weight's up cut into its q, k, v (and MLP) rows,
+        the final layer's modulation rows swapped to diffusers' (scale, shift)."""
+        names = DIFFUSERS_NAMES.get(re.sub(r"^(double_blocks|single_blocks)\.\d+\.", r"\1.", path))
+        if names is None:
+            raise ValueError(f"{path} has no diffusers name in FLUX.1 (diffusers' FluxTransformer2DModel)")
+        block = re.match(r"(double_blocks|single_blocks)\.(\d+)\.", path)
+        where = f"{DIFFUSERS_BLOCKS[block.group(1)]}.{block.group(2)}." if block else ""
+        if path == "final_layer.adaLN_modulation.1":
+            up = torch.cat(up.chunk(2, dim=0)[::-1])  # BFL (shift, scale) -> diffusers (scale, shift)
+        if len(names) == 1:
+            return {f"transformer.{where}{names[0]}": up}
+        sizes = self.lora_slice_sizes(path, down, {3: {"up": up[3 * down.shape[1]:]}} if len(names) == 4 else {})
+        return {f"transformer.{where}{name}": rows for name, rows in zip(names, up.split(sizes))}
 
     def lora_slice_sizes(self, path: str, down: Tensor, slices: dict) -> list[int]:
         """q, k, v rows of `hidden` each (FLUX's input width is hidden); a single block's linear1
@@ -327,6 +398,18 @@ def _block_group(kind: str, sub_path: str) -> str:
     if kind == "double_blocks":
         return sub_path.split(".")[0]  # img_attn.qkv -> img_attn, txt_mlp.0 -> txt_mlp
     return "single_mod" if sub_path.startswith("modulation.") else "single"  # linear1 / linear2
+
+
+def _roles(kind: str, sub_path: str) -> frozenset:
+    """A block Linear's roles (lora.ROLES): double blocks have an image and a text (context)
+    stream; a single block's linear1 / linear2 fuse attention and MLP of the joint stream."""
+    if kind == "single_blocks":
+        if sub_path.startswith("modulation."):
+            return frozenset({"modulation", "image", "context"})
+        return frozenset({"attention", "mlp", "image", "context"})
+    stream = "image" if sub_path.startswith("img_") else "context"
+    part = {"attn": "attention", "mlp": "mlp", "mod": "modulation"}[sub_path.split(".")[0].split("_")[1]]
+    return frozenset({stream, part})
 
 
 def _embedder_names(model: nn.Module, embedders) -> list[str]:
@@ -421,6 +504,21 @@ TOP_FROM_DIFFUSERS = {
     "norm_out.linear": "final_layer.adaLN_modulation.1",  # rows are (scale, shift) in diffusers
 }
 MLP_RATIO = 4  # FLUX.1: the size of a single block's proj_mlp slice when a file leaves it out
+DIFFUSERS_BLOCKS = {"double_blocks": "transformer_blocks", "single_blocks": "single_transformer_blocks"}
+
+
+def _diffusers_names() -> dict[str, list[str]]:
+    """BFL module path ('double_blocks.<sub>' for blocks) -> its diffusers modules in slice order."""
+    names: dict[str, list[tuple[int, str]]] = {}
+    for kind, table in (("double_blocks", DOUBLE_FROM_DIFFUSERS), ("single_blocks", SINGLE_FROM_DIFFUSERS)):
+        for diffusers, (path, piece) in table.items():
+            names.setdefault(f"{kind}.{path}", []).append((piece or 0, diffusers))
+    for diffusers, path in TOP_FROM_DIFFUSERS.items():
+        names[path] = [(0, diffusers)]
+    return {path: [name for _, name in sorted(found)] for path, found in names.items()}
+
+
+DIFFUSERS_NAMES = _diffusers_names()
 
 
 FAMILY = Flux()

@@ -204,8 +204,8 @@ def test_bad_settings_are_refused_before_any_model_loads(tmp_path, demo_files, n
 def test_lora_settings_with_full_finetuning_are_refused(tmp_path, demo_files):
     with pytest.raises(ConfigError, match="network_dim: LoRA settings, but train_mode='full'"):
         train.main([write_config(tmp_path, demo_files), "--train_mode=full", "--network_dim=8"])
-    with pytest.raises(ConfigError, match="train_double_blocks"):
-        train.main([write_config(tmp_path, demo_files, train_mode="full"), "--train_double_blocks=0"])
+    with pytest.raises(ConfigError, match="lora_embedders"):  # block selection works for full (test_lora_training)
+        train.main([write_config(tmp_path, demo_files, train_mode="full"), "--lora_embedders=True"])
 
 
 def test_huber_snr_schedule_is_accepted(tmp_path, demo_files):

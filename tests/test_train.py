@@ -219,8 +219,8 @@ def test_fp8_base_lora_trains(tmp_path, demo_files, monkeypatch):
     seen = {}
     real_choose = train.training.choose_trainable
 
-    def recording_choose(model, family, cfg, device=None):
-        network, trainable, targets = real_choose(model, family, cfg, device)
+    def recording_choose(model, family, cfg, device=None, text_networks=None):
+        network, trainable, targets = real_choose(model, family, cfg, device, text_networks)
         seen.update(model=model, trainable=trainable, start={k: v.detach().clone() for k, v in trainable.items()})
         return network, trainable, targets
 
