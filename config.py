@@ -91,7 +91,21 @@ DEFAULTS = dict(
     train_double_blocks="all",    # "all", "none" or "0,1,4-7"
     train_single_blocks="all",
     lora_embedders=False,         # also LoRA on img_in, time_in, vector_in, guidance_in, txt_in
+    targets="",                   # a layer-targeting preset instead of the family's selection keys: "attention_only",
+                                  # "context_blocks", "late_blocks", "early_blocks", "no_embedders", "no_last_blocks",
+                                  # "mlp_only", "image_blocks", "no_modulation", "blocks", "all" (the list, with each
+                                  # one's layers: python lora.py presets CONFIG); train_mode="full" trains their weights
+    rank_dropout=0.0,             # kohya's rank dropout: each rank feature dropped per sample while training
+    module_dropout=0.0,           # kohya's module dropout: a whole LoRA module skipped for a step while training
+    use_dora=False,               # DoRA: a trained magnitude per output row (the file's dora_scale)
+    split_qkv=False,              # one LoRA per q / k / v (and MLP) slice of fused weights (FLUX, SD3), saved fused
+    loraplus_lr_ratio=0.0,        # LoRA+: the up matrices learn this many times faster (16 in the paper); 0 is off
+    text_encoder_lr={},           # text-encoder LoRA: encoder -> learning rate, e.g. {"clip_l": 5e-5, "t5": 2e-5};
+                                  # those encoders then encode captions during training instead of from the cache
+    network_weights="",           # continue from this LoRA file (kohya's network_weights; any format the family reads)
     save_dtype="bf16",            # dtype of saved LoRA / model files
+    lora_format="kohya",          # LoRA file keys: "kohya" (lora_unet_..., ComfyUI), or "diffusers" (transformer.<module>.lora_A/B:
+                                  # diffusers' load_lora_weights and ComfyUI; for SD3, whose kohya names diffusers cannot read)
     # --- checkpoints, samples, validation ---
     save_every=250,               # steps between LoRA files + resumable state
     keep_last=3,                  # resumable states kept
@@ -127,6 +141,7 @@ DEFAULTS = dict(
 
 def _choices() -> dict[str, tuple]:
     """The allowed values of each choice key, read from the code that implements them."""
+    import lora
     import losses
     import optim
 
@@ -145,6 +160,7 @@ def _choices() -> dict[str, tuple]:
         train_mode=("lora", "full"),
         save_dtype=("bf16", "fp16", "fp32"),
         swap_mode=("exchange", "h2d_only"),
+        lora_format=lora.LORA_FORMATS,
         text_encoder_placement=("device", "stream", "cpu"),
     )
 
@@ -237,6 +253,7 @@ def validate(cfg: dict, check_files: bool = True) -> None:
     if cfg["resolution"] % multiple:
         raise ConfigError(f"resolution {cfg['resolution']} must be a multiple of {multiple} for {family.title}")
     family.check_config(cfg)
+    check_lora_features(cfg, family)
     if check_files:
         check_paths(cfg, family)
 
@@ -270,6 +287,23 @@ def check_family_keys(cfg: dict, family) -> None:
                           "remove them from the config")
 
 
+def check_lora_features(cfg: dict, family) -> None:
+    """What the family must offer for the LoRA settings: presets, text encoders to train."""
+    import lora
+
+    if cfg["targets"] and cfg["targets"] not in lora.presets(family):
+        raise ConfigError(f"targets={cfg['targets']!r}: not a preset of {family.title}; choose one of "
+                          f"{', '.join(map(repr, lora.presets(family)))}")
+    encoders = family.text_encoder_loras()
+    unknown = sorted(set(cfg["text_encoder_lr"]) - set(encoders))
+    if unknown:
+        raise ConfigError(f"text_encoder_lr: {family.title} has no text encoder {unknown} to train; "
+                          f"{'choose among ' + repr(sorted(encoders)) if encoders else 'it trains none'}")
+    if cfg["text_encoder_lr"] and cfg["text_encoder_placement"] != "device":
+        raise ConfigError("text_encoder_lr: a text encoder that trains stays on the device through training; set "
+                          "text_encoder_placement='device'")
+
+
 def check_paths(cfg: dict, family) -> None:
     """The model, data and prompt files are named and exist (and triton, when asked for)."""
     from models.layers import triton_installed
@@ -280,7 +314,7 @@ def check_paths(cfg: dict, family) -> None:
         raise ConfigError(f"model_path is empty: set it to the {family.title} checkpoint")
     if not cfg["dataset_dir"]:
         raise ConfigError("dataset_dir is empty: set it to a folder of images with .txt captions")
-    for key in PATH_KEYS + ("sample_prompts",):
+    for key in PATH_KEYS + ("sample_prompts", "network_weights"):
         if cfg[key] and not Path(cfg[key]).exists():
             raise ConfigError(f"{key}: file or folder not found: {cfg[key]}")
     missing = [key for key in family.required_paths if not cfg[key]]
@@ -303,7 +337,8 @@ def check_optimizer_settings(cfg: dict) -> None:
         raise ConfigError(f"eps must be > 0, got {cfg['eps']}")
 
 
-LORA_ONLY_KEYS = ("network_dim", "network_alpha", "network_dropout", "group_ranks")
+LORA_ONLY_KEYS = ("network_dim", "network_alpha", "network_dropout", "group_ranks", "rank_dropout", "module_dropout",
+                  "use_dora", "split_qkv", "loraplus_lr_ratio", "text_encoder_lr", "network_weights", "lora_format")
 
 
 def check_training_settings(cfg: dict) -> None:
@@ -314,14 +349,31 @@ def check_training_settings(cfg: dict) -> None:
         raise ConfigError(f"network_dropout must be in [0, 1), got {cfg['network_dropout']}")
     if cfg["network_alpha"] < 0:
         raise ConfigError(f"network_alpha must be >= 0 (0 means alpha = rank), got {cfg['network_alpha']}")
-    if cfg["train_mode"] == "full":
-        import families
+    for key in ("rank_dropout", "module_dropout"):
+        if not 0 <= cfg[key] < 1:
+            raise ConfigError(f"{key} must be in [0, 1), got {cfg[key]}")
+    if cfg["loraplus_lr_ratio"] < 0:
+        raise ConfigError(f"loraplus_lr_ratio must be >= 0 (0 is off), got {cfg['loraplus_lr_ratio']}")
+    bad_rates = {k: v for k, v in cfg["text_encoder_lr"].items() if not isinstance(v, (int, float)) or v < 0}
+    if bad_rates:
+        raise ConfigError(f"text_encoder_lr={bad_rates}: each rate a number >= 0 (0 freezes that encoder's LoRA)")
+    import families
 
-        family_keys = {k for f in families.FAMILIES.values() for k in f.lora_config_keys}
+    if cfg["train_mode"] == "full":
+        # what selects the weights works for full fine-tuning too (the blocks a family's keys leave out
+        # stay frozen; a `targets` preset trains its layers); ranks, dropouts and files are LoRA's
+        selection = {k for f in families.FAMILIES.values() for k in f.trained_config_keys}
+        family_keys = {k for f in families.FAMILIES.values() for k in f.lora_config_keys} - selection
         set_keys = sorted(k for k in LORA_ONLY_KEYS + tuple(family_keys) if cfg[k] != DEFAULTS[k])
         if set_keys:
-            raise ConfigError(f"{', '.join(set_keys)}: LoRA settings, but train_mode='full' trains every weight; "
-                              "remove them or set train_mode='lora'")
+            raise ConfigError(f"{', '.join(set_keys)}: LoRA settings, but train_mode='full' trains the weights "
+                              "themselves; remove them or set train_mode='lora'")
+    if cfg["targets"]:
+        selection = {k for f in families.FAMILIES.values() for k in f.lora_config_keys + f.trained_config_keys}
+        both = sorted(k for k in selection if cfg[k] != DEFAULTS[k])
+        if both:
+            raise ConfigError(f"targets={cfg['targets']!r} is a whole selection; {', '.join(both)} would change it "
+                              "silently: remove them (group_ranks still sets ranks per group)")
 
 
 def check_memory_settings(cfg: dict) -> None:
