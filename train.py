@@ -78,13 +78,17 @@ def load_batch(dataset, indices: list[int], device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def drop_captions(batch: dict, empty: dict, rate: float, generator: torch.Generator) -> dict:
+def drop_captions(batch: dict, empty: dict, rate: float, generator: torch.Generator, live_text=None) -> dict:
     """Replace each sample's text tensors by the empty caption's with probability `rate`
     (kohya's caption_dropout_rate): the model also learns the unconditional prediction that
-    classifier-free guidance (`--l` in prompts) needs."""
-    if rate <= 0:
+    classifier-free guidance (`--l` in prompts) needs. With text encoders that train
+    (`live_text`), the captions (a dropped one as "") are encoded now instead."""
+    if rate <= 0 and live_text is None:
         return batch
-    drop = torch.rand(len(batch["latent"]), generator=generator) < rate  # drawn every step: resume-safe
+    drop = torch.rand(len(batch["latent"]), generator=generator) < rate if rate > 0 else \
+        torch.zeros(len(batch["latent"]), dtype=torch.bool)  # drawn every step: resume-safe
+    if live_text is not None:
+        return {**batch, **live_text(["" if d else c for d, c in zip(drop.tolist(), batch["caption"])])}
     out = dict(batch)
     for key, value in empty.items():
         where = drop.to(value.device).view(-1, *[1] * value.ndim)  # (B, 1, ...) over a per-caption tensor
@@ -105,6 +109,8 @@ def validation_loss(run: "Run", indices: list[int]) -> tuple[float, dict]:
     per_level = {s: [] for s in VALIDATION_LEVELS}
     for i in indices:
         batch = load_batch(run.data.val, [i], run.device)
+        if run.data.live_text is not None:  # text encoders that train: the caption through them
+            batch |= run.data.live_text(batch["caption"])
         x0 = batch["latent"].float()
         generator = torch.Generator().manual_seed(run.cfg["seed"] + i)
         for s in VALIDATION_LEVELS:
@@ -126,10 +132,10 @@ def sample_images(run: "Run", step: int) -> list[Path]:
     model.eval()
     latents = []
     for prompt in run.data.prompts:
-        cond = run.family.sample_conditioning(batch_text(run.data.text_cache, prompt.prompt), prompt, run.device)
+        cond = run.family.sample_conditioning(batch_text(run.data, prompt.prompt), prompt, run.device)
         neg = None
         if prompt.cfg_scale != 1.0:
-            neg = run.family.sample_conditioning(batch_text(run.data.text_cache, prompt.negative), prompt, run.device)
+            neg = run.family.sample_conditioning(batch_text(run.data, prompt.negative), prompt, run.device)
         latents.append(sample.generate_latent(run.family, model, codec, prompt, cond, neg))
     images = sample.decode_images(codec, latents, run.device, run.cfg["vae_tile_size"], headroom(run.device))
     paths = []
@@ -148,8 +154,12 @@ def headroom(device):
     return lambda: max(torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device), 0)
 
 
-def batch_text(text_cache, caption: str) -> dict:
-    return {k: v.unsqueeze(0) for k, v in text_cache.load(caption).items()}
+def batch_text(cached: data.Data, caption: str) -> dict:
+    """One caption's text tensors (batch of 1): from the cache, or through text encoders that train."""
+    if cached.live_text is not None:
+        with torch.no_grad():
+            return cached.live_text([caption])
+    return {k: v.unsqueeze(0) for k, v in cached.text_cache.load(caption).items()}
 
 
 class RunStopped(Exception):
@@ -297,11 +307,11 @@ def build_run(cfg: dict, family, sd: dict, params, device, run_dir: Path, cached
     """Phases 3 and 4: the denoiser in host memory (the file memory-mapped), what trains, swap
     placement, then the optimizer, schedule, fused step and EMA."""
     model = training.load_network(family, cfg, sd, DTYPES[cfg["dtype"]])
-    prepared = training.prepare(model, family, cfg, device)
+    prepared = training.prepare(model, family, cfg, device, text_networks=cached.text_networks)
     if prepared.swap is not None:
         print(prepared.swap.describe())
     opt = training.build_optimization(prepared.trainable, cfg, seed=cfg["seed"],
-                                      lr_multipliers=family.lr_multipliers(cfg, prepared.trainable))
+                                      lr_multipliers=training.lr_multipliers(family, cfg, prepared.trainable))
     images = len({entry.item.image_path for entry in cached.train.entries})
     order = DataOrder(images * cfg["repeats"], cfg["batch_size"], cfg["seed"])  # entry = index % entries
     return Run(cfg, family, params, device, run_dir, cached, prepared, opt, family.objective(cfg), order,
@@ -351,6 +361,7 @@ def print_arithmetic(run: Run) -> None:
     print(f"{len(run.data.train)} images x {cfg['repeats']} repeats / (batch {cfg['batch_size']} x accumulation "
           f"{cfg['gradient_accumulation_steps']}) = {steps_per_epoch} steps per epoch; "
           f"{cfg['max_train_steps']} steps = {cfg['max_train_steps'] / steps_per_epoch:.1f} epochs")
+    print("\n".join(training.describe_trainable(run.prepared, run.family, cfg)))
     n_trainable = sum(p.numel() for p in run.prepared.trainable.values())
     held_out = len(run.data.val) if run.data.val is not None else 0
     print(f"training {n_trainable:,} parameters ({cfg['train_mode']}); saving every {cfg['save_every']} steps, "
@@ -408,10 +419,12 @@ def save(run: Run) -> None:
     if network is not None:
         meta = lora_metadata(run)
         save_dtype = DTYPES[cfg["save_dtype"]]
-        network.save(run.run_dir / f"{cfg['run_name']}_step{step:06d}.safetensors", meta, dtype=save_dtype)
+        lora.save_lora(network, run.run_dir / f"{cfg['run_name']}_step{step:06d}.safetensors", meta, save_dtype,
+                       run.family, cfg["lora_format"])
         if ema is not None:
             with ema.swapped(run.opt.params):
-                network.save(run.run_dir / f"{cfg['run_name']}_step{step:06d}_ema.safetensors", meta, dtype=save_dtype)
+                lora.save_lora(network, run.run_dir / f"{cfg['run_name']}_step{step:06d}_ema.safetensors", meta,
+                               save_dtype, run.family, cfg["lora_format"])
     info = {"data_order": run.order.state(), "rng": checkpoint.rng_state(run.generator), "config": cfg,
             "identity": run.identity, "training_started_at": run.started_at}
     checkpoint.save_state(run.run_dir, step, run.prepared.trainable, run.opt.fused or run.opt.optimizer,
@@ -430,7 +443,7 @@ def train_step(run: Run, bins: losses.LossBins) -> dict:
     for _ in range(cfg["gradient_accumulation_steps"]):
         indices = [i % len(data.train) for i in run.order.next_batch()]
         batch = drop_captions(load_batch(data.train, indices, run.device), data.empty_caption,
-                              cfg["caption_dropout_rate"], run.generator)
+                              cfg["caption_dropout_rate"], run.generator, data.live_text)
         with offload_activations(cfg["offload_activations"], pin_memory=cfg["pin_memory"]):
             loss, per_sample, noised = training.training_loss(run.family, run.objective, run.prepared.model, batch,
                                                               cfg, run.generator)
@@ -508,7 +521,7 @@ def train(cfg: dict) -> Path:
         items = data.dataset_items(cfg)
         identity = checkpoint.run_identity(cfg, items.fingerprint)
         if resume_dir is not None:
-            checkpoint.check_resume(resume_dir, cfg, family.lora_config_keys, identity)
+            checkpoint.check_resume(resume_dir, cfg, family.lora_config_keys + family.trained_config_keys, identity)
         # 2. data and caches
         cached = data.load_data(cfg, family, params, device, DTYPES[cfg["dtype"]], items)
         # 3, 4. the denoiser, what trains, the optimizer
@@ -542,9 +555,9 @@ def finish(run: Run) -> Path:
         with run.opt.ema.swapped(run.opt.params):
             write_final(run, path.with_name(f"{cfg['run_name']}_ema.safetensors"))
     if run.prepared.network is not None:
-        print(f"LoRA saved: {path} (kohya keys; loads in ComfyUI 'Load LoRA' and diffusers "
+        print(f"LoRA saved: {path} ({run.cfg['lora_format']} keys; loads in ComfyUI 'Load LoRA' and diffusers "
               f"pipe.load_lora_weights('{path}'))")
-        for note in run.family.lora_loader_notes(run.prepared.targets):
+        for note in lora.loader_notes(run.prepared.network, run.family, run.cfg["lora_format"], run.prepared.targets):
             print(f"  note: {note}")
     else:
         print(f"model saved: {path} (original {run.family.title} keys; loads wherever the original file does)")
@@ -555,7 +568,7 @@ def write_final(run: Run, path: Path) -> None:
     """The LoRA file, or for full fine-tuning the model in the original layout."""
     save_dtype = DTYPES[run.cfg["save_dtype"]]
     if run.prepared.network is not None:
-        run.prepared.network.save(path, lora_metadata(run), dtype=save_dtype)
+        lora.save_lora(run.prepared.network, path, lora_metadata(run), save_dtype, run.family, run.cfg["lora_format"])
         return
     model = run.prepared.model
     tensors = {k: v.detach().to(save_dtype).contiguous().cpu() for k, v in model.state_dict().items()}
