@@ -376,6 +376,7 @@ class Setup:
     prepared: training.Prepared
     opt: training.Optimization
     tracker: MemoryTracker
+    text: dict | None = None  # text encoders that train: name -> (network, inputs(device))
 
     @property
     def model(self) -> nn.Module:
@@ -437,17 +438,33 @@ def build(cfg: dict, device: str = "meta", params=None, seed: int = 0) -> Setup:
         for b in network.buffers() if network is not None else ():  # the LoRA alphas
             tracker.track(b, TRAINABLE)
 
+    text = trained_text_encoders(cfg, family, params, tracker, device)
     with tracker, tracker.allocating(TRAINABLE):  # LoRA weights are made here
         prepared = training.prepare(model, family, cfg, device, host_device=device,
-                                    allocate=swap_allocator(tracker, device), on_trainable=label_trainable)
+                                    allocate=swap_allocator(tracker, device), on_trainable=label_trainable,
+                                    text_networks={name: network for name, (network, _) in text.items()})
     with tracker, _ops_through(None):
         _label_gradients(tracker, list(prepared.trainable.values()))  # before the fused step's hooks free them
         with tracker.allocating(OPTIMIZER):
             # AdamW one tensor at a time: on CUDA training runs the fused kernel, which makes no
             # temporaries of the whole set; the per-tensor loop is its nearest relative off CUDA.
             opt = training.build_optimization(prepared.trainable, cfg, foreach=False,
-                                              lr_multipliers=family.lr_multipliers(cfg, prepared.trainable))
-    return Setup(cfg, family, params, source, prepared, opt, tracker)
+                                              lr_multipliers=training.lr_multipliers(family, cfg, prepared.trainable))
+    return Setup(cfg, family, params, source, prepared, opt, tracker, text)
+
+
+def trained_text_encoders(cfg: dict, family, params, tracker: MemoryTracker, device) -> dict:
+    """The text encoders of text_encoder_lr, built as caching builds them and kept on the device
+    through training (counted as text encoders): name -> (network, inputs(device))."""
+    if not cfg["text_encoder_lr"]:
+        return {}
+    per_step = {**cfg, "text_batch_size": cfg["batch_size"]}  # a training batch's captions
+    encoders = [e for e in family.plan_text_encoders(per_step, params) if e[0] in cfg["text_encoder_lr"]]
+    text = {}
+    with tracker, tracker.allocating(TEXT), _ops_through(tracker.run_op), torch.device(device):
+        for name, build, inputs in encoders:
+            text[name] = (build().eval().requires_grad_(False), inputs)
+    return text
 
 
 @contextmanager
@@ -542,6 +559,8 @@ def walk(setup: Setup, measure=nullcontext) -> None:
                         batch = family.plan_batch(cfg, setup.params, device)
                     with tracker.doing("forward"), offloaded_activations(tracker, cfg):
                         loss = training.training_loss(family, objective, model, batch, cfg)[0]
+                        for network, inputs in (setup.text or {}).values():  # captions encoded with gradients
+                            loss = loss + network(**inputs(device))[0].float().sum() * 0
                     with tracker.doing("backward"):
                         loss.backward()
                     del loss, batch
