@@ -447,7 +447,7 @@ def train_step(run: Run, bins: losses.LossBins) -> dict:
         raise TrainingError(f"gradient norm is {grad_norm.item()} at step {run.step + 1}; nothing was saved; "
                             f"{last_good_state(run)}. Lower learning_rate or check the data.")
     lr = run.opt.scheduler.get_last_lr()[0]
-    training.apply_step(run.opt, run.step + 1)
+    training.apply_step(run.opt, run.step + 1, run.prepared.swap)
     run.step += 1
     return {"step": run.step, "epoch": run.order.epoch, "loss": step_loss, "lr": lr, "grad_norm": grad_norm.item()}
 

@@ -198,12 +198,15 @@ def close_gradients(opt: Optimization, cfg: dict) -> Tensor:
     return optim.clip_grad_norm_(opt.params, cfg["max_grad_norm"] or float("inf"))
 
 
-def apply_step(opt: Optimization, step: int) -> None:
+def apply_step(opt: Optimization, step: int, swap: blockswap.BlockSwap | None = None) -> None:
     """The optimizer step (unless fused), the LR schedule, and the EMA of step number `step`
-    (counted from 1: the steps done once this one is)."""
+    (counted from 1: the steps done once this one is). With block swap the EMA reads swapped
+    weights from their host copies: it waits for the side stream's copies first."""
     if opt.fused is None:
         opt.optimizer.step()
         opt.optimizer.zero_grad(set_to_none=True)
     opt.scheduler.step()
     if opt.ema is not None:
+        if swap is not None and step % opt.ema.update_every == 0:
+            swap.synchronize()  # a host sync, on the steps the average updates
         opt.ema.update(step)

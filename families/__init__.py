@@ -251,7 +251,15 @@ class Resolved:
 def resolve(model_family: str, model_path: str, allow_pickle: bool = False) -> Resolved:
     """The family a config names, or the one its checkpoint's keys show ("auto")."""
     if model_family != "auto":
-        return Resolved(get(model_family), f"model_family={model_family!r}")
+        family = get(model_family)
+        if model_path and Path(model_path).exists():
+            sd = load_state_dict(model_path, allow_pickle=allow_pickle)  # the header only
+            if not family.detect(sd):
+                found = FAMILY_NAMES[detect_family(sd)]
+                raise ValueError(f"model_family={model_family!r}, but {Path(model_path).name} looks like {found}; "
+                                 "set model_family='auto' or the model_path of a "
+                                 f"{family.title} checkpoint")
+        return Resolved(family, f"model_family={model_family!r}")
     if not model_path or not Path(model_path).exists():
         return Resolved(get("flux"), "model_family='auto' and no model file to look at: FLUX.1")
     family = detect(load_state_dict(model_path, allow_pickle=allow_pickle), model_path)  # header only
