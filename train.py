@@ -363,10 +363,12 @@ def save(run: Run) -> None:
     if network is not None:
         meta = lora_metadata(run)
         save_dtype = DTYPES[cfg["save_dtype"]]
-        network.save(run.run_dir / f"{cfg['run_name']}_step{step:06d}.safetensors", meta, dtype=save_dtype)
+        lora.save_lora(network, run.run_dir / f"{cfg['run_name']}_step{step:06d}.safetensors", meta, save_dtype,
+                       run.family, cfg["lora_format"])
         if ema is not None:
             with ema.swapped(run.opt.params):
-                network.save(run.run_dir / f"{cfg['run_name']}_step{step:06d}_ema.safetensors", meta, dtype=save_dtype)
+                lora.save_lora(network, run.run_dir / f"{cfg['run_name']}_step{step:06d}_ema.safetensors", meta,
+                               save_dtype, run.family, cfg["lora_format"])
     info = {"data_order": run.order.state(), "rng": checkpoint.rng_state(run.generator), "config": cfg}
     checkpoint.save_state(run.run_dir, step, run.prepared.trainable, run.opt.fused or run.opt.optimizer,
                           run.opt.scheduler, ema, info, cfg["keep_last"])
@@ -481,8 +483,8 @@ def finish(run: Run) -> Path:
     save_dtype = DTYPES[cfg["save_dtype"]]
     path = run.run_dir / f"{cfg['run_name']}.safetensors"
     if run.prepared.network is not None:
-        run.prepared.network.save(path, lora_metadata(run), dtype=save_dtype)
-        print(f"LoRA saved: {path} (kohya keys; loads in ComfyUI 'Load LoRA' and diffusers "
+        lora.save_lora(run.prepared.network, path, lora_metadata(run), save_dtype, run.family, cfg["lora_format"])
+        print(f"LoRA saved: {path} ({cfg['lora_format']} keys; loads in ComfyUI 'Load LoRA' and diffusers "
               f"pipe.load_lora_weights('{path}'))")
         for note in run.family.lora_loader_notes(run.prepared.targets):
             print(f"  note: {note}")
