@@ -1,0 +1,383 @@
+"""SD3 / SD3.5 through the family seam (families/sd3.py), on tiny weights made here.
+
+The real entry points: train.main (LoRA and full fine-tuning, resume, samples with CFG, APG and
+skip-layer guidance, an all-in-one file with its VAE and text encoders), sample.main, and
+`train.py CONFIG --plan` for every shipped SD3 config. The LoRA files as their readers see them:
+diffusers' own SD3 loader (SD3LoraLoaderMixin, what StableDiffusion3Pipeline.load_lora_weights
+runs), ComfyUI's key map, and lora.py's reader, all giving the same weight changes. And: detection
+among the families, the family's config defaults (a FLUX config is untouched), kohya's targets at
+full size, per-encoder dropout, block swap and the fp8 base on the pre-only last block.
+"""
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import demo_data
+import families
+import lora
+import plan
+import sample
+import train
+import training
+from config import DEFAULTS, ConfigError, load_config
+from families import sd3
+from models.mmdit import MMDiT, MMDiTParams
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+GiB = 2**30
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+FAMILY = families.get("sd3")
+# SD3.5-Medium-like: QK RMSNorm, attn2 in block 0, the pre-only last context block (hidden 128).
+TINY = MMDiTParams(depth=2, pos_embed_max_size=16, qk_norm="rms", x_block_self_attn_layers=(0,), adm_in_channels=24,
+                   context_embedder_in_features=40)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return demo_data.make_sd3_demo(tmp_path_factory.mktemp("sd3demo"))
+
+
+def config_file(tmp_path: Path, files: dict, **settings) -> str:
+    base = dict(files, model_family="sd3", output_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"),
+                run_name="t", device="cpu", dtype="fp32", resolution=16, t5_max_length=8, batch_size=4,
+                network_dim=4, network_alpha=2.0, learning_rate=1e-3, max_train_steps=4, save_every=2,
+                sample_every=0, sample_at_start=False, validate_every=0, gradient_checkpointing=False,
+                lr_scheduler="constant")
+    base.update(settings)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "config.py"
+    path.write_text("".join(f"{k} = {v!r}\n" for k, v in base.items()))
+    return str(path)
+
+
+def losses_of(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def randomize_(network: lora.LoRANetwork, seed: int = 2) -> lora.LoRANetwork:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in network.loras.values():
+            for w in (module.lora_down.weight, module.lora_up.weight):
+                w.copy_(torch.randn(w.shape, generator=g) * 0.05)
+    return network
+
+
+def tiny_model(params: MMDiTParams = TINY, seed: int = 0) -> MMDiT:
+    torch.manual_seed(seed)
+    model = MMDiT(params).requires_grad_(False)
+    with torch.no_grad():
+        model.pos_embed.normal_()
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+# --- detection, config ---------------------------------------------------------------------------
+
+
+def test_detection_tells_sd3_from_flux_and_sdxl(demo):
+    from models.loading import load_state_dict
+
+    sd = load_state_dict(demo["model_path"])
+    assert families.detect(sd) is FAMILY
+    flux = load_state_dict(demo_data.make_flux(Path(demo["model_path"]).parent / "flux.safetensors"))
+    assert families.detect(flux).name == "flux"
+    assert not FAMILY.detect(flux)
+    sdxl = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1),
+            "model.diffusion_model.label_emb.0.0.weight": torch.zeros(1)}
+    assert not FAMILY.detect(sdxl)
+    with pytest.raises(ValueError, match="looks like"):
+        families.detect(sdxl)
+    diffusers_layout = {"pos_embed.proj.weight": torch.zeros(1), "transformer_blocks.0.attn.add_q_proj.weight": 0}
+    assert FAMILY.detect(diffusers_layout)  # so that params() can say what to do instead
+    with pytest.raises(ValueError, match="diffusers-format SD3 transformer"):
+        FAMILY.params(diffusers_layout, dict(DEFAULTS))
+
+
+def test_sd3_defaults_apply_only_where_the_config_is_silent_and_flux_is_untouched(tmp_path, demo):
+    cfg = load_config(config_file(tmp_path, demo))
+    assert (cfg["timestep_sampling"], cfg["model_prediction_type"], cfg["lora_format"]) == \
+        ("logit_normal", "x0_preconditioned", "diffusers")
+    cfg = load_config(config_file(tmp_path, demo, timestep_sampling="shift"), ["--model_prediction_type=raw"])
+    assert (cfg["timestep_sampling"], cfg["model_prediction_type"]) == ("shift", "raw")
+    auto = load_config(config_file(tmp_path, {k: v for k, v in demo.items()}, model_family="auto"))
+    assert auto["model_family"] == "sd3" and auto["timestep_sampling"] == "logit_normal"
+
+    flux = load_config(str(CONFIGS / "flux_12gb.py"), check_files=False)
+    assert {k: flux[k] for k in ("timestep_sampling", "model_prediction_type", "lora_format", "run_name")} == \
+        {"timestep_sampling": "shift", "model_prediction_type": "raw", "lora_format": "kohya", "run_name": "flux_lora_12gb"}
+    with pytest.raises(ConfigError, match="clip_g_path: not used by FLUX.1"):
+        load_config(str(CONFIGS / "flux_12gb.py"), ["--clip_g_path=x.safetensors"], check_files=False)
+    with pytest.raises(ConfigError, match="guidance_scale: not used by SD3"):
+        load_config(config_file(tmp_path, demo, guidance_scale=3.5))
+    with pytest.raises(ConfigError, match="float16"):
+        load_config(config_file(tmp_path, demo, dtype="fp16"))
+    with pytest.raises(ConfigError, match="train_joint_blocks='0-x'"):
+        load_config(config_file(tmp_path, demo, train_joint_blocks="0-x"))
+    no_clips = {k: v for k, v in demo.items() if k not in ("clip_l_path", "clip_g_path")}
+    with pytest.raises(ConfigError, match="clip_l_path and clip_g_path empty"):
+        load_config(config_file(tmp_path, no_clips))
+
+
+# --- training through train.main -----------------------------------------------------------------
+
+LORA_RUN = dict(clip_l_dropout_rate=0.3, clip_g_dropout_rate=0.3, t5_dropout_rate=0.3, pos_emb_random_crop_rate=0.5,
+                network_dropout=0.1, caption_dropout_rate=0.2, group_ranks={"t_embedder": 2, "x_mod": 2})
+
+
+def test_lora_trains_resumes_identically_and_samples_from_its_file(tmp_path, demo):
+    straight = tmp_path / "straight"
+    final = train.main([config_file(straight, demo, **LORA_RUN)])
+    split = tmp_path / "split"
+    train.main([config_file(split, demo, **LORA_RUN, max_train_steps=2)])
+    resumed = train.main([config_file(split, demo, **LORA_RUN, resume="latest")])
+    assert losses_of(final.parent) == losses_of(resumed.parent)
+    a, b = load_file(str(final)), load_file(str(resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # the SD3 default: diffusers names (every q/k/v slice its own module), kohya's metadata
+    assert all(k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in a)
+    assert "transformer.transformer_blocks.0.attn2.to_k.lora_A.weight" in a
+    assert "transformer.time_text_embed.timestep_embedder.linear_1.lora_A.weight" in a  # group_ranks names it
+    assert a["transformer.transformer_blocks.0.norm1.linear.lora_A.weight"].shape[0] == 2  # x_mod rank 2
+    assert a["transformer.transformer_blocks.0.norm1_context.linear.lora_A.weight"].shape[0] == 4
+    with safe_open(str(final), "pt") as f:
+        meta = f.metadata()
+    assert meta["modelspec.architecture"] == "stable-diffusion-3-3-5-medium/lora"
+    assert (meta["ss_base_model_version"], meta["ss_network_module"]) == ("3-5-medium", "networks.lora_sd3")
+    assert json.loads(meta["ss_network_args"])["train_joint_blocks"] == "all"
+
+    image = tmp_path / "red.png"
+    paths = sample.main(["--model", demo["model_path"], "--clip_l", demo["clip_l_path"], "--clip_g", demo["clip_g_path"],
+                         "--t5", demo["t5_path"], "--t5_max_length", "8", "--dtype", "fp32", "--device", "cpu",
+                         "--prompt", "a red circle --n a blue square --l 3 --s 3 --w 16 --h 16 --d 4",
+                         "--lora", f"{final}:0.8", "--out", str(image)])
+    assert paths == [image] and image.exists()
+
+
+def test_full_finetune_freezes_what_it_is_told_and_samples_with_cfg_apg_and_slg(tmp_path, demo):
+    cfg = config_file(tmp_path, demo, train_mode="full", max_train_steps=2, save_every=0, sample_every=2, save_dtype="fp32",
+                      sample_at_start=True, sample_steps=2, validation_count=2, validate_every=1,
+                      train_joint_blocks="1", freeze_embedders=True, sample_apg=True, sample_slg_scale=2.0,
+                      slg_layers=(1,), slg_start=0.0, slg_end=1.0)
+    final = train.main([cfg])
+    run = final.parent
+    assert len(list((run / "samples").glob("step000000_*.png"))) == 4
+    assert len(list((run / "samples").glob("step000002_*.png"))) == 4
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["val_loss"] > 0 for r in records)
+    base, trained = load_file(demo["model_path"]), load_file(str(final))
+    changed = {k for k in trained if not torch.equal(trained[k], base[f"model.diffusion_model.{k}"])}
+    assert changed and all(k.startswith(("joint_blocks.1.", "final_layer.")) for k in changed), sorted(changed)[:5]
+    assert "joint_blocks.1.x_block.attn.qkv.weight" in changed and "pos_embed" not in changed
+
+
+def test_sampling_follows_the_guidance_settings(demo):
+    """CFG against the negative, APG instead of CFG, SLG, the samplers: each changes the image;
+    scale 1 ignores the negative."""
+    from models.loading import load_state_dict
+
+    cfg = load_config(None, [f"--{k}={v}" for k, v in demo.items()], check_files=False)
+    model = FAMILY.load(load_state_dict(demo["model_path"]), cfg, torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    parts = lambda: {"clip_l": torch.randn(1, 77, 32, generator=g), "clip_g": torch.randn(1, 77, 48, generator=g),  # noqa: E731
+                     "clip_l_pooled": torch.randn(1, 32, generator=g), "clip_g_pooled": torch.randn(1, 48, generator=g),
+                     "t5": torch.randn(1, 8, 96, generator=g)}
+    cond, neg = parts(), parts()
+    noise = torch.randn(1, 3, 16, 16, generator=g)
+    prompt = FAMILY.prompt_defaults(cfg, model.params)
+    assert (prompt.steps, prompt.cfg_scale, prompt.sampler, prompt.shift) == (50, 5.0, "dpmpp_2m", 3.0)  # 3.5 Medium
+    prompt = replace(prompt, steps=4)
+    run = lambda p, n=neg: FAMILY.sample(model, p, cond, n, noise)  # noqa: E731
+    cfg_image, plain = run(prompt), run(replace(prompt, cfg_scale=1.0))
+    assert torch.equal(plain, run(replace(prompt, cfg_scale=1.0), None))
+    others = [plain, run(replace(prompt, apg=FAMILY.prompt_defaults(dict(cfg, sample_apg=True), model.params).apg)),
+              run(replace(prompt, slg=sd3.samplers.SkipLayerGuidance(2.5, (1,), 0.0, 1.0))),
+              run(replace(prompt, sampler="euler"))]
+    assert all((cfg_image - other).abs().max() > 1e-3 for other in others)
+
+
+# --- LoRA files as diffusers, ComfyUI and lora.py read them ----------------------------------------
+
+
+def lora_on_everything(tmp_path: Path, lora_format: str):
+    """A tiny SD3.5-Medium-like model (base state dict `sd`), a LoRA with random ups and downs
+    (alpha / rank != 1) on every default target and every embedder (x_embedder's conv too), and
+    its file in `lora_format`."""
+    from test_mmdit import random_state_dict
+
+    sd = random_state_dict(TINY)
+    model = MMDiT.from_state_dict(dict(sd)).eval()
+    targets = sd3.lora_targets(model, 4, group_ranks={"x_mlp": 3}, embedders=True)
+    network = randomize_(lora.LoRANetwork.inject(model, targets, alpha=2.0))
+    path = tmp_path / f"{lora_format}.safetensors"
+    lora.save_lora(network, path, {"ss_network_module": "networks.lora_sd3"}, torch.float32, FAMILY, lora_format)
+    return sd, model, network, path
+
+
+def merged_by_lora_py(sd: dict, path: Path) -> dict:
+    fresh = MMDiT.from_state_dict({k: v.clone() for k, v in sd.items()})  # loading assigns: merge into copies
+    lora.apply_lora_file(fresh, path, FAMILY)
+    return fresh.state_dict()
+
+
+def test_diffusers_sd3_loader_reads_our_file_with_no_key_left_and_the_same_deltas(tmp_path, monkeypatch):
+    import diffusers.loaders.peft as diffusers_peft
+    from diffusers.loaders import SD3LoraLoaderMixin
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+    from test_mmdit import diffusers_model, random_inputs, run_diffusers
+
+    sd, ours, network, path = lora_on_everything(tmp_path, "diffusers")
+    theirs = diffusers_model(sd, TINY)
+    reported = []
+    monkeypatch.setattr(diffusers_peft, "_maybe_warn_for_unhandled_keys", lambda keys, name: reported.append(keys))
+    # what StableDiffusion3Pipeline.load_lora_weights runs for the transformer
+    state_dict, metadata = SD3LoraLoaderMixin.lora_state_dict(str(path), return_lora_metadata=True)
+    SD3LoraLoaderMixin.load_lora_into_transformer(state_dict, transformer=theirs, metadata=metadata)
+    assert reported and reported[0].unexpected_keys == []
+    assert not [k for k in reported[0].missing_keys if ".lora_" in k]
+    in_file = {k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in load_file(str(path))}
+    adapted = {name for name, m in theirs.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == in_file and len(in_file) == len(network.loras) + 2 * 5  # each of 5 fused qkv is 3 modules
+
+    x = random_inputs(TINY)
+    assert (ours(**x) - run_diffusers(theirs, x)).abs().max() <= 1e-5
+
+    theirs.fuse_lora()
+    theirs.unload_lora()  # the base layers keep the fused deltas
+    merged = merged_by_lora_py(sd, path)  # lora.py reads the diffusers file back
+    converted = convert_sd3_transformer_checkpoint_to_diffusers(dict(merged))
+    for key, weight in theirs.state_dict().items():
+        torch.testing.assert_close(weight, converted[key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+    for name, module in network.loras.items():  # and the deltas are the network's own
+        path_ = network.module_paths[name]
+        delta = merged[f"{path_}.weight"] - sd[f"{path_}.weight"]
+        torch.testing.assert_close(delta, module.delta_weight(), rtol=1e-4, atol=1e-6, msg=lambda m: f"{path_}: {m}")
+
+
+def test_kohya_and_diffusers_files_read_back_alike(tmp_path):
+    sd, _, network, kohya_path = lora_on_everything(tmp_path, "kohya")
+    keys = load_file(str(kohya_path))
+    assert "lora_unet_joint_blocks_0_x_block_attn2_qkv.lora_down.weight" in keys
+    assert "lora_unet_joint_blocks_1_context_block_adaLN_modulation_1.alpha" in keys
+    assert "lora_unet_x_embedder_proj.lora_down.weight" in keys and keys[
+        "lora_unet_x_embedder_proj.lora_down.weight"].ndim == 4  # LoCon layout on the patch conv
+    diffusers_path = tmp_path / "d.safetensors"
+    lora.save_lora(network, diffusers_path, {}, torch.float32, FAMILY, "diffusers")
+    from_kohya, from_diffusers = merged_by_lora_py(sd, kohya_path), merged_by_lora_py(sd, diffusers_path)
+    for key in from_kohya:
+        torch.testing.assert_close(from_kohya[key], from_diffusers[key], rtol=1e-5, atol=1e-6)
+
+
+# ComfyUI: its own key map, loader and patch arithmetic (tests/comfy_oracle.py over the code vendored
+# in tests/oracles/comfyui/) when this checkout has them; otherwise the stand-in below.
+
+
+def comfyui():
+    try:
+        from comfy_oracle import comfy_apply, comfy_key_map, comfy_load
+    except ImportError:
+        return stand_in_key_map, stand_in_load, stand_in_apply
+    return comfy_key_map, comfy_load, comfy_apply
+
+
+def _traced_diffusers_names(shapes: dict) -> dict:
+    """diffusers name -> native key, (key, (0, offset, rows)) for a row slice, or (key, None, swap)
+    for rows stored (scale, shift): found by running diffusers' own converter (which ComfyUI's
+    comfy/utils.py mmdit_to_diffusers mirrors) on weights whose rows carry their key and row number."""
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    keys = sorted(k for k in shapes if k.endswith(".weight"))
+    tagged = {k: torch.zeros(shapes[k], dtype=torch.float64) for k in shapes}
+    for i, key in enumerate(keys):
+        rows = shapes[key][0]
+        tagged[key] = (i * 100_000 + torch.arange(rows, dtype=torch.float64)).reshape(rows, *[1] * (len(shapes[key]) - 1)) \
+            .expand(shapes[key]).clone()
+    names = {}
+    for name, tensor in convert_sd3_transformer_checkpoint_to_diffusers(tagged).items():
+        if not name.endswith(".weight"):
+            continue
+        ids = tensor.reshape(tensor.shape[0], -1)[:, 0].long()
+        key, first = keys[int(ids[0]) // 100_000], int(ids[0]) % 100_000
+        if first == 0 and torch.equal(ids % 100_000, torch.arange(len(ids))):
+            target = key if len(ids) == shapes[key][0] else (key, (0, 0, len(ids)))
+        elif torch.equal(ids % 100_000, torch.arange(first, first + len(ids))):
+            target = (key, (0, first, len(ids)))
+        else:  # the two halves swapped
+            target = (key, None, sd3.swap_halves)
+        names[name.removesuffix(".weight")] = target
+    return names
+
+
+def stand_in_key_map(family_name: str, unet_state_dict: dict) -> dict:
+    """ComfyUI's model_lora_keys_unet for an SD3 model (comfy/lora.py at ComfyUI commit
+    a125cd84b054a57729b5eecab930ca9408719832, lines 175-186 and 210-215): for every weight k,
+    "lora_unet_" + k with "." -> "_" and k itself (kohya and generic names), then each diffusers
+    name as "transformer.<name>" (mmdit_to_diffusers; traced above)."""
+    assert family_name == "sd3"
+    shapes = {k: tuple(v.shape) for k, v in unet_state_dict.items()}
+    key_map = {}
+    for key in shapes:
+        if key.endswith(".weight"):
+            key_map["lora_unet_" + key.removesuffix(".weight").replace(".", "_")] = f"diffusion_model.{key}"
+            key_map["diffusion_model." + key.removesuffix(".weight")] = f"diffusion_model.{key}"
+    for name, target in _traced_diffusers_names(shapes).items():
+        prefixed = f"diffusion_model.{target}" if isinstance(target, str) else (f"diffusion_model.{target[0]}", *target[1:])
+        key_map[f"transformer.{name}"] = prefixed
+    return key_map
+
+
+def stand_in_load(lora_sd: dict, key_map: dict) -> tuple[dict, list]:
+    """comfy/lora.py load_lora + weight_adapter/lora.py LoRAAdapter.load: per mapped prefix its up,
+    down and alpha (x.alpha / rank, 1 without alpha); every other key is 'not loaded'."""
+    patches, used = {}, set()
+    for prefix, target in key_map.items():
+        for up_name, down_name in ((".lora_up.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_A.weight")):
+            if prefix + up_name in lora_sd:
+                up, down = lora_sd[prefix + up_name], lora_sd[prefix + down_name]
+                alpha = lora_sd.get(prefix + ".alpha")
+                patches[target] = (up, down, float(alpha) / down.shape[0] if alpha is not None else 1.0)
+                used |= {prefix + up_name, prefix + down_name, prefix + ".alpha"}
+    return patches, sorted(set(lora_sd) - used)
+
+
+def stand_in_apply(weights: dict, patches: dict, strength: float = 1.0) -> dict:
+    """comfy/lora.py calculate_weight with LoRAAdapter: W[slice] += function(strength * scale * up @ down)."""
+    out = {}
+    for target, (up, down, scale) in patches.items():
+        key, offset, function = (target, None, None) if isinstance(target, str) else (*target, None)[:3]
+        name = key.removeprefix("diffusion_model.")
+        weight = out.get(name, weights[name].float().clone())
+        part = weight.narrow(offset[0], offset[1], offset[2]) if offset is not None else weight
+        delta = (up.float().flatten(1) @ down.float().flatten(1)).reshape(part.shape) * (strength * scale)
+        part += (function or (lambda t: t))(delta)
+        out[name] = weight
+    return out
+
+
+@pytest.mark.parametrize("lora_format", lora.LORA_FORMATS)
+def test_comfyui_loads_every_key_of_both_formats_as_our_merge(tmp_path, lora_format):
+    key_map_of, load, apply = comfyui()
+    sd, _, network, path = lora_on_everything(tmp_path, lora_format)
+    base = {k: v.clone() for k, v in sd.items()}
+    file = load_file(str(path))
+    patches, not_loaded = load(file, key_map_of("sd3", base))
+    assert not_loaded == []
+    fused_slices = 3 * 5 if lora_format == "diffusers" else 1 * 5  # 5 qkv Linears, 3 slices each in diffusers names
+    assert len(patches) == len(network.loras) - 5 + fused_slices
+    theirs = apply(base, patches, 0.7)
+    fresh = MMDiT.from_state_dict({k: v.clone() for k, v in sd.items()})
+    lora.apply_lora_file(fresh, path, FAMILY, multiplier=0.7)
+    ours = fresh.state_dict()
+    assert set(theirs) == {f"{p}.weight" for p in network.module_paths.values()}
+    for key, weight in ours.items():
+        torch.testing.assert_close(weight, theirs.get(key, base[key]).to(weight.dtype), rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{key}: {m}")
