@@ -1,10 +1,14 @@
-# SD3.5 Large full fine-tuning on a 24 GB GPU (RTX 3090 / 4090): every one of the 8.06 B weights
+# SD3.5 Large full fine-tuning on a 12 GB GPU (RTX 3060 12 GB, RTX 4070 / 4070 Ti): all 8.06 B weights
 # trains, 1024 px, batch 1 (seed 004 used DeepSpeed offload on an 80 GB H100 for this). Weights
 # stay bf16 and take stochastically rounded updates; Adafactor steps each weight inside backward,
 # the moment its gradient is ready, so no full set of gradients ever exists; joint blocks swap
-# through host memory in exchange mode (weights go back with their updates).
+# through host memory in exchange mode (weights go back with their updates): 17 of 38, the fewest
+# that keep the plan under 10 GiB. On a 24 GB GPU nothing needs to swap (blocks_to_swap = 0: 16.53 GiB).
 #
-#   python train.py configs/sd35_large_full.py --plan    # planned peak (training) GiB
+# The plan assumes the Triton optimizer kernels (kernels="auto" with triton installed, as CUDA
+# wheels of torch have it); the torch fallback plans 10.43 GiB: use --blocks_to_swap=19 (9.63 GiB).
+#
+#   python train.py configs/sd35_large_full.py --plan    # training: planned peak 9.93 GiB, 7.1 GiB host memory
 #   python train.py configs/sd35_large_full.py --dataset_dir=/path/to/images
 #
 # Seed 004's advice for full fine-tuning, one line each: train_joint_blocks = "0-33" (the last
@@ -34,5 +38,5 @@ optimizer = "adafactor"
 weight_decay = 0.0
 fused_backward = True           # step each weight inside backward: gradients never all exist
 max_grad_norm = 0.0             # no global-norm clipping with the fused step
-blocks_to_swap = 20             # of 38 joint blocks live in host memory (at most 36)
+blocks_to_swap = 17             # of 38 joint blocks live in host memory (at most 36)
 swap_mode = "exchange"          # trained weights go back to the host with their updates

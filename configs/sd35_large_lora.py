@@ -2,9 +2,11 @@
 # low-memory recipe of seed 004 (SimpleTuner took 18.83 GB for it). The frozen base is stored in
 # fp8; 28 of the 38 joint blocks stream from host memory one way (swap_mode="h2d_only": the frozen
 # host copy is the master); checkpointed block inputs wait in host memory; Adafactor steps each
-# LoRA weight inside backward, so the 272 M LoRA weights' gradients never exist all at once.
+# LoRA weight inside backward, so the 270 M LoRA weights' gradients never exist all at once.
+# 28 blocks (not the 26 that the training phase alone would allow under 5 GiB) leave room for
+# sampling, whose VAE decode at 1024 px comes on top of the resident blocks.
 #
-#   python train.py configs/sd35_large_lora.py --plan    # planned peak (training) GiB
+#   python train.py configs/sd35_large_lora.py --plan    # training: planned peak 3.98 GiB, 8.3 GiB host memory
 #   python train.py configs/sd35_large_lora.py --dataset_dir=/path/to/images
 #
 # Files (stabilityai/stable-diffusion-3.5-large): sd3.5_large.safetensors (with its VAE) and

@@ -3,7 +3,7 @@
 # cached; no block swap needed. Samples: 50 steps of DPM++ 2M, CFG 5 (the reference's settings);
 # sample_slg_scale = 2.5 adds the reference's skip-layer guidance (layers 7, 8, 9).
 #
-#   python train.py configs/sd35_medium_lora.py --plan    # planned peak (training) GiB
+#   python train.py configs/sd35_medium_lora.py --plan    # training: planned peak 3.99 GiB (bf16 base: 6.04)
 #   python train.py configs/sd35_medium_lora.py --dataset_dir=/path/to/images
 #
 # Multi-resolution training as kohya offers it for this model: pos_emb_random_crop_rate = 0.2 or

@@ -381,3 +381,191 @@ def test_comfyui_loads_every_key_of_both_formats_as_our_merge(tmp_path, lora_for
     for key, weight in ours.items():
         torch.testing.assert_close(weight, theirs.get(key, base[key]).to(weight.dtype), rtol=1e-5, atol=1e-6,
                                    msg=lambda m: f"{key}: {m}")
+
+
+# --- targets, block swap, fp8, dropout --------------------------------------------------------------
+
+
+def full_size(variant: str) -> MMDiT:
+    with torch.device("meta"):
+        return MMDiT(MMDiTParams(**sd3.RELEASED[variant]))
+
+
+def test_kohya_targets_at_full_size_and_seed_004_one_liners():
+    large, medium = full_size("sd3.5-large"), full_size("sd3.5-medium")
+    targets = sd3.lora_targets(large, 64)
+    # 5 Linears per half-block, the pre-only last context block has qkv and adaLN only: 37 x 10 + 2 + 5
+    assert len(targets) == 377 and set(targets.values()) == {64}
+    names = {lora.kohya_name(p) for p in targets}
+    assert {"lora_unet_joint_blocks_0_context_block_attn_qkv", "lora_unet_joint_blocks_37_context_block_adaLN_modulation_1",
+            "lora_unet_joint_blocks_12_x_block_mlp_fc2"} <= names
+    assert "lora_unet_joint_blocks_37_context_block_attn_proj" not in names
+    medium_targets = sd3.lora_targets(medium, 8)
+    assert len(medium_targets) == 23 * 10 + 7 + 13 * 2  # attn2 qkv and proj in blocks 0-12
+    assert "joint_blocks.12.x_block.attn2.qkv" in medium_targets and "joint_blocks.13.x_block.attn2.qkv" not in medium_targets
+
+    def blocks(t):
+        return {int(p.split(".")[1]) for p in t if p.startswith("joint_blocks.")}
+
+    assert blocks(sd3.lora_targets(large, 8, blocks="30-37")) == set(range(30, 38))
+    assert blocks(sd3.lora_targets(large, 8, blocks="0-33")) == set(range(34))
+    attention = sd3.lora_targets(large, 8, group_ranks=sd3.ATTENTION_ONLY)
+    assert attention and all(".attn." in p for p in attention)
+    context = sd3.lora_targets(large, 8, group_ranks=sd3.CONTEXT_ONLY)
+    assert context and all(".context_block." in p for p in context)
+    embedders = sd3.lora_targets(large, 8, group_ranks={"t_embedder": 4}, embedders=True)
+    assert {p: r for p, r in embedders.items() if not p.startswith("joint_blocks.")} == {
+        "context_embedder": 8, "t_embedder.mlp.0": 4, "t_embedder.mlp.2": 4, "x_embedder.proj": 8,
+        "y_embedder.mlp.0": 8, "y_embedder.mlp.2": 8, "final_layer.adaLN_modulation.1": 8, "final_layer.linear": 8}
+    with pytest.raises(ValueError, match=r"unknown groups \['img_attn'\]"):
+        sd3.lora_targets(large, 8, group_ranks={"img_attn": 4})
+    with pytest.raises(ValueError, match="out of range; this model has 38 joint_blocks"):
+        sd3.lora_targets(large, 8, blocks="30-38")
+
+
+def test_block_swap_limit_is_kohyas_and_swapped_training_matches(tmp_path):
+    cfg = dict(DEFAULTS, model_family="sd3", blocks_to_swap=36)
+    assert FAMILY.swap_counts(full_size("sd3.5-large"), cfg) == {"joint_blocks": 36}
+    with pytest.raises(ValueError, match="use 0 to 22"):
+        FAMILY.swap_counts(full_size("sd3.5-medium"), dict(cfg, blocks_to_swap=23))
+
+    params = replace(TINY, depth=4, x_block_self_attn_layers=(1,))
+    batch = FAMILY.plan_batch(dict(DEFAULTS, batch_size=2, resolution=16, ae_path="x"), params, "cpu")
+
+    def step(**changes):
+        run_cfg = dict(DEFAULTS, model_family="sd3", dtype="fp32", network_dim=4, **changes)
+        prepared = training.prepare(tiny_model(params), FAMILY, run_cfg, "cpu")
+        assert (prepared.swap is not None) == bool(changes)  # blocks 2 and 3 (the pre-only one) swap
+        randomize_(prepared.network)
+        loss = training.training_loss(FAMILY, FAMILY.objective(run_cfg), prepared.model, batch, run_cfg,
+                                      torch.Generator().manual_seed(0))[0]
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in prepared.trainable.items()}
+
+    plain, swapped = step(), step(blocks_to_swap=2, pin_memory=False, swap_mode="h2d_only")
+    assert torch.equal(plain[0], swapped[0])
+    assert all(torch.allclose(plain[1][k], swapped[1][k], atol=1e-7) for k in plain[1])
+
+
+def test_fp8_base_stores_the_block_linears_in_fp8_and_runs_close(demo):
+    from models.loading import load_state_dict
+
+    sd = load_state_dict(demo["model_path"])
+    cfg = load_config(None, [f"--{k}={v}" for k, v in demo.items()] + ["--fp8_base=True"], check_files=False)
+    fp8_model = FAMILY.load(sd, cfg, torch.bfloat16)
+    bf16_model = FAMILY.load(sd, dict(cfg, fp8_base=False), torch.bfloat16)
+    assert fp8_model.joint_blocks[1].context_block.adaLN_modulation[1].weight.dtype == torch.float8_e4m3fn
+    assert fp8_model.context_embedder.weight.dtype == torch.bfloat16  # outside the blocks
+    cond = {k: v[:1] for k, v in FAMILY.plan_batch(dict(cfg, batch_size=1, resolution=16), fp8_model.params,
+                                                    "cpu").items() if k != "latent"}
+    x, t = torch.randn(1, 3, 16, 16), torch.tensor([0.5])
+    a, b = FAMILY.predict(fp8_model, x, t, cond), FAMILY.predict(bf16_model, x, t, cond)
+    assert (a - b).abs().max() <= 0.1 * b.abs().max()
+
+
+def test_per_encoder_dropout_zeros_whole_parts_from_the_generator():
+    cfg = dict(DEFAULTS, clip_l_dropout_rate=0.0, clip_g_dropout_rate=0.5, t5_dropout_rate=1.0)
+    batch = FAMILY.plan_batch(dict(DEFAULTS, batch_size=64, resolution=16, ae_path="x", t5_path="t5"), TINY, "cpu")
+    cond = FAMILY.conditioning(batch, cfg, torch.Generator().manual_seed(3))
+    assert set(cond) == set(sd3.PARTS)
+    assert torch.equal(cond["clip_l"], batch["clip_l"]) and torch.equal(cond["clip_l_pooled"], batch["clip_l_pooled"])
+    assert not cond["t5"].any()
+    dropped = (cond["clip_g"].flatten(1) == 0).all(dim=1)
+    assert 16 < int(dropped.sum()) < 48  # about half
+    assert torch.equal(dropped, (cond["clip_g_pooled"] == 0).all(dim=1))  # a dropped encoder loses both parts
+    kept = ~dropped
+    assert torch.equal(cond["clip_g"][kept], batch["clip_g"][kept])
+    again = FAMILY.conditioning(batch, cfg, torch.Generator().manual_seed(3))
+    assert all(torch.equal(cond[k], again[k]) for k in cond)
+    assert all(torch.equal(v, batch[k]) for k, v in FAMILY.conditioning(batch, cfg).items())  # validation: none
+    context, pooled = sd3.sd3_conditioning(cond, context_width=TINY.context_embedder_in_features)
+    assert context.shape == (64, 77 + 77, 40) and pooled.shape == (64, 24)
+
+
+# --- an all-in-one file: the VAE and the text encoders from the model file's own sections ---------
+
+
+def all_in_one_file(folder: Path, demo: dict) -> Path:
+    """The layout of sd3_medium_incl_clips_t5xxlfp16.safetensors: model.diffusion_model.,
+    first_stage_model. (a tiny 16-channel VAE), text_encoders.{clip_l,clip_g,t5xxl}.transformer.;
+    the tokenizer/ (CLIP) and tokenizer_3/ (T5) folders beside it, as in the released repository."""
+    from models.vae import AutoEncoder, AutoEncoderParams
+
+    torch.manual_seed(0)
+    widths = demo_data.SD3_CLIP_WIDTHS
+    mmdit = MMDiT(MMDiTParams(depth=2, pos_embed_max_size=8, qk_norm="rms", adm_in_channels=sum(widths),
+                              context_embedder_in_features=demo_data.SD3_T5_WIDTH))
+    vae = AutoEncoder(AutoEncoderParams(ch=32, ch_mult=[1, 1, 1, 1], num_res_blocks=1, z_channels=16))
+    tensors = {f"model.diffusion_model.{k}": v for k, v in mmdit.state_dict().items()}
+    tensors |= {f"first_stage_model.{k}": v for k, v in vae.state_dict().items()}
+    for section, name in (("clip_l", "clip_l_path"), ("clip_g", "clip_g_path"), ("t5xxl", "t5_path")):
+        encoder = load_file(str(Path(demo[name]) / "model.safetensors"))
+        tensors |= {f"text_encoders.{section}.transformer.{k}": v for k, v in encoder.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "sd3_tiny_incl_clips_t5.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    shutil.copytree(demo["clip_l_path"], folder / "tokenizer", ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    (folder / "tokenizer_3").mkdir()
+    shutil.copy(Path(demo["t5_path"]) / "tokenizer.json", folder / "tokenizer_3")
+    return path
+
+
+def test_all_in_one_file_gives_the_vae_and_the_text_encoders(tmp_path, demo):
+    model_path = all_in_one_file(tmp_path / "models", demo)
+    files = {"model_path": str(model_path), "dataset_dir": demo["dataset_dir"], "sample_prompts": demo["sample_prompts"]}
+    cfg = config_file(tmp_path, files, model_family="auto", resolution=32, max_train_steps=2, save_every=0,
+                      sample_every=2, sample_steps=2, lora_format="kohya")
+    final = train.main([cfg])
+    latents = list((tmp_path / "cache" / "latents").glob("*.safetensors"))
+    assert latents and load_file(str(latents[0]))["latent"].shape == (16, 4, 4)  # the file's VAE, 8x down
+    text = load_file(str(next((tmp_path / "cache" / "text").glob("*.safetensors"))))
+    assert {k: tuple(v.shape) for k, v in text.items()} == {
+        "clip_l": (77, 32), "clip_g": (77, 48), "clip_l_pooled": (32,), "clip_g_pooled": (48,), "t5": (8, 96)}
+    assert len(list((final.parent / "samples").glob("step000002_*.png"))) == 4
+    with safe_open(str(final), "pt") as f:
+        assert all(k.startswith("lora_unet_joint_blocks_") for k in f.keys())
+        assert f.metadata()["modelspec.architecture"] == "stable-diffusion-3-3-5-large/lora"  # QK-norm, no attn2
+
+
+# --- the released shapes and the shipped configs' plans -------------------------------------------
+
+
+@pytest.mark.parametrize("file_name, variant, parameters", [
+    ("sd3_medium_incl_clips_t5xxlfp16.safetensors", "sd3-medium", 2_028_328_000),
+    ("sd3.5_medium.safetensors", "sd3.5-medium", 2_243_171_520),
+    ("sd3.5_large.safetensors", "sd3.5-large", 8_056_627_520),
+    ("sd3.5_large_turbo.safetensors", "sd3.5-large-turbo", 8_056_627_520),
+])
+def test_released_shapes_from_the_file_name_for_plans_without_the_file(file_name, variant, parameters):
+    cfg = dict(DEFAULTS, model_family="sd3", model_path=f"models/{file_name}")
+    params = FAMILY.default_params(cfg)
+    with torch.device("meta"):
+        model = FAMILY.build(params)
+    assert sum(p.numel() for p in model.parameters()) == parameters  # the buffer pos_embed apart
+    assert FAMILY._variant(cfg) == variant and FAMILY.variant(params) == variant.removesuffix("-turbo")
+    steps, scale, sampler = sd3.SAMPLING[variant]
+    assert FAMILY.prompt_defaults(dict(cfg, sd3_variant=variant), params).steps == steps
+    with pytest.raises(ValueError, match="set sd3_variant"):
+        FAMILY.default_params(dict(cfg, model_path="models/my_finetune.safetensors"))
+
+
+# goal of the training phase's planned peak, GiB (the GPU each header names, less margins)
+GOALS_GIB = {"sd35_large_lora.py": 5.0, "sd35_large_lora_r768_bs6.py": 72.0, "sd35_large_full.py": 10.0,
+             "sd35_medium_lora.py": 6.0, "sd3_medium_lora.py": 6.0}
+
+
+def test_every_sd3_config_plans_within_its_goal_and_states_it(tmp_path, capsys):
+    shipped = {p.name for p in CONFIGS.glob("sd3*.py")}
+    assert shipped == set(GOALS_GIB)
+    for name, goal in GOALS_GIB.items():
+        path = str(CONFIGS / name)
+        model = load_config(path, check_files=False)["model_path"]
+        absent = [f"--model_path={tmp_path / Path(model).name}", f"--dataset_dir={tmp_path / 'images'}"]
+        with pytest.raises(ConfigError, match="not found"):
+            load_config(path, absent)  # training refuses missing files ...
+        result = train.main([path, "--plan", *absent])  # ... the plan reads none
+        assert result["model"].startswith("SD3 / SD3.5 sd3")
+        assert result["peak_bytes"] <= goal * GiB, (name, result["peak_bytes"] / GiB)
+        stated = f"{result['peak_bytes'] / GiB:.2f} GiB"
+        assert stated in Path(path).read_text(), f"{name}: update the header comment to the planned peak, {stated}"
+    assert "planned peak (bytes torch allocates)" in capsys.readouterr().out
