@@ -29,13 +29,14 @@ LoRA       kohya's networks.lora_sd3 targets: every Linear of both halves of eac
            (ComfyUI and kohya's tools; diffusers has no converter for them).
 Memory     one group of blocks; blocks_to_swap up to depth - 2 (kohya: 36 for Large, 22 for Medium).
 
-Seed 004's layer advice (SD3.5 Large, 38 blocks; speculative there too), one line each:
-    train_joint_blocks = "30-37"       # later blocks: fine detail
-    train_joint_blocks = "12-24"       # earlier blocks: composition, primary form
-    train_joint_blocks = "0-33"        # the last blocks frozen (photorealistic sets)
-    group_ranks = ATTENTION_ONLY       # attention only, no MLP or modulation (anatomy)
-    group_ranks = CONTEXT_ONLY         # the context blocks only (small or poor data sets)
-    lora_embedders = False             # embedders frozen (the default; freeze_embedders for full fine-tuning)
+Seed 004's layer advice (SD3.5 Large, 38 blocks; speculative there too), one config line each:
+    train_joint_blocks = "30-37"                                               # later blocks: fine detail
+    train_joint_blocks = "12-24"                                               # earlier: composition
+    train_joint_blocks = "0-33"                                                # last blocks frozen (photos)
+    group_ranks = {"context_mlp": 0, "x_mlp": 0, "context_mod": 0, "x_mod": 0}  # attention only (anatomy)
+    group_ranks = {"x_attn": 0, "x_mlp": 0, "x_mod": 0}                         # context blocks only
+    lora_embedders = False      # embedders frozen: the default (full fine-tuning: freeze_embedders = True)
+(ATTENTION_ONLY and CONTEXT_ONLY below are those two dicts.)
 """
 import re
 from dataclasses import dataclass, replace
@@ -54,7 +55,7 @@ from lora import parse_block_indices
 from models import load_codec
 from models import mmdit as network
 from models.loading import list_weight_files, load_state_dict, strip_prefix
-from models.text import SD3_T5_LENGTH, SD3PromptEncoder, sd3_conditioning, drop_encoder_parts
+from models.text import CLIP_MAX_LENGTH, SD3_T5_LENGTH, SD3PromptEncoder, drop_encoder_parts, sd3_conditioning
 from models.vae import LATENT_SCALING
 
 from . import Family
@@ -134,7 +135,7 @@ class SD3(Family):
         return original or ("pos_embed.proj.weight" in sd and "transformer_blocks.0.attn.add_q_proj.weight" in sd)
 
     def params(self, sd: dict, cfg: dict) -> network.MMDiTParams:
-        return network.infer_params(sd, **self._overrides(cfg, has_vae=_has_section(sd, "first_stage_model.")))
+        return network.infer_params(sd, **self._overrides(cfg, has_vae=_has_vae(cfg, sd)))
 
     def default_params(self, cfg: dict) -> network.MMDiTParams:
         base = self._variant(cfg).removesuffix("-turbo")
@@ -145,7 +146,7 @@ class SD3(Family):
 
     def load(self, sd: dict, cfg: dict, dtype: torch.dtype, device="cpu") -> nn.Module:
         if not cfg["fp8_base"]:
-            overrides = self._overrides(cfg, has_vae=_has_section(sd, "first_stage_model."))
+            overrides = self._overrides(cfg, has_vae=_has_vae(cfg, sd))
             return network.MMDiT.from_state_dict(sd, dtype=dtype, device=device, **overrides)
         params = self.params(sd, cfg)
         sd, _ = strip_prefix(sd, network.PREFIXES)  # the denoiser's keys only
@@ -390,8 +391,8 @@ class SD3(Family):
         side = cfg["resolution"] // 8 if uses_vae(cfg) else cfg["resolution"]
         batch = {
             "latent": torch.randn(b, params.in_channels, side, side, device=device),
-            "clip_l": torch.randn(b, SD3_T5_LENGTH, clip_l, device=device),
-            "clip_g": torch.randn(b, SD3_T5_LENGTH, clip_g, device=device),
+            "clip_l": torch.randn(b, CLIP_MAX_LENGTH, clip_l, device=device),
+            "clip_g": torch.randn(b, CLIP_MAX_LENGTH, clip_g, device=device),
             "clip_l_pooled": torch.randn(b, clip_l, device=device),
             "clip_g_pooled": torch.randn(b, clip_g, device=device),
         }
@@ -404,9 +405,12 @@ class SD3(Family):
         """CLIP-L, CLIP-G and T5-XXL (when the config has one) at their released sizes."""
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-        dtype, n = DTYPES[cfg["dtype"]], cfg.get("text_batch_size", 1)
-        clip_ids = lambda device: {"input_ids": torch.zeros(n, SD3_T5_LENGTH, dtype=torch.long, device=device),  # noqa: E731
-                                   "output_hidden_states": True}
+        dtype, n = DTYPES[cfg["dtype"]], cfg.get("text_batch_size", 1)  # text_batch_size: the whole-run plan's key
+
+        def clip_ids(device) -> dict:
+            return {"input_ids": torch.zeros(n, CLIP_MAX_LENGTH, dtype=torch.long, device=device),
+                    "output_hidden_states": True}
+
         encoders = [
             ("CLIP-L", lambda: CLIPTextModel(CLIPTextConfig(**CLIP_L_CONFIG)).to(dtype), clip_ids),
             ("CLIP-G", lambda: CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G_CONFIG)).to(dtype), clip_ids),
@@ -432,6 +436,11 @@ TEXT_SECTIONS = ("text_encoders.clip_l.", "text_encoders.clip_g.", "text_encoder
 
 def _has_section(sd: dict, prefix: str) -> bool:
     return any(k.startswith(prefix) for k in sd)
+
+
+def _has_vae(cfg: dict, sd: dict) -> bool:
+    """Whether the network denoises VAE latents: ae_path, or the model file's own VAE."""
+    return bool(cfg["ae_path"]) or _has_section(sd, "first_stage_model.")
 
 
 def _model_keys(cfg: dict) -> set[str]:

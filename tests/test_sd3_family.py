@@ -113,7 +113,8 @@ def test_sd3_defaults_apply_only_where_the_config_is_silent_and_flux_is_untouche
 
     flux = load_config(str(CONFIGS / "flux_12gb.py"), check_files=False)
     assert {k: flux[k] for k in ("timestep_sampling", "model_prediction_type", "lora_format", "run_name")} == \
-        {"timestep_sampling": "shift", "model_prediction_type": "raw", "lora_format": "kohya", "run_name": "flux_lora_12gb"}
+        {"timestep_sampling": "shift", "model_prediction_type": "raw", "lora_format": "kohya",
+         "run_name": "flux_lora_12gb"}
     with pytest.raises(ConfigError, match="clip_g_path: not used by FLUX.1"):
         load_config(str(CONFIGS / "flux_12gb.py"), ["--clip_g_path=x.safetensors"], check_files=False)
     with pytest.raises(ConfigError, match="guidance_scale: not used by SD3"):
@@ -156,16 +157,29 @@ def test_lora_trains_resumes_identically_and_samples_from_its_file(tmp_path, dem
     assert json.loads(meta["ss_network_args"])["train_joint_blocks"] == "all"
 
     image = tmp_path / "red.png"
-    paths = sample.main(["--model", demo["model_path"], "--clip_l", demo["clip_l_path"], "--clip_g", demo["clip_g_path"],
-                         "--t5", demo["t5_path"], "--t5_max_length", "8", "--dtype", "fp32", "--device", "cpu",
+    paths = sample.main(["--model", demo["model_path"], "--clip_l", demo["clip_l_path"],
+                         "--clip_g", demo["clip_g_path"], "--t5", demo["t5_path"], "--t5_max_length", "8", "--dtype", "fp32", "--device", "cpu",
                          "--prompt", "a red circle --n a blue square --l 3 --s 3 --w 16 --h 16 --d 4",
                          "--lora", f"{final}:0.8", "--out", str(image)])
     assert paths == [image] and image.exists()
 
 
+def test_the_six_gb_recipe_trains_on_tiny_weights(tmp_path, demo):
+    """configs/sd35_large_lora.py's switches (fp8 base, fused Adafactor step, checkpointing,
+    offloaded activations) through train.main; block swap itself is in the block-swap test."""
+    recipe = {k: v for k, v in load_config(str(CONFIGS / "sd35_large_lora.py"), check_files=False).items()
+              if k in ("fp8_base", "optimizer", "fused_backward", "max_grad_norm", "offload_activations")}
+    final = train.main([config_file(tmp_path, demo, dtype="bf16", gradient_checkpointing=True, pin_memory=False,
+                                    max_train_steps=3, save_every=0, **recipe)])
+    losses = losses_of(final.parent)
+    assert len(losses) == 3 and all(0 < loss < 10 for loss in losses)
+    assert recipe == {"fp8_base": True, "optimizer": "adafactor", "fused_backward": True, "max_grad_norm": 0.0,
+                      "offload_activations": True}
+
+
 def test_full_finetune_freezes_what_it_is_told_and_samples_with_cfg_apg_and_slg(tmp_path, demo):
-    cfg = config_file(tmp_path, demo, train_mode="full", max_train_steps=2, save_every=0, sample_every=2, save_dtype="fp32",
-                      sample_at_start=True, sample_steps=2, validation_count=2, validate_every=1,
+    cfg = config_file(tmp_path, demo, train_mode="full", max_train_steps=2, save_every=0, sample_every=2,
+                      save_dtype="fp32", sample_at_start=True, sample_steps=2, validation_count=2, validate_every=1,
                       train_joint_blocks="1", freeze_embedders=True, sample_apg=True, sample_slg_scale=2.0,
                       slg_layers=(1,), slg_start=0.0, slg_end=1.0)
     final = train.main([cfg])
@@ -299,8 +313,8 @@ def _traced_diffusers_names(shapes: dict) -> dict:
     tagged = {k: torch.zeros(shapes[k], dtype=torch.float64) for k in shapes}
     for i, key in enumerate(keys):
         rows = shapes[key][0]
-        tagged[key] = (i * 100_000 + torch.arange(rows, dtype=torch.float64)).reshape(rows, *[1] * (len(shapes[key]) - 1)) \
-            .expand(shapes[key]).clone()
+        row_ids = (i * 100_000 + torch.arange(rows, dtype=torch.float64)).reshape(rows, *[1] * (len(shapes[key]) - 1))
+        tagged[key] = row_ids.expand(shapes[key]).clone()
     names = {}
     for name, tensor in convert_sd3_transformer_checkpoint_to_diffusers(tagged).items():
         if not name.endswith(".weight"):
@@ -330,8 +344,10 @@ def stand_in_key_map(family_name: str, unet_state_dict: dict) -> dict:
             key_map["lora_unet_" + key.removesuffix(".weight").replace(".", "_")] = f"diffusion_model.{key}"
             key_map["diffusion_model." + key.removesuffix(".weight")] = f"diffusion_model.{key}"
     for name, target in _traced_diffusers_names(shapes).items():
-        prefixed = f"diffusion_model.{target}" if isinstance(target, str) else (f"diffusion_model.{target[0]}", *target[1:])
-        key_map[f"transformer.{name}"] = prefixed
+        if isinstance(target, str):
+            key_map[f"transformer.{name}"] = f"diffusion_model.{target}"
+        else:
+            key_map[f"transformer.{name}"] = (f"diffusion_model.{target[0]}", *target[1:])
     return key_map
 
 
@@ -397,12 +413,13 @@ def test_kohya_targets_at_full_size_and_seed_004_one_liners():
     # 5 Linears per half-block, the pre-only last context block has qkv and adaLN only: 37 x 10 + 2 + 5
     assert len(targets) == 377 and set(targets.values()) == {64}
     names = {lora.kohya_name(p) for p in targets}
-    assert {"lora_unet_joint_blocks_0_context_block_attn_qkv", "lora_unet_joint_blocks_37_context_block_adaLN_modulation_1",
-            "lora_unet_joint_blocks_12_x_block_mlp_fc2"} <= names
+    assert {"lora_unet_joint_blocks_0_context_block_attn_qkv", "lora_unet_joint_blocks_12_x_block_mlp_fc2",
+            "lora_unet_joint_blocks_37_context_block_adaLN_modulation_1"} <= names
     assert "lora_unet_joint_blocks_37_context_block_attn_proj" not in names
     medium_targets = sd3.lora_targets(medium, 8)
     assert len(medium_targets) == 23 * 10 + 7 + 13 * 2  # attn2 qkv and proj in blocks 0-12
-    assert "joint_blocks.12.x_block.attn2.qkv" in medium_targets and "joint_blocks.13.x_block.attn2.qkv" not in medium_targets
+    assert "joint_blocks.12.x_block.attn2.qkv" in medium_targets
+    assert "joint_blocks.13.x_block.attn2.qkv" not in medium_targets
 
     def blocks(t):
         return {int(p.split(".")[1]) for p in t if p.startswith("joint_blocks.")}
@@ -504,7 +521,8 @@ def all_in_one_file(folder: Path, demo: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "sd3_tiny_incl_clips_t5.safetensors"
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
-    shutil.copytree(demo["clip_l_path"], folder / "tokenizer", ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    shutil.copytree(demo["clip_l_path"], folder / "tokenizer",
+                    ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
     (folder / "tokenizer_3").mkdir()
     shutil.copy(Path(demo["t5_path"]) / "tokenizer.json", folder / "tokenizer_3")
     return path
@@ -569,3 +587,23 @@ def test_every_sd3_config_plans_within_its_goal_and_states_it(tmp_path, capsys):
         stated = f"{result['peak_bytes'] / GiB:.2f} GiB"
         assert stated in Path(path).read_text(), f"{name}: update the header comment to the planned peak, {stated}"
     assert "planned peak (bytes torch allocates)" in capsys.readouterr().out
+
+
+def test_plan_hooks_give_the_released_text_encoders_and_vae():
+    """For the whole-run plan: CLIP-L, CLIP-G and T5-XXL at their released sizes (123,060,480;
+    694,659,840; 4,762,310,656 parameters: the counts of the released files), run on the meta
+    device with their caching inputs, and the 16-channel VAE with SD3's scale and shift."""
+    cfg = load_config(str(CONFIGS / "sd35_large_lora.py"), check_files=False)
+    params = FAMILY.default_params(cfg)
+    counts = {}
+    with torch.device("meta"):
+        for name, build, inputs in FAMILY.plan_text_encoders(cfg, params):
+            model = build()
+            out = model(**inputs("meta"))
+            counts[name] = sum(p.numel() for p in model.parameters())
+            assert next(model.parameters()).dtype == torch.bfloat16 and out.last_hidden_state.shape[1] == 77
+        vae = FAMILY.plan_codec(cfg, params)
+    assert counts == {"CLIP-L": 123_060_480, "CLIP-G": 694_659_840, "T5-XXL": 4_762_310_656}
+    assert (vae.params.z_channels, vae.scale_factor, vae.shift_factor) == (16, 1.5305, 0.0609)
+    assert [n for n, _, _ in FAMILY.plan_text_encoders(dict(cfg, t5_path=""), params)] == ["CLIP-L", "CLIP-G"]
+    assert FAMILY.plan_codec(dict(cfg, model_path=""), params) is not None
