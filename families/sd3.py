@@ -123,7 +123,7 @@ class SD3(Family):
                    "train_joint_blocks", "freeze_embedders", "lora_embedders", "sample_sampler", "sample_shift",
                    "sample_cfg", "sample_apg", "apg_eta", "apg_norm_threshold", "apg_momentum", "sample_slg_scale",
                    "slg_layers", "slg_start", "slg_end")
-    lora_config_keys = ("train_joint_blocks", "lora_embedders")
+    lora_config_keys = ("lora_embedders",)  # (train_joint_blocks also selects what full fine-tuning trains)
 
     # --- the checkpoint ----------------------------------------------------------------------------
 
@@ -332,8 +332,10 @@ class SD3(Family):
                             blocks=cfg["train_joint_blocks"], embedders=cfg["lora_embedders"])
 
     def lora_metadata(self, cfg: dict, params) -> dict[str, str]:
-        """As kohya's sd3_train_network writes it: model_type (3-5-large, ...) is the base model
-        version and follows "stable-diffusion-3-" in the architecture (sai_model_spec)."""
+        """As kohya's sd3_train_network writes it (load_target_model returns the model_type, 3-5-large
+        etc., as the base model version; sai_model_spec puts it after "stable-diffusion-3-";
+        update_metadata adds the attention masks and the sigma density as ss_weighting_scheme),
+        then this trainer's own objective settings beside them."""
         model_type = KOHYA_MODEL_TYPE[self._variant(cfg, params)]
         meta = {
             "ss_base_model_version": model_type,
@@ -342,12 +344,15 @@ class SD3(Family):
             "modelspec.implementation": "https://github.com/Stability-AI/sd3.5",
             "ss_apply_lg_attn_mask": "False",
             "ss_apply_t5_attn_mask": "False",
+            "ss_weighting_scheme": kohya_weighting_scheme(cfg),
+            "ss_train_block_indices": str(cfg["train_joint_blocks"]),
             "ss_t5xxl_max_token_length": str(self.text_length(cfg, params)),
         }
-        for key in ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "timestep_sampling",
-                    "model_prediction_type", "training_shift", "discrete_timesteps", "clip_l_dropout_rate",
-                    "clip_g_dropout_rate", "t5_dropout_rate", "lora_format"):
+        for key in ("logit_mean", "logit_std", "mode_scale", "timestep_sampling", "model_prediction_type",
+                    "training_shift", "discrete_timesteps", "clip_l_dropout_rate", "clip_g_dropout_rate",
+                    "t5_dropout_rate"):
             meta[f"ss_{key}"] = str(cfg[key])
+        meta["ss_loss_weighting"] = cfg["weighting_scheme"]  # ours: the loss weight alone (see losses.FlowMatching)
         return meta
 
     def lora_from_diffusers(self, module: str) -> tuple[str, int | None]:
@@ -436,6 +441,14 @@ TEXT_SECTIONS = ("text_encoders.clip_l.", "text_encoders.clip_g.", "text_encoder
 
 def _has_section(sd: dict, prefix: str) -> bool:
     return any(k.startswith(prefix) for k in sd)
+
+
+def kohya_weighting_scheme(cfg: dict) -> str:
+    """kohya's one --weighting_scheme for this config's two settings: kohya draws sigma from
+    logit_normal or mode (else uniform) and weights the loss by sigma_sqrt or cosmap (else 1)."""
+    if cfg["weighting_scheme"] != "none":
+        return cfg["weighting_scheme"]
+    return cfg["timestep_sampling"] if cfg["timestep_sampling"] in ("logit_normal", "mode") else "uniform"
 
 
 def _has_vae(cfg: dict, sd: dict) -> bool:

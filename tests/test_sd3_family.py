@@ -51,6 +51,8 @@ def config_file(tmp_path: Path, files: dict, **settings) -> str:
                 sample_every=0, sample_at_start=False, validate_every=0, gradient_checkpointing=False,
                 lr_scheduler="constant")
     base.update(settings)
+    if base.get("train_mode") == "full":  # LoRA keys are an error for full fine-tuning
+        base = {k: v for k, v in base.items() if k not in ("network_dim", "network_alpha")}
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "config.py"
     path.write_text("".join(f"{k} = {v!r}\n" for k, v in base.items()))
@@ -154,7 +156,8 @@ def test_lora_trains_resumes_identically_and_samples_from_its_file(tmp_path, dem
         meta = f.metadata()
     assert meta["modelspec.architecture"] == "stable-diffusion-3-3-5-medium/lora"
     assert (meta["ss_base_model_version"], meta["ss_network_module"]) == ("3-5-medium", "networks.lora_sd3")
-    assert json.loads(meta["ss_network_args"])["train_joint_blocks"] == "all"
+    assert json.loads(meta["ss_network_args"])["group_ranks"] == {"t_embedder": 2, "x_mod": 2}
+    assert (meta["ss_weighting_scheme"], meta["ss_train_block_indices"]) == ("logit_normal", "all")
 
     image = tmp_path / "red.png"
     paths = sample.main(["--model", demo["model_path"], "--clip_l", demo["clip_l_path"],
