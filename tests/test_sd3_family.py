@@ -161,7 +161,8 @@ def test_lora_trains_resumes_identically_and_samples_from_its_file(tmp_path, dem
 
     image = tmp_path / "red.png"
     paths = sample.main(["--model", demo["model_path"], "--clip_l", demo["clip_l_path"],
-                         "--clip_g", demo["clip_g_path"], "--t5", demo["t5_path"], "--t5_max_length", "8", "--dtype", "fp32", "--device", "cpu",
+                         "--clip_g", demo["clip_g_path"], "--t5", demo["t5_path"], "--t5_max_length", "8",
+                         "--dtype", "fp32", "--device", "cpu",
                          "--prompt", "a red circle --n a blue square --l 3 --s 3 --w 16 --h 16 --d 4",
                          "--lora", f"{final}:0.8", "--out", str(image)])
     assert paths == [image] and image.exists()
@@ -205,9 +206,8 @@ def test_sampling_follows_the_guidance_settings(demo):
     cfg = load_config(None, [f"--{k}={v}" for k, v in demo.items()], check_files=False)
     model = FAMILY.load(load_state_dict(demo["model_path"]), cfg, torch.float32).eval()
     g = torch.Generator().manual_seed(0)
-    parts = lambda: {"clip_l": torch.randn(1, 77, 32, generator=g), "clip_g": torch.randn(1, 77, 48, generator=g),  # noqa: E731
-                     "clip_l_pooled": torch.randn(1, 32, generator=g), "clip_g_pooled": torch.randn(1, 48, generator=g),
-                     "t5": torch.randn(1, 8, 96, generator=g)}
+    shapes = {"clip_l": (77, 32), "clip_g": (77, 48), "clip_l_pooled": (32,), "clip_g_pooled": (48,), "t5": (8, 96)}
+    parts = lambda: {k: torch.randn(1, *shape, generator=g) for k, shape in shapes.items()}  # noqa: E731
     cond, neg = parts(), parts()
     noise = torch.randn(1, 3, 16, 16, generator=g)
     prompt = FAMILY.prompt_defaults(cfg, model.params)
@@ -294,105 +294,38 @@ def test_kohya_and_diffusers_files_read_back_alike(tmp_path):
         torch.testing.assert_close(from_kohya[key], from_diffusers[key], rtol=1e-5, atol=1e-6)
 
 
-# ComfyUI: its own key map, loader and patch arithmetic (tests/comfy_oracle.py over the code vendored
-# in tests/oracles/comfyui/) when this checkout has them; otherwise the stand-in below.
+def test_comfyui_loads_every_key_of_a_full_size_sd35_medium_file():
+    """Names and shapes at full SD3.5 Medium size (meta weights, rank-1 LoRA on the CPU), both formats."""
+    from comfy_oracle import comfy_key_map, comfy_load
 
-
-def comfyui():
-    try:
-        from comfy_oracle import comfy_apply, comfy_key_map, comfy_load
-    except ImportError:
-        return stand_in_key_map, stand_in_load, stand_in_apply
-    return comfy_key_map, comfy_load, comfy_apply
-
-
-def _traced_diffusers_names(shapes: dict) -> dict:
-    """diffusers name -> native key, (key, (0, offset, rows)) for a row slice, or (key, None, swap)
-    for rows stored (scale, shift): found by running diffusers' own converter (which ComfyUI's
-    comfy/utils.py mmdit_to_diffusers mirrors) on weights whose rows carry their key and row number."""
-    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
-
-    keys = sorted(k for k in shapes if k.endswith(".weight"))
-    tagged = {k: torch.zeros(shapes[k], dtype=torch.float64) for k in shapes}
-    for i, key in enumerate(keys):
-        rows = shapes[key][0]
-        row_ids = (i * 100_000 + torch.arange(rows, dtype=torch.float64)).reshape(rows, *[1] * (len(shapes[key]) - 1))
-        tagged[key] = row_ids.expand(shapes[key]).clone()
-    names = {}
-    for name, tensor in convert_sd3_transformer_checkpoint_to_diffusers(tagged).items():
-        if not name.endswith(".weight"):
-            continue
-        ids = tensor.reshape(tensor.shape[0], -1)[:, 0].long()
-        key, first = keys[int(ids[0]) // 100_000], int(ids[0]) % 100_000
-        if first == 0 and torch.equal(ids % 100_000, torch.arange(len(ids))):
-            target = key if len(ids) == shapes[key][0] else (key, (0, 0, len(ids)))
-        elif torch.equal(ids % 100_000, torch.arange(first, first + len(ids))):
-            target = (key, (0, first, len(ids)))
-        else:  # the two halves swapped
-            target = (key, None, sd3.swap_halves)
-        names[name.removesuffix(".weight")] = target
-    return names
-
-
-def stand_in_key_map(family_name: str, unet_state_dict: dict) -> dict:
-    """ComfyUI's model_lora_keys_unet for an SD3 model (comfy/lora.py at ComfyUI commit
-    a125cd84b054a57729b5eecab930ca9408719832, lines 175-186 and 210-215): for every weight k,
-    "lora_unet_" + k with "." -> "_" and k itself (kohya and generic names), then each diffusers
-    name as "transformer.<name>" (mmdit_to_diffusers; traced above)."""
-    assert family_name == "sd3"
-    shapes = {k: tuple(v.shape) for k, v in unet_state_dict.items()}
-    key_map = {}
-    for key in shapes:
-        if key.endswith(".weight"):
-            key_map["lora_unet_" + key.removesuffix(".weight").replace(".", "_")] = f"diffusion_model.{key}"
-            key_map["diffusion_model." + key.removesuffix(".weight")] = f"diffusion_model.{key}"
-    for name, target in _traced_diffusers_names(shapes).items():
-        if isinstance(target, str):
-            key_map[f"transformer.{name}"] = f"diffusion_model.{target}"
-        else:
-            key_map[f"transformer.{name}"] = (f"diffusion_model.{target[0]}", *target[1:])
-    return key_map
-
-
-def stand_in_load(lora_sd: dict, key_map: dict) -> tuple[dict, list]:
-    """comfy/lora.py load_lora + weight_adapter/lora.py LoRAAdapter.load: per mapped prefix its up,
-    down and alpha (x.alpha / rank, 1 without alpha); every other key is 'not loaded'."""
-    patches, used = {}, set()
-    for prefix, target in key_map.items():
-        for up_name, down_name in ((".lora_up.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_A.weight")):
-            if prefix + up_name in lora_sd:
-                up, down = lora_sd[prefix + up_name], lora_sd[prefix + down_name]
-                alpha = lora_sd.get(prefix + ".alpha")
-                patches[target] = (up, down, float(alpha) / down.shape[0] if alpha is not None else 1.0)
-                used |= {prefix + up_name, prefix + down_name, prefix + ".alpha"}
-    return patches, sorted(set(lora_sd) - used)
-
-
-def stand_in_apply(weights: dict, patches: dict, strength: float = 1.0) -> dict:
-    """comfy/lora.py calculate_weight with LoRAAdapter: W[slice] += function(strength * scale * up @ down)."""
-    out = {}
-    for target, (up, down, scale) in patches.items():
-        key, offset, function = (target, None, None) if isinstance(target, str) else (*target, None)[:3]
-        name = key.removeprefix("diffusion_model.")
-        weight = out.get(name, weights[name].float().clone())
-        part = weight.narrow(offset[0], offset[1], offset[2]) if offset is not None else weight
-        delta = (up.float().flatten(1) @ down.float().flatten(1)).reshape(part.shape) * (strength * scale)
-        part += (function or (lambda t: t))(delta)
-        out[name] = weight
-    return out
+    model = full_size("sd3.5-medium")
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    network = lora.LoRANetwork.inject(model, sd3.lora_targets(model, 1, embedders=True), device="cpu")
+    key_map = comfy_key_map("sd3", shapes)
+    files = ((network.kohya_state_dict(), 263 + 8), (lora.diffusers_state_dict(network, FAMILY), 263 + 8 + 2 * 61))
+    for sd, count in files:
+        patches, not_loaded = comfy_load(sd, key_map)
+        assert not_loaded == [] and len(patches) == count  # 61 qkv Linears (24 + 24 + 13 attn2): 3 slices each
+        for target, patch in patches.items():
+            key, offset = (target, None) if isinstance(target, str) else target[:2]
+            up, down = patch.weights[:2]
+            rows = shapes[key.removeprefix("diffusion_model.")]
+            assert (up.shape[0], *down.shape[1:]) == ((offset[2] if offset else rows[0]), *rows[1:]), target
 
 
 @pytest.mark.parametrize("lora_format", lora.LORA_FORMATS)
 def test_comfyui_loads_every_key_of_both_formats_as_our_merge(tmp_path, lora_format):
-    key_map_of, load, apply = comfyui()
+    """ComfyUI's own key map, loader and patch arithmetic (tests/comfy_oracle.py over the code
+    vendored in tests/oracles/comfyui/): every key loads, and the patched weights are lora.py's merge."""
+    from comfy_oracle import comfy_apply, comfy_key_map, comfy_load
+
     sd, _, network, path = lora_on_everything(tmp_path, lora_format)
     base = {k: v.clone() for k, v in sd.items()}
-    file = load_file(str(path))
-    patches, not_loaded = load(file, key_map_of("sd3", base))
+    patches, not_loaded = comfy_load(load_file(str(path)), comfy_key_map("sd3", base))
     assert not_loaded == []
     fused_slices = 3 * 5 if lora_format == "diffusers" else 1 * 5  # 5 qkv Linears, 3 slices each in diffusers names
     assert len(patches) == len(network.loras) - 5 + fused_slices
-    theirs = apply(base, patches, 0.7)
+    theirs = comfy_apply(base, patches, 0.7)
     fresh = MMDiT.from_state_dict({k: v.clone() for k, v in sd.items()})
     lora.apply_lora_file(fresh, path, FAMILY, multiplier=0.7)
     ours = fresh.state_dict()
@@ -533,7 +466,8 @@ def all_in_one_file(folder: Path, demo: dict) -> Path:
 
 def test_all_in_one_file_gives_the_vae_and_the_text_encoders(tmp_path, demo):
     model_path = all_in_one_file(tmp_path / "models", demo)
-    files = {"model_path": str(model_path), "dataset_dir": demo["dataset_dir"], "sample_prompts": demo["sample_prompts"]}
+    files = {"model_path": str(model_path), "dataset_dir": demo["dataset_dir"],
+             "sample_prompts": demo["sample_prompts"]}
     cfg = config_file(tmp_path, files, model_family="auto", resolution=32, max_train_steps=2, save_every=0,
                       sample_every=2, sample_steps=2, lora_format="kohya")
     final = train.main([cfg])
