@@ -414,7 +414,7 @@ def check_resume(resume_dir: Path, cfg: dict, family, identity: dict) -> None:
     info = json.loads((resume_dir / "state.json").read_text())
     saved = {**info.get("config", {}), **info.get("identity", {})}
     current = {**cfg, **identity}
-    frozen = FROZEN_ON_RESUME + family.lora_config_keys + ("model", "dataset")
+    frozen = FROZEN_ON_RESUME + family.lora_config_keys + family.trained_config_keys + ("model", "dataset")
     ignore = ("resume", "overwrite", "model_path", "dataset_dir", "cache_dir", "output_dir")  # where, not what
     refused, accepted = checkpoint.config_changes({k: v for k, v in saved.items() if k not in ignore},
                                                   {k: v for k, v in current.items() if k not in ignore}, frozen)

@@ -35,6 +35,9 @@ class Family:
     required_paths: tuple[str, ...] = ()
     lora_prefix = "lora_unet"  # kohya's prefix of the denoiser's LoRA modules
     lora_config_keys: tuple[str, ...] = ()  # the family's LoRA keys, recorded in ss_network_args
+    # Keys besides the LoRA keys that decide which weights train (full fine-tuning too): a resume
+    # refuses to change them, as it refuses the LoRA keys.
+    trained_config_keys: tuple[str, ...] = ()
     latent_multiple = 1  # latent sides must be multiples of this (patch size, UNet downsamplings)
 
     # --- the checkpoint ----------------------------------------------------------------------------
