@@ -123,7 +123,8 @@ class SD3(Family):
                    "train_joint_blocks", "freeze_embedders", "lora_embedders", "sample_sampler", "sample_shift",
                    "sample_cfg", "sample_apg", "apg_eta", "apg_norm_threshold", "apg_momentum", "sample_slg_scale",
                    "slg_layers", "slg_start", "slg_end")
-    lora_config_keys = ("lora_embedders",)  # (train_joint_blocks also selects what full fine-tuning trains)
+    lora_config_keys = ("lora_embedders",)
+    trained_config_keys = ("train_joint_blocks", "freeze_embedders")  # LoRA targets, or what full fine-tuning trains
 
     # --- the checkpoint ----------------------------------------------------------------------------
 

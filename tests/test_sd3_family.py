@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import checkpoint
 import demo_data
 import families
 import lora
@@ -145,6 +146,8 @@ def test_lora_trains_resumes_identically_and_samples_from_its_file(tmp_path, dem
     assert losses_of(final.parent) == losses_of(resumed.parent)
     a, b = load_file(str(final)), load_file(str(resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(checkpoint.RunFolderError, match="train_joint_blocks: 'all' -> '1'"):  # other targets
+        train.main([config_file(split, demo, **LORA_RUN, resume="latest", max_train_steps=6, train_joint_blocks="1")])
 
     # the SD3 default: diffusers names (every q/k/v slice its own module), kohya's metadata
     assert all(k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in a)
