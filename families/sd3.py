@@ -481,11 +481,14 @@ def uses_vae(cfg: dict) -> bool:
 
 def text_files(cfg: dict) -> tuple[str | None, str | None, str | None]:
     """CLIP-L, CLIP-G and T5 files: the config's, else the model file when it holds that section
-    (all-in-one files), else None."""
-    sd = _model_keys(cfg)
+    (all-in-one files; without the file, a plan goes by the released names: "incl_clips",
+    "t5xxl"), else None."""
+    sd, name = _model_keys(cfg), Path(cfg["model_path"]).name.lower()
+    named = ("clips" in name, "clips" in name, "t5xxl" in name)
     files = []
-    for key, section in zip(("clip_l_path", "clip_g_path", "t5_path"), TEXT_SECTIONS):
-        files.append(cfg[key] or (cfg["model_path"] if _has_section(sd, section) else None))
+    for key, section, in_name in zip(("clip_l_path", "clip_g_path", "t5_path"), TEXT_SECTIONS, named):
+        inside = _has_section(sd, section) if sd else in_name
+        files.append(cfg[key] or (cfg["model_path"] if inside else None))
     return tuple(files)
 
 

@@ -546,4 +546,6 @@ def test_plan_hooks_give_the_released_text_encoders_and_vae():
     assert counts == {"CLIP-L": 123_060_480, "CLIP-G": 694_659_840, "T5-XXL": 4_762_310_656}
     assert (vae.params.z_channels, vae.scale_factor, vae.shift_factor) == (16, 1.5305, 0.0609)
     assert [n for n, _, _ in FAMILY.plan_text_encoders(dict(cfg, t5_path=""), params)] == ["CLIP-L", "CLIP-G"]
+    all_in_one = load_config(str(CONFIGS / "sd3_medium_lora.py"), check_files=False)  # its file name says: T5 inside
+    assert [n for n, _, _ in FAMILY.plan_text_encoders(all_in_one, params)] == ["CLIP-L", "CLIP-G", "T5-XXL"]
     assert FAMILY.plan_codec(dict(cfg, model_path=""), params) is not None
