@@ -119,24 +119,33 @@ def validation_loss(run: "Run", indices: list[int]) -> tuple[float, dict]:
 
 def sample_images(run: "Run", step: int) -> list[Path]:
     """Samples through the model as it is being trained (LoRA active), saved as PNGs. The
-    decoder visits the device only for this."""
+    latents first, then the decoder visits the device for the decodes (tiled when a whole
+    decode would raise the run's peak, vae_tile_size=-1)."""
     model, codec = run.prepared.model, run.data.codec
     was_training = model.training
     model.eval()
-    codec.to(run.device)
-    paths = []
-    for i, prompt in enumerate(run.data.prompts):
+    latents = []
+    for prompt in run.data.prompts:
         cond = run.family.sample_conditioning(batch_text(run.data.text_cache, prompt.prompt), prompt, run.device)
         neg = None
         if prompt.cfg_scale != 1.0:
             neg = run.family.sample_conditioning(batch_text(run.data.text_cache, prompt.negative), prompt, run.device)
-        image = sample.generate(run.family, model, codec, prompt, cond, neg)
+        latents.append(sample.generate_latent(run.family, model, codec, prompt, cond, neg))
+    images = sample.decode_images(codec, latents, run.device, run.cfg["vae_tile_size"], headroom(run.device))
+    paths = []
+    for i, (prompt, image) in enumerate(zip(run.data.prompts, images)):
         path = run.run_dir / "samples" / f"step{step:06d}_{i:02d}.png"
         sample.save_image(image, path, prompt, {"step": step})
         paths.append(path)
-    codec.to("cpu")
     model.train(was_training)
     return paths
+
+
+def headroom(device):
+    """Bytes a decode may take without raising the run's peak so far (CUDA)."""
+    if device.type != "cuda":
+        return None
+    return lambda: max(torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device), 0)
 
 
 def batch_text(text_cache, caption: str) -> dict:
@@ -343,20 +352,21 @@ def load_data(cfg: dict, family, params, device, dtype, items: Items) -> Data:
     latent_cache = cache.LatentCache(cache_dir / "latents", codec.identity, cfg["resolution"], cfg["crop"],
                                      dtype=torch.float32, hash_content=cfg["hash_images"], recache=cfg["recache"],
                                      on_error=cfg["on_bad_image"], seed=cfg["seed"])
-    kept_train = latent_cache.build(train_items, codec.encode)
+    kept_train = latent_cache.build(train_items, codec.encode, batch_size=cfg["vae_batch_size"])
     skipped = items.skipped + list(latent_cache.skipped)
-    kept_val = latent_cache.build(val_items, codec.encode) if val_items else []
+    kept_val = latent_cache.build(val_items, codec.encode, batch_size=cfg["vae_batch_size"]) if val_items else []
     skipped += latent_cache.skipped if val_items else []
     check_batch(cfg, len({it.item.image_path for it in kept_train}), len(skipped))  # an image that failed to decode
     codec.to("cpu")  # the decoder comes back for samples only
-    text = family.text_encoder(cfg, params, dtype, device)
+    text = family.text_encoder(cfg, params, dtype, training.text_encoder_load_device(cfg, device))
+    swaps = training.place_text_encoders(text.networks(), cfg, device)
     text_cache = cache.TextCache(cache_dir / "text", text.identity, family.text_length(cfg, params),
                                  family.text_mask(cfg), recache=cfg["recache"])
     captions = [it.caption for it in kept_train + kept_val] + [p.prompt for p in prompts] + [p.negative for p in prompts]
     unique = sorted(set(captions + [""]))  # "" for caption dropout and empty negatives
     warn_truncated(text, unique)
-    text_cache.build(unique, text.encode)
-    del text  # T5-XXL is 9 GB in bf16: gone before the denoiser loads
+    text_cache.build(unique, text.encode, batch_size=cfg["text_batch_size"])
+    del text, swaps  # T5-XXL is 9 GB in bf16: gone before the denoiser loads
     empty = {k: v.to(device) for k, v in text_cache.load("").items()}
     val = cache.CachedDataset(kept_val, latent_cache, text_cache) if kept_val else None
     return Data(cache.CachedDataset(kept_train, latent_cache, text_cache), val, text_cache, empty, prompts, codec,

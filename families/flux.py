@@ -123,6 +123,33 @@ class Flux(Family):
                                  max_length=self.text_length(cfg, params), apply_mask=cfg["apply_t5_attn_mask"],
                                  dtype=dtype, device=device)
 
+    def plan_text_encoders(self, cfg: dict, params) -> list:
+        from config import DTYPES
+        from models import text
+
+        b, dtype = cfg["text_batch_size"], DTYPES[cfg["dtype"]]
+        tokens = {"clip_l": text.CLIP_MAX_LENGTH, "t5": self.text_length(cfg, params)}
+        paths = {"clip_l": cfg["clip_l_path"], "t5": cfg["t5_path"]}
+        out = []
+        for kind in ("clip_l", "t5"):
+            config = text.text_config(kind, paths[kind])
+
+            def build(kind=kind, config=config):
+                return text.build_text_model(kind, config).to(dtype)
+
+            def inputs(device, kind=kind):
+                ids = torch.zeros(b, tokens[kind], dtype=torch.long, device=device)
+                mask = torch.ones_like(ids) if kind == "t5" and cfg["apply_t5_attn_mask"] else None
+                return {"input_ids": ids, "attention_mask": mask}
+
+            out.append((kind, build, inputs))
+        return out
+
+    def plan_codec(self, cfg: dict, params) -> nn.Module | None:
+        from models.vae import autoencoder_skeleton
+
+        return autoencoder_skeleton(cfg["ae_path"], "flux") if cfg["ae_path"] else None
+
     def text_length(self, cfg: dict, params) -> int:
         """T5 tokens: 512 for dev, 256 for schnell (black-forest-labs/flux: cli.py), or the config's."""
         return cfg["t5_max_length"] or (512 if params.guidance_embed else 256)
