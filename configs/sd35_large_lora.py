@@ -2,11 +2,15 @@
 # low-memory recipe of seed 004 (SimpleTuner took 18.83 GB for it). The frozen base is stored in
 # fp8; 28 of the 38 joint blocks stream from host memory one way (swap_mode="h2d_only": the frozen
 # host copy is the master); checkpointed block inputs wait in host memory; Adafactor steps each
-# LoRA weight inside backward, so the 270 M LoRA weights' gradients never exist all at once.
-# 28 blocks (not the 26 that the training phase alone would allow under 5 GiB) leave room for
-# sampling, whose VAE decode at 1024 px comes on top of the resident blocks.
+# LoRA weight inside backward, so the 270 M LoRA weights' gradients never exist all at once; the
+# text encoders stream through the GPU while caching; sample decodes tiled. 24 swapped blocks
+# would also plan under 5 GiB (4.81 on the torch path), but nvidia-smi would then show up to 6.4.
 #
-#   python train.py configs/sd35_large_lora.py --plan    # training: planned peak 3.98 GiB, 8.3 GiB host memory
+# Planned peaks, python train.py configs/sd35_large_lora.py --plan (plans: not yet measured on a GPU):
+#   plain torch (--kernels=torch): caching 1.41, training 4.02, sampling 3.94, whole run 4.02 GiB
+#   Triton kernels (the default):  caching 1.41, training 3.98, sampling 3.94, whole run 3.98 GiB
+#   nvidia-smi about 4.8-5.5 GiB; 8.3 GiB of host memory for tensors while training.
+#
 #   python train.py configs/sd35_large_lora.py --dataset_dir=/path/to/images
 #
 # Files (stabilityai/stable-diffusion-3.5-large): sd3.5_large.safetensors (with its VAE) and
@@ -45,3 +49,4 @@ offload_activations = True      # each block's checkpointed inputs wait in host 
 optimizer = "adafactor"         # factored second moments: MB of state instead of 2 GiB
 fused_backward = True           # each LoRA weight steps as soon as its gradient is ready
 max_grad_norm = 0.0             # no global-norm clipping with the fused step
+text_encoder_placement = "stream"  # caching: T5 and CLIP layers pass through the GPU two at a time

@@ -408,31 +408,36 @@ class SD3(Family):
         return batch
 
     def plan_text_encoders(self, cfg: dict, params) -> list:
-        """CLIP-L, CLIP-G and T5-XXL (when the config has one) at their released sizes."""
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+        """CLIP-L, CLIP-G and T5-XXL (when the config has one), in the order caching runs them:
+        shapes from their files when present (text_config), else the released encoders'."""
+        from models import text
 
-        dtype, n = DTYPES[cfg["dtype"]], cfg.get("text_batch_size", 1)  # text_batch_size: the whole-run plan's key
+        b, dtype = cfg["text_batch_size"], DTYPES[cfg["dtype"]]
+        files = dict(zip(("clip_l", "clip_g", "t5"), text_files(cfg)))
+        tokens = {"clip_l": CLIP_MAX_LENGTH, "clip_g": CLIP_MAX_LENGTH, "t5": self.text_length(cfg, params)}
+        out = []
+        for kind, path in files.items():
+            if kind == "t5" and path is None:
+                continue  # no T5: its part is zeros
+            config = text.text_config(kind, path or "")
 
-        def clip_ids(device) -> dict:
-            return {"input_ids": torch.zeros(n, CLIP_MAX_LENGTH, dtype=torch.long, device=device),
-                    "output_hidden_states": True}
+            def build(kind=kind, config=config):
+                return text.build_text_model(kind, config).to(dtype)
 
-        encoders = [
-            ("CLIP-L", lambda: CLIPTextModel(CLIPTextConfig(**CLIP_L_CONFIG)).to(dtype), clip_ids),
-            ("CLIP-G", lambda: CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G_CONFIG)).to(dtype), clip_ids),
-        ]
-        if text_files(cfg)[2] is not None:
-            length = self.text_length(cfg, params)
-            encoders.append(("T5-XXL", lambda: T5EncoderModel(T5Config(**T5_XXL_CONFIG)).to(dtype),
-                             lambda device: {"input_ids": torch.zeros(n, length, dtype=torch.long, device=device)}))
-        return encoders
+            def inputs(device, kind=kind):
+                ids = torch.zeros(b, tokens[kind], dtype=torch.long, device=device)
+                return {"input_ids": ids} if kind == "t5" else {"input_ids": ids, "output_hidden_states": True}
+
+            out.append((kind, build, inputs))
+        return out
 
     def plan_codec(self, cfg: dict, params) -> nn.Module | None:
-        from models.vae import AutoEncoder, AutoEncoderParams
+        """The VAE of ae_path or of the model file (its shapes when present), else the released one."""
+        from models.vae import autoencoder_skeleton
 
         if not uses_vae(cfg):
             return None
-        return AutoEncoder(AutoEncoderParams(scale_factor=SCALE_FACTOR, shift_factor=SHIFT_FACTOR))
+        return autoencoder_skeleton(cfg["ae_path"] or cfg["model_path"], "sd3")
 
 
 # --- files -------------------------------------------------------------------------------------------
@@ -506,15 +511,6 @@ def clip_widths(params: network.MMDiTParams) -> tuple[int, int]:
     if params.adm_in_channels == sum(CLIP_WIDTHS):
         return CLIP_WIDTHS
     return params.adm_in_channels // 2, params.adm_in_channels - params.adm_in_channels // 2
-
-
-# The released text encoders (sd3_infer: CLIPL_CONFIG, CLIPG_CONFIG, T5_CONFIG), for the plan.
-CLIP_L_CONFIG = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                     num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
-CLIP_G_CONFIG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                     num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
-T5_XXL_CONFIG = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                     feed_forward_proj="gated-gelu")
 
 
 # --- inputs ------------------------------------------------------------------------------------------
