@@ -155,7 +155,10 @@ def build_optimization(trainable: dict[str, nn.Parameter], cfg: dict, seed: int 
     seeds the fused step's rounding noise (None on the meta device); `foreach` chooses AdamW's
     implementation off CUDA (optim.build_optimizer); `lr_multipliers` (parameter name ->
     factor; 0 freezes) come from the family (Family.lr_multipliers)."""
-    params = list(trainable.values())
+    frozen = {name for name, factor in (lr_multipliers or {}).items() if factor == 0}
+    for name in frozen:  # no gradient at all: nothing would ever step or clear it
+        trainable[name].requires_grad_(False)
+    params = [p for name, p in trainable.items() if name not in frozen]
     extra = {"stochastic_rounding": cfg["stochastic_rounding"]} if cfg["optimizer"] == "adafactor" \
         else {"foreach": foreach}
     optimizer = optim.build_optimizer(param_groups(trainable, cfg, lr_multipliers), cfg["optimizer"], lr=cfg["learning_rate"],

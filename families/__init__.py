@@ -35,6 +35,9 @@ class Family:
     required_paths: tuple[str, ...] = ()
     lora_prefix = "lora_unet"  # kohya's prefix of the denoiser's LoRA modules
     lora_config_keys: tuple[str, ...] = ()  # the family's LoRA keys, recorded in ss_network_args
+    # Keys besides the LoRA keys that decide which weights train (full fine-tuning too): a resume
+    # refuses to change them, as it refuses the LoRA keys.
+    trained_config_keys: tuple[str, ...] = ()
     latent_multiple = 1  # latent sides must be multiples of this (patch size, UNet downsamplings)
 
     # --- the checkpoint ----------------------------------------------------------------------------
@@ -83,6 +86,11 @@ class Family:
         return {next(iter(groups)): n}
 
     # --- config ------------------------------------------------------------------------------------
+
+    def config_defaults(self) -> dict:
+        """Defaults of shared keys (config.py's DEFAULTS) that differ for this family, e.g. SD3's
+        timestep_sampling="logit_normal": config.py applies them to the keys a config does not set."""
+        return {}
 
     def check_config(self, cfg: dict) -> None:
         """Checks only this family needs, before any model loads; raise ConfigError."""
@@ -172,9 +180,17 @@ class Family:
         `slices` (index -> {"down", "up", "alpha"}) are the ones the file has."""
         raise ValueError(f"{path} is not a fused weight of {self.title}")
 
-    def lora_up_from_diffusers(self, path: str, up: Tensor) -> Tensor:
-        """A diffusers file's lora_up rows in the checkpoint's order (where the two differ)."""
+    def lora_up_from_diffusers(self, path: str, up: Tensor, down: Tensor | None = None) -> Tensor:
+        """A diffusers file's lora_up rows in the checkpoint's order (where the two differ); `down`
+        (rank, in) tells the module's input width where the row order depends on it."""
         return up
+
+    def lora_to_diffusers(self, path: str, up: Tensor, down: Tensor) -> dict[str, Tensor]:
+        """A LoRA of the native module `path` in diffusers names: diffusers module (with its
+        pipeline prefix, "transformer.") -> the lora_up rows that module gets (one entry, or one
+        per slice of a fused weight; `down` is shared by all). The inverse of lora_from_diffusers,
+        lora_slice_sizes and lora_up_from_diffusers (lora.py: lora_format="diffusers")."""
+        raise ValueError(f"{self.title} LoRA files are written in the kohya format only; set lora_format='kohya'")
 
     def lora_loader_notes(self, targets: dict[str, int]) -> list[str]:
         """What common loaders will not apply of a LoRA with these targets (said when saving)."""
