@@ -45,8 +45,9 @@ def choose_trainable(model: nn.Module, family, cfg: dict, device=None):
         model.requires_grad_(True)
         return None, dict(model.named_parameters()), {}
     targets = family.lora_targets(model, cfg)
+    alphas = {path: network_alpha(cfg) for path in targets} | family.lora_alphas(cfg, targets)
     # LoRA weights train in fp32 whatever the base dtype; LoRAModule casts them for the matmul.
-    network = lora.LoRANetwork.inject(model, targets, alpha=network_alpha(cfg), dropout=cfg["network_dropout"],
+    network = lora.LoRANetwork.inject(model, targets, alpha=alphas, dropout=cfg["network_dropout"],
                                       dtype=torch.float32, device=device, prefix=family.lora_prefix)
     return network, dict(network.named_parameters()), targets
 

@@ -153,6 +153,11 @@ class Family:
         """Module path -> rank of every layer that gets a LoRA (block selection, group ranks)."""
         raise NotImplementedError
 
+    def lora_alphas(self, cfg: dict, targets: dict[str, int]) -> dict[str, float]:
+        """Module path -> alpha where a target's alpha is not the config's network_alpha (per-block
+        alphas, a separate alpha for convolutions); {} when every target takes network_alpha."""
+        return {}
+
     def lr_multipliers(self, cfg: dict, trainable: dict[str, nn.Parameter]) -> dict[str, float]:
         """Learning-rate factors by trainable parameter name (block-wise learning rates); {} for
         one learning rate."""
