@@ -284,6 +284,10 @@ def check_memory_settings(cfg: dict) -> None:
     if cfg["fused_backward"] and cfg["gradient_accumulation_steps"] > 1:
         raise ConfigError("fused_backward updates the weights in every backward: gradient accumulation is not "
                           "possible; set gradient_accumulation_steps=1 or fused_backward=False")
+    if cfg["fused_backward"] and cfg["dtype"] == "fp16":
+        raise ConfigError("dtype='fp16' scales the loss and skips a step whose gradients overflow, but fused_backward "
+                          "updates the weights inside backward, before that is known: use dtype='bf16' with "
+                          "fused_backward, or fused_backward=False")
     if cfg["max_grad_norm_per_param"] > 0 and not cfg["fused_backward"]:
         raise ConfigError("max_grad_norm_per_param is for fused_backward; without it use max_grad_norm")
     if full and cfg["fp8_base"]:
