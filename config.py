@@ -89,7 +89,8 @@ DEFAULTS = dict(
     # --- checkpoints, samples, validation ---
     save_every=250,               # steps between LoRA files + resumable state
     keep_last=3,                  # resumable states kept
-    resume="",                    # "" (fresh), "latest", or a state folder
+    resume="",                    # "" (fresh), "latest" (error if none), "auto" (latest if any), or a state folder
+    overwrite=False,              # a fresh run into a folder holding a run moves the old run aside (else: an error)
     sample_every=250,             # 0 disables
     sample_at_start=True,
     sample_prompts="",            # file in kohya syntax (--n --w --h --d --l --g --s), or "" for none
@@ -250,6 +251,8 @@ def validate(cfg: dict, check_files: bool = True) -> None:
         raise ConfigError(f"ema_decay must be in [0, 1), got {cfg['ema_decay']}")
     if not math.isfinite(cfg["learning_rate"]) or cfg["learning_rate"] <= 0:
         raise ConfigError(f"learning_rate must be a positive number, got {cfg['learning_rate']}")
+    check_optimizer_settings(cfg)
+    check_training_settings(cfg)
     check_memory_settings(cfg)
     family = resolve_family(cfg, check_files)
     check_family_keys(cfg, family)
@@ -303,6 +306,41 @@ def check_paths(cfg: dict, family) -> None:
     if missing:
         raise ConfigError(f"{' and '.join(missing)} empty: {family.title} needs them (see README, where the files "
                           "come from)")
+
+
+def check_optimizer_settings(cfg: dict) -> None:
+    """Values the optimizer and schedule would refuse (or misread) later."""
+    betas = cfg["betas"]
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        raise ConfigError(f"betas={betas!r}: two numbers in [0, 1), e.g. (0.9, 0.999)")
+    if cfg["weight_decay"] < 0:
+        raise ConfigError(f"weight_decay must be >= 0, got {cfg['weight_decay']}")
+    if cfg["lr_warmup_steps"] < 0 or cfg["lr_warmup_steps"] > cfg["max_train_steps"]:
+        raise ConfigError(f"lr_warmup_steps={cfg['lr_warmup_steps']} must be between 0 and max_train_steps "
+                          f"({cfg['max_train_steps']})")
+    if cfg["eps"] <= 0:
+        raise ConfigError(f"eps must be > 0, got {cfg['eps']}")
+
+
+LORA_ONLY_KEYS = ("network_dim", "network_alpha", "network_dropout", "group_ranks")
+
+
+def check_training_settings(cfg: dict) -> None:
+    """What trains and how it is checked: LoRA keys mean nothing for full fine-tuning."""
+    if cfg["validation_count"] < 0:
+        raise ConfigError(f"validation_count must be >= 0, got {cfg['validation_count']}")
+    if not 0 <= cfg["network_dropout"] < 1:
+        raise ConfigError(f"network_dropout must be in [0, 1), got {cfg['network_dropout']}")
+    if cfg["network_alpha"] < 0:
+        raise ConfigError(f"network_alpha must be >= 0 (0 means alpha = rank), got {cfg['network_alpha']}")
+    if cfg["train_mode"] == "full":
+        import families
+
+        family_keys = {k for f in families.FAMILIES.values() for k in f.lora_config_keys}
+        set_keys = sorted(k for k in LORA_ONLY_KEYS + tuple(family_keys) if cfg[k] != DEFAULTS[k])
+        if set_keys:
+            raise ConfigError(f"{', '.join(set_keys)}: LoRA settings, but train_mode='full' trains every weight; "
+                              "remove them or set train_mode='lora'")
 
 
 def check_memory_settings(cfg: dict) -> None:

@@ -30,7 +30,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from models.layers import _use_triton
+from models.layers import use_fused_optimizer as _use_triton  # the public kernel switch (models/layers.py)
 
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine_with_warmup", "polynomial")

@@ -54,7 +54,6 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from unittest import mock
 
 import torch
 from einops import rearrange
@@ -64,6 +63,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import blockswap
 import families
 import fp8
+import kernels_optim
 import training
 from activations import offload_activations
 from config import DTYPES
@@ -341,7 +341,7 @@ def flash_attention(tracker: "MemoryTracker", q: Tensor, k: Tensor, v: Tensor, m
     tracker.longest_sequence = max(tracker.longest_sequence, q.shape[2])
     if q.device.type == "cpu":  # real CPU tensors (the plan's own test): CPU flash saves the same
         if mask is not None:
-            return layers.sdpa(q, k, v, mask)
+            return layers.attention(q, k, v, mask)  # plain SDPA inside attention_impl
         out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[0]
     elif mask is None:
         out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[0]
@@ -518,43 +518,19 @@ def triton_like_cuda(cfg: dict) -> bool:
     return cfg["kernels"] in ("auto", "triton") and kernels.HAVE_TRITON
 
 
-class _SkippedLaunch:
-    """A Triton kernel under the plan: a launch allocates nothing (its buffers are made by the
-    torch calls around it, which are counted), so on meta tensors it is skipped."""
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
-
-
-@contextmanager
-def triton_launches_skipped():
-    """The optimizer's Triton updates (kernels_optim.py) run their host code without launching.
-    (The element-wise kernels in kernels.py are custom ops whose fake versions run on meta.)"""
-    import kernels_optim
-
-    if not kernels_optim.HAVE_TRITON:
-        yield
-        return
-    from triton.runtime.jit import KernelInterface
-
-    launches = {name: _SkippedLaunch() for name, value in vars(kernels_optim).items()
-                if isinstance(value, KernelInterface)}
-    with mock.patch.multiple(kernels_optim, **launches):
-        yield
-
-
 def walk(setup: Setup, measure=nullcontext) -> None:
     """Prime the optimizer, then run one measured training step; `measure()` wraps the step."""
     cfg, tracker, model, family = setup.cfg, setup.tracker, setup.model, setup.family
     device = next(model.parameters()).device
     objective = family.objective(cfg)
     triton = device.type == "meta" and triton_like_cuda(cfg)
-    kernel_mode = layers._kernel_mode
     handles = _label_blocks(setup)
     try:
-        layers.set_kernels("triton" if triton else "torch")
-        with tracker, layers.attention_impl(partial(flash_attention, tracker)), \
-                triton_launches_skipped() if triton else nullcontext():
+        # On meta, Triton's element-wise kernels run their fake (shape) versions and the optimizer
+        # kernels their host code without launching: what a CUDA run allocates, counted.
+        with tracker, layers.using_kernels("triton" if triton else "torch"), \
+                layers.attention_impl(partial(flash_attention, tracker)), \
+                kernels_optim.launches_skipped() if triton else nullcontext():
             prime_optimizer(setup)
             tracker.reset_peak()
             with measure():
@@ -569,7 +545,6 @@ def walk(setup: Setup, measure=nullcontext) -> None:
                 with tracker.doing("optimizer step"):
                     finish_step(setup)
     finally:
-        layers.set_kernels(kernel_mode)
         for handle in handles:
             handle.remove()
 

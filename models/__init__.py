@@ -68,6 +68,9 @@ class FluxPromptEncoder:
         self.encoder = encoder
         self.identity = encoder.identity
 
+    def tokens_lost(self, caption: str) -> dict[str, int]:
+        return self.encoder.tokens_lost(caption)
+
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> dict[str, Tensor]:
         out = self.encoder(list(prompts))
