@@ -31,7 +31,7 @@ LoRA       kohya's networks/lora.py for SDXL: every Linear of every SpatialTrans
 Memory     the blocks are every ResBlock and every transformer block, grouped by resolution
            level and kind, so that the blocks of a group are alike in size (block swap sizes each
            slot for the largest block of its group). blocks_to_swap fills the deepest level's
-           transformer blocks first (60 of SDXL's 70, 80 % of its weights), then that level's
+           transformer blocks first (60 of SDXL's 70, 81 % of its weights), then that level's
            ResBlocks, then the next level up.
 """
 import re
