@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 import fp8
 import losses
+from blockswap import MIN_RESIDENT  # blocks of each group that stay on the device
 import sample
 import samplers
 from config import DTYPES, ConfigError
@@ -54,7 +55,6 @@ from models.text import CLIP_MAX_LENGTH, CLIP_WINDOW, SDXL_MAX_TOKEN_LENGTHS, SD
 
 from . import Family
 
-MIN_RESIDENT = 2  # blockswap.MIN_RESIDENT: blocks of each group that stay on the device
 VAE_DOWNSCALE = 8
 SIZE_EMBEDDING = 6 * 256  # the size and crop part of y
 LORA_GROUPS = ("attn1", "attn2", "ff", "proj", "resnet")
