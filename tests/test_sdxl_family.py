@@ -270,6 +270,18 @@ def test_kohya_blocks_are_23_and_take_ranks_alphas_and_learning_rates():
     assert sdxl._lr_weights("d", "cosine", 9)[0] == pytest.approx(1.0) and sdxl._lr_weights("d", "cosine", 9)[-1] == 0
 
 
+def test_block_learning_rates_reach_the_optimizer(files):
+    model = tiny_unet(files)
+    cfg = kohya_cfg(network_dim=4, learning_rate=1e-4, down_lr_weight="1,1,1,1,1,1,1,1,2", mid_lr_weight="3,3,3")
+    network, trainable, targets = training.choose_trainable(model, FAMILY, cfg)
+    opt = training.build_optimization(trainable, cfg, lr_multipliers=FAMILY.lr_multipliers(cfg, trainable))
+    lr_of = {id(p): group["lr"] for group in opt.optimizer.param_groups for p in group["params"]}
+    assert lr_of[id(network.loras["lora_unet_input_blocks_8_1_proj_in"].lora_up.weight)] == pytest.approx(2e-4)
+    assert lr_of[id(network.loras["lora_unet_middle_block_1_proj_out"].lora_down.weight)] == pytest.approx(3e-4)
+    assert lr_of[id(network.loras["lora_unet_output_blocks_3_1_proj_in"].lora_down.weight)] == pytest.approx(1e-4)
+    assert len(lr_of) == len(trainable)
+
+
 @pytest.mark.parametrize("setting, message", [
     ({"block_dims": "4,4"}, "block_dims has 2 entries; kohya's SDXL layout has 23"),
     ({"block_alphas": ",".join(["1"] * 23)}, "need block_dims"),
