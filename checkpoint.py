@@ -160,3 +160,36 @@ def restore_rng(state: dict, generator: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# Settings that cannot change under trained weights (or without changing what the next batches
+# are); everything else may change on resume and takes effect. The family adds its LoRA keys.
+FROZEN_ON_RESUME = ("model_family", "train_mode", "network_dim", "network_alpha", "group_ranks", "optimizer",
+                    "resolution", "batch_size", "repeats", "crop", "seed", "dtype", "caption_ext", "instance_prompt")
+
+
+def run_identity(cfg: dict, dataset_fingerprint: str) -> dict:
+    """What a state records about the run besides its config: the model file and the dataset."""
+    from models.loading import list_weight_files
+
+    files = list_weight_files(cfg["model_path"])
+    return {"model": f"{Path(cfg['model_path']).name} ({sum(f.stat().st_size for f in files)} bytes)",
+            "dataset": dataset_fingerprint}
+
+
+def check_resume(resume_dir: Path, cfg: dict, family_keys: tuple[str, ...], identity: dict) -> None:
+    """Refuse a resume whose config changes what trained (listing each difference); print the
+    changes that take effect."""
+    info = json.loads((resume_dir / "state.json").read_text())
+    saved = {**info.get("config", {}), **info.get("identity", {})}
+    current = {**cfg, **identity}
+    frozen = FROZEN_ON_RESUME + family_keys + ("model", "dataset")
+    ignore = ("resume", "overwrite", "model_path", "dataset_dir", "cache_dir", "output_dir")  # where, not what
+    refused, accepted = config_changes({k: v for k, v in saved.items() if k not in ignore},
+                                                  {k: v for k, v in current.items() if k not in ignore}, frozen)
+    if refused:
+        raise RunFolderError(
+            f"cannot resume {resume_dir}: these settings differ from the run's and cannot change under trained "
+            "weights:\n  " + "\n  ".join(refused) + "\nStart a new run (--run_name=...) or put them back.")
+    if accepted:
+        print("resuming with changed settings (they take effect now):\n  " + "\n  ".join(accepted))

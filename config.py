@@ -39,6 +39,12 @@ DEFAULTS = dict(
     t5_max_length=0,              # 0 -> 512 for dev, 256 for schnell
     apply_t5_attn_mask=False,     # mask T5 padding in the encoder and in attention
     validation_count=0,           # hold out this many images for validation loss (0 = off)
+    vae_batch_size=1,             # images per autoencoder pass while caching latents
+    text_batch_size=8,            # captions per text-encoder pass while caching
+    text_encoder_placement="device",  # while caching: "device", "stream" (layers through 2 device slots), "cpu"
+    text_encoder_fp8=False,       # text encoders' layer weights in fp8 while caching (a released fp8 T5 stays fp8)
+    vae_tile_size=-1,             # sample decode: -1 tiles when the whole decode would raise the run's peak,
+                                  # 0 never, N tiles of N latent pixels
     # --- run ---
     output_dir="runs",
     run_name="flux_lora",
@@ -171,6 +177,7 @@ def _choices() -> dict[str, tuple]:
         train_mode=("lora", "full"),
         save_dtype=("bf16", "fp16", "fp32"),
         swap_mode=("exchange", "h2d_only"),
+        text_encoder_placement=("device", "stream", "cpu"),
     )
 
 
@@ -241,7 +248,8 @@ def validate(cfg: dict, check_files: bool = True) -> None:
         check_type(key, value, DEFAULTS[key])
         if key in choices and value not in choices[key]:
             raise ConfigError(f"{key}={value!r}: choose one of {', '.join(map(repr, choices[key]))}")
-    for key in ("max_train_steps", "batch_size", "gradient_accumulation_steps", "repeats", "resolution", "ema_every"):
+    for key in ("max_train_steps", "batch_size", "gradient_accumulation_steps", "repeats", "resolution", "ema_every",
+                "vae_batch_size", "text_batch_size"):
         if cfg[key] < 1:
             raise ConfigError(f"{key} must be at least 1, got {cfg[key]}")
     if cfg["train_mode"] == "lora" and cfg["network_dim"] < 1:
@@ -295,7 +303,11 @@ def check_family_keys(cfg: dict, family) -> None:
 
 
 def check_paths(cfg: dict, family) -> None:
-    """The model, data and prompt files are named and exist."""
+    """The model, data and prompt files are named and exist (and triton, when asked for)."""
+    from models.layers import triton_installed
+
+    if cfg["kernels"] == "triton" and not triton_installed():
+        raise ConfigError("kernels='triton' needs the triton package (pip install triton); use 'auto' or 'torch'")
     if not cfg["model_path"]:
         raise ConfigError(f"model_path is empty: set it to the {family.title} checkpoint")
     if not cfg["dataset_dir"]:

@@ -111,9 +111,16 @@ def geglu_reference(x: Tensor) -> Tensor:
 # =================================================================================================
 
 
+def _launchable(x: Tensor) -> bool:
+    """Whether the custom op can run: with triton installed, or on meta tensors (the memory plan),
+    where only its fake (shape) implementation runs, so the plan of the Triton path does not
+    depend on triton being installed where it is made."""
+    return HAVE_TRITON or x.is_meta
+
+
 def norm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
     """x (B, L, H); shift, scale broadcastable to (B, 1, H)."""
-    if not HAVE_TRITON:
+    if not _launchable(x):
         return norm_modulate_reference(x, shift, scale, eps)
     B, L, H = _check_tokens(x, "x")
     return _norm_modulate(x, shift.expand(B, 1, H), scale.expand(B, 1, H), eps)
@@ -121,7 +128,7 @@ def norm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) ->
 
 def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
     """x, y (B, L, H); gate broadcastable to (B, 1, H)."""
-    if not HAVE_TRITON:
+    if not _launchable(x):
         return gated_residual_reference(x, gate, y)
     B, L, H = _check_tokens(x, "x")
     return _gated_residual(x, gate.expand(B, 1, H), y.expand(B, L, H))
@@ -129,7 +136,7 @@ def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
 
 def gated_residual_norm_modulate(x, gate, y, shift, scale, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
     """(h, (1 + scale) * LN(h) + shift) for h = x + gate * y; one read of x and y, no LN copy saved."""
-    if not HAVE_TRITON:
+    if not _launchable(x):
         return gated_residual_norm_modulate_reference(x, gate, y, shift, scale, eps)
     B, L, H = _check_tokens(x, "x")
     per_sample = (B, 1, H)
@@ -140,7 +147,7 @@ def gated_residual_norm_modulate(x, gate, y, shift, scale, eps: float = 1e-6) ->
 
 def qk_norm_rope(q: Tensor, k: Tensor, q_scale: Tensor, k_scale: Tensor, pe: Tensor, eps: float = 1e-6):
     """q, k (B, heads, L, D), any strides; scales (D,); pe (B or 1, 1, L, D/2, 2, 2)."""
-    if not HAVE_TRITON:
+    if not _launchable(q):
         return qk_norm_rope_reference(q, k, q_scale, k_scale, pe, eps)
     if q.ndim != 4 or q.shape != k.shape or q.shape[-1] % 2:
         raise ValueError(f"q and k must both be (B, heads, L, D) with D even, got {tuple(q.shape)}, {tuple(k.shape)}")
@@ -149,14 +156,14 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_scale: Tensor, k_scale: Tensor, pe: Ten
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
-    return _gelu_tanh(x) if HAVE_TRITON else gelu_tanh_reference(x)
+    return _gelu_tanh(x) if _launchable(x) else gelu_tanh_reference(x)
 
 
 def geglu(x: Tensor) -> Tensor:
     """x (..., 2N) -> (..., N): first half times exact GELU of the second half."""
     if x.shape[-1] % 2:
         raise ValueError(f"geglu needs an even last dimension, got {tuple(x.shape)}")
-    return _geglu(x) if HAVE_TRITON else geglu_reference(x)
+    return _geglu(x) if _launchable(x) else geglu_reference(x)
 
 
 # =================================================================================================

@@ -18,8 +18,7 @@ import random
 import signal
 import sys
 import time
-import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from tqdm import tqdm
 import atomic
 import cache
 import checkpoint
+import data
 import families
 import lora
 import losses
@@ -119,24 +119,33 @@ def validation_loss(run: "Run", indices: list[int]) -> tuple[float, dict]:
 
 def sample_images(run: "Run", step: int) -> list[Path]:
     """Samples through the model as it is being trained (LoRA active), saved as PNGs. The
-    decoder visits the device only for this."""
+    latents first, then the decoder visits the device for the decodes (tiled when a whole
+    decode would raise the run's peak, vae_tile_size=-1)."""
     model, codec = run.prepared.model, run.data.codec
     was_training = model.training
     model.eval()
-    codec.to(run.device)
-    paths = []
-    for i, prompt in enumerate(run.data.prompts):
+    latents = []
+    for prompt in run.data.prompts:
         cond = run.family.sample_conditioning(batch_text(run.data.text_cache, prompt.prompt), prompt, run.device)
         neg = None
         if prompt.cfg_scale != 1.0:
             neg = run.family.sample_conditioning(batch_text(run.data.text_cache, prompt.negative), prompt, run.device)
-        image = sample.generate(run.family, model, codec, prompt, cond, neg)
+        latents.append(sample.generate_latent(run.family, model, codec, prompt, cond, neg))
+    images = sample.decode_images(codec, latents, run.device, run.cfg["vae_tile_size"], headroom(run.device))
+    paths = []
+    for i, (prompt, image) in enumerate(zip(run.data.prompts, images)):
         path = run.run_dir / "samples" / f"step{step:06d}_{i:02d}.png"
         sample.save_image(image, path, prompt, {"step": step})
         paths.append(path)
-    codec.to("cpu")
     model.train(was_training)
     return paths
+
+
+def headroom(device):
+    """Bytes a decode may take without raising the run's peak so far (CUDA)."""
+    if device.type != "cuda":
+        return None
+    return lambda: max(torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device), 0)
 
 
 def batch_text(text_cache, caption: str) -> dict:
@@ -248,17 +257,6 @@ def main(argv=None) -> Path:
 
 
 @dataclass
-class Data:
-    train: cache.CachedDataset
-    val: cache.CachedDataset | None
-    text_cache: cache.TextCache
-    empty_caption: dict  # the text tensors of "", on the device (caption dropout)
-    prompts: list  # sample.SamplePrompt
-    codec: object  # models.VAECodec or PixelCodec, in host memory between samples
-    skipped: list  # (image path, reason)
-
-
-@dataclass
 class Run:
     """Everything the loop reads and changes, in one place."""
 
@@ -267,7 +265,7 @@ class Run:
     params: object
     device: torch.device
     run_dir: Path
-    data: Data
+    data: data.Data
     prepared: training.Prepared
     opt: training.Optimization
     objective: object
@@ -278,43 +276,6 @@ class Run:
     started_at: float = 0.0  # when training began (kept across resumes)
     session_id: int = 0  # kohya's ss_session_id: a random number per process
     identity: dict | None = None  # model file and dataset fingerprint (run_identity)
-
-
-@dataclass
-class Items:
-    """Phase 1's view of the dataset: readable images split into training and validation."""
-
-    train: list  # cache.ImageItem, one per training image (per repeat when crops are random)
-    val: list
-    skipped: list  # (image path, reason)
-    fingerprint: str  # changes when the images, their captions or the repeats change
-
-
-def dataset_items(cfg: dict) -> Items:
-    """Scan the dataset, drop (or stop at) unreadable images, hold out `validation_count`
-    images (seeded), and check the batch size against what is left: all before any model loads."""
-    items = cache.scan_dataset(cfg["dataset_dir"], caption_ext=cfg["caption_ext"],
-                               instance_prompt=cfg["instance_prompt"] or None, repeats=1)
-    items, skipped = cache.check_images(items, cfg["resolution"], cfg["on_bad_image"])
-    val_count = cfg["validation_count"]
-    if val_count >= len(items):
-        raise ConfigError(f"validation_count={val_count} leaves no training images ({len(items)} readable"
-                          + (f", {len(skipped)} unreadable" if skipped else "") + ")")
-    split = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg["seed"])).tolist()
-    train_items = [items[i] for i in sorted(split[val_count:])]
-    check_batch(cfg, len(train_items), len(skipped))
-    if cfg["crop"] == "random" and cfg["repeats"] > 1:  # each repeat its own crop (and cache entry)
-        train_items = [replace(it, repeat=r) for r in range(cfg["repeats"]) for it in train_items]
-    return Items(train_items, [items[i] for i in split[:val_count]], skipped,
-                 cache.dataset_fingerprint(items, cfg["dataset_dir"], cfg["repeats"]))
-
-
-def check_batch(cfg: dict, num_images: int, num_skipped: int = 0) -> None:
-    epoch_size = num_images * cfg["repeats"]
-    if cfg["batch_size"] > epoch_size:
-        skipped = f", {num_skipped} unreadable left out" if num_skipped else ""
-        raise ConfigError(f"batch_size={cfg['batch_size']} is larger than the dataset ({num_images} images{skipped} "
-                          f"x {cfg['repeats']} repeats = {epoch_size}); lower batch_size or raise repeats")
 
 
 def check_model_settings(family, params, cfg: dict) -> None:
@@ -332,53 +293,7 @@ def check_model_settings(family, params, cfg: dict) -> None:
         raise ConfigError(str(error)) from None
 
 
-def load_data(cfg: dict, family, params, device, dtype, items: Items) -> Data:
-    """Phase 2: every image encoded once by the codec and every caption by the text encoders,
-    written to disk, keyed by everything that changes them; the encoders leave the device."""
-    train_items, val_items = items.train, items.val
-    prompts = sample.read_prompt_file(cfg["sample_prompts"], family.prompt_defaults(cfg, params)) \
-        if cfg["sample_prompts"] else []
-    cache_dir = Path(cfg["cache_dir"] or Path(cfg["dataset_dir"]) / ".cache")
-    codec = family.codec(cfg, dtype, device)
-    latent_cache = cache.LatentCache(cache_dir / "latents", codec.identity, cfg["resolution"], cfg["crop"],
-                                     dtype=torch.float32, hash_content=cfg["hash_images"], recache=cfg["recache"],
-                                     on_error=cfg["on_bad_image"], seed=cfg["seed"])
-    kept_train = latent_cache.build(train_items, codec.encode)
-    skipped = items.skipped + list(latent_cache.skipped)
-    kept_val = latent_cache.build(val_items, codec.encode) if val_items else []
-    skipped += latent_cache.skipped if val_items else []
-    check_batch(cfg, len({it.item.image_path for it in kept_train}), len(skipped))  # an image that failed to decode
-    codec.to("cpu")  # the decoder comes back for samples only
-    text = family.text_encoder(cfg, params, dtype, device)
-    text_cache = cache.TextCache(cache_dir / "text", text.identity, family.text_length(cfg, params),
-                                 family.text_mask(cfg), recache=cfg["recache"])
-    captions = [it.caption for it in kept_train + kept_val] + [p.prompt for p in prompts] + [p.negative for p in prompts]
-    unique = sorted(set(captions + [""]))  # "" for caption dropout and empty negatives
-    warn_truncated(text, unique)
-    text_cache.build(unique, text.encode)
-    del text  # T5-XXL is 9 GB in bf16: gone before the denoiser loads
-    empty = {k: v.to(device) for k, v in text_cache.load("").items()}
-    val = cache.CachedDataset(kept_val, latent_cache, text_cache) if kept_val else None
-    return Data(cache.CachedDataset(kept_train, latent_cache, text_cache), val, text_cache, empty, prompts, codec,
-                skipped)
-
-
-def warn_truncated(text, captions: list[str]) -> None:
-    """One warning for the captions a text encoder cuts: how many, and how many tokens."""
-    if not hasattr(text, "tokens_lost"):
-        return
-    cut = {}
-    for caption in captions:
-        lost = {name: n for name, n in text.tokens_lost(caption).items() if n > 0}
-        if lost:
-            cut[caption] = lost
-    if cut:
-        worst = max(cut.items(), key=lambda item: max(item[1].values()))
-        warnings.warn(f"{len(cut)} caption(s) are longer than the text encoders take and are cut; the longest "
-                      f"loses {worst[1]} tokens: {worst[0][:80]!r}...", stacklevel=2)
-
-
-def build_run(cfg: dict, family, sd: dict, params, device, run_dir: Path, data: Data) -> Run:
+def build_run(cfg: dict, family, sd: dict, params, device, run_dir: Path, cached: data.Data) -> Run:
     """Phases 3 and 4: the denoiser in host memory (the file memory-mapped), what trains, swap
     placement, then the optimizer, schedule, fused step and EMA."""
     model = training.load_network(family, cfg, sd, DTYPES[cfg["dtype"]])
@@ -387,43 +302,10 @@ def build_run(cfg: dict, family, sd: dict, params, device, run_dir: Path, data: 
         print(prepared.swap.describe())
     opt = training.build_optimization(prepared.trainable, cfg, seed=cfg["seed"],
                                       lr_multipliers=family.lr_multipliers(cfg, prepared.trainable))
-    images = len({entry.item.image_path for entry in data.train.entries})
+    images = len({entry.item.image_path for entry in cached.train.entries})
     order = DataOrder(images * cfg["repeats"], cfg["batch_size"], cfg["seed"])  # entry = index % entries
-    return Run(cfg, family, params, device, run_dir, data, prepared, opt, family.objective(cfg), order,
+    return Run(cfg, family, params, device, run_dir, cached, prepared, opt, family.objective(cfg), order,
                torch.Generator().manual_seed(cfg["seed"]))
-
-
-# Settings that cannot change under trained weights (or without changing what the next batches
-# are); everything else may change on resume and takes effect. The family adds its LoRA keys.
-FROZEN_ON_RESUME = ("model_family", "train_mode", "network_dim", "network_alpha", "group_ranks", "optimizer",
-                    "resolution", "batch_size", "repeats", "crop", "seed", "dtype", "caption_ext", "instance_prompt")
-
-
-def run_identity(cfg: dict, items: Items) -> dict:
-    """What a state records about the run besides its config: the model file and the dataset."""
-    from models.loading import list_weight_files
-
-    files = list_weight_files(cfg["model_path"])
-    return {"model": f"{Path(cfg['model_path']).name} ({sum(f.stat().st_size for f in files)} bytes)",
-            "dataset": items.fingerprint}
-
-
-def check_resume(resume_dir: Path, cfg: dict, family, identity: dict) -> None:
-    """Refuse a resume whose config changes what trained (listing each difference); print the
-    changes that take effect."""
-    info = json.loads((resume_dir / "state.json").read_text())
-    saved = {**info.get("config", {}), **info.get("identity", {})}
-    current = {**cfg, **identity}
-    frozen = FROZEN_ON_RESUME + family.lora_config_keys + ("model", "dataset")
-    ignore = ("resume", "overwrite", "model_path", "dataset_dir", "cache_dir", "output_dir")  # where, not what
-    refused, accepted = checkpoint.config_changes({k: v for k, v in saved.items() if k not in ignore},
-                                                  {k: v for k, v in current.items() if k not in ignore}, frozen)
-    if refused:
-        raise checkpoint.RunFolderError(
-            f"cannot resume {resume_dir}: these settings differ from the run's and cannot change under trained "
-            "weights:\n  " + "\n  ".join(refused) + "\nStart a new run (--run_name=...) or put them back.")
-    if accepted:
-        print("resuming with changed settings (they take effect now):\n  " + "\n  ".join(accepted))
 
 
 def resume(run: Run, resume_dir: Path | None) -> None:
@@ -629,14 +511,14 @@ def train(cfg: dict) -> Path:
         sd = load_state_dict(cfg["model_path"], allow_pickle=cfg["allow_pickle"])  # memory-mapped: no data read yet
         params = family.params(sd, cfg)
         check_model_settings(family, params, cfg)
-        items = dataset_items(cfg)
-        identity = run_identity(cfg, items)
+        items = data.dataset_items(cfg)
+        identity = checkpoint.run_identity(cfg, items.fingerprint)
         if resume_dir is not None:
-            check_resume(resume_dir, cfg, family, identity)
+            checkpoint.check_resume(resume_dir, cfg, family.lora_config_keys, identity)
         # 2. data and caches
-        data = load_data(cfg, family, params, device, DTYPES[cfg["dtype"]], items)
+        cached = data.load_data(cfg, family, params, device, DTYPES[cfg["dtype"]], items)
         # 3, 4. the denoiser, what trains, the optimizer
-        run = build_run(cfg, family, sd, params, device, run_dir, data)
+        run = build_run(cfg, family, sd, params, device, run_dir, cached)
         run.identity, run.session_id = identity, random.randint(0, 2**32)
         del sd
         # 5. resume
