@@ -99,6 +99,13 @@ class Family:
 
         return load_codec(cfg["ae_path"], dtype=dtype, device=device)
 
+    def codec_dtype(self, cfg: dict) -> torch.dtype:
+        """The dtype the codec runs in (the memory plan builds it so): the run's, unless the
+        family's autoencoder needs more (SDXL's overflows in fp16)."""
+        from config import DTYPES
+
+        return DTYPES[cfg["dtype"]]
+
     def text_encoder(self, cfg: dict, params, dtype: torch.dtype, device):
         """A prompt encoder: `.identity` (str), `.encode(list[str]) -> dict[str, Tensor]`
         (batch first; these are what the text cache stores), `.to(device)`."""
