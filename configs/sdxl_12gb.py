@@ -3,7 +3,11 @@
 # lr 1e-4 cosine with 150 warmup steps, 3000 steps, EMA of the LoRA weights, min-SNR gamma 5,
 # offset noise 0.1, text embeddings cached on disk, gradient checkpointing, bf16.
 #
-#   python train.py configs/sdxl_12gb.py --plan      # planned peak 5.31 GiB training (6.1-6.9 GiB in nvidia-smi)
+# Planned peaks, python train.py configs/sdxl_12gb.py --plan (plans: not yet measured on a GPU):
+#   plain torch (--kernels=torch): caching 1.72, training 5.31, sampling 6.30, whole run 6.30 GiB
+#   Triton kernels (the default):  caching 1.72, training 5.31, sampling 6.30, whole run 6.30 GiB
+#   nvidia-smi about 7.2-8.0 GiB (seed 001 states 11.9 GB; its EMA is of the LoRA weights here).
+#
 #   python train.py configs/sdxl_12gb.py --dataset_dir=/path/to/images
 #
 # EMA: the seed's decay 0.9999 would leave the EMA weights 74 % at their zero start after 3000

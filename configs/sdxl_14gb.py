@@ -4,7 +4,12 @@
 # accumulated (effective 4), lr 1e-4 cosine with 100 warmup steps, 2000 steps, fp16 with loss
 # scaling (the VAE stays fp32), gradient checkpointing, latents and text embeddings cached.
 #
-#   python train.py configs/sdxl_14gb.py --plan      # planned peak 5.69 GiB training (6.5-7.3 GiB in nvidia-smi)
+# Planned peaks, python train.py configs/sdxl_14gb.py --plan (plans: not yet measured on a GPU):
+#   plain torch (--kernels=torch): caching 2.82, training 5.69, sampling 6.41, whole run 6.41 GiB
+#   Triton kernels (the default):  caching 2.82, training 5.69, sampling 6.41, whole run 6.41 GiB
+#   nvidia-smi about 7.3-8.1 GiB. (Seed 001 states 13-14 GB with both text encoders kept on the GPU
+#   and encoding every step; here they run only while caching, then leave.)
+#
 #   python train.py configs/sdxl_14gb.py --dataset_dir=/path/to/images
 #
 # Files: sd_xl_base_1.0.safetensors holds the UNet, both text encoders and the VAE. Put it under

@@ -3,7 +3,11 @@
 # gradients, no optimizer state beyond Adafactor's factors), gradient checkpointing. kohya
 # reports about 17 GB for its fused-step SDXL fine-tune in fp32.
 #
-#   python train.py configs/sdxl_full.py --plan      # planned peak 6.87 GiB training (7.8-8.6 GiB in nvidia-smi)
+# Planned peaks, python train.py configs/sdxl_full.py --plan (plans: not yet measured on a GPU):
+#   plain torch (--kernels=torch): caching 2.82, training 6.87, sampling 7.06, whole run 7.06 GiB
+#   Triton kernels (the default):  caching 2.82, training 6.87, sampling 7.06, whole run 7.06 GiB
+#   nvidia-smi about 8.0-8.8 GiB.
+#
 #   python train.py configs/sdxl_full.py --dataset_dir=/path/to/images
 #
 # Files: as configs/sdxl_14gb.py. The result is a whole UNet in the original key layout.

@@ -50,7 +50,7 @@ import samplers
 from config import DTYPES, ConfigError
 from models import PixelCodec, VAECodec
 from models import unet as network
-from models.loading import load_state_dict
+from models.loading import load_state_dict, strip_prefix
 from models.text import CLIP_MAX_LENGTH, CLIP_WINDOW, SDXL_MAX_TOKEN_LENGTHS, SDXLPromptEncoder
 
 from . import Family
@@ -87,7 +87,7 @@ class SDXL(Family):
     # --- the checkpoint ----------------------------------------------------------------------------
 
     def detect(self, sd: dict) -> bool:
-        sd = network.strip_prefix(sd)
+        sd = strip_prefix(sd, network.PREFIXES)[0]
         return "label_emb.0.0.weight" in sd and "input_blocks.0.0.weight" in sd
 
     def params(self, sd: dict, cfg: dict) -> network.UNetParams:
@@ -102,7 +102,7 @@ class SDXL(Family):
     def load(self, sd: dict, cfg: dict, dtype: torch.dtype, device="cpu") -> nn.Module:
         if not cfg["fp8_base"]:
             return network.UNet.from_state_dict(sd, dtype=dtype, device=device, **cfg["model_overrides"])
-        sd = network.strip_prefix(sd)
+        sd = strip_prefix(sd, network.PREFIXES)[0]
         with torch.device("meta"):
             model = network.UNet(self.params(sd, cfg))
         blocks = [b for group in self.blocks(model).values() for b in group]
@@ -162,9 +162,10 @@ class SDXL(Family):
 
     def codec(self, cfg: dict, dtype: torch.dtype, device):
         path = vae_path(cfg)
-        if path is None:
-            return PixelCodec()
-        return VAECodec(path, torch.float32 if cfg["no_half_vae"] else dtype, device)
+        return PixelCodec() if path is None else VAECodec(path, self.codec_dtype(cfg), device)
+
+    def codec_dtype(self, cfg: dict) -> torch.dtype:
+        return torch.float32 if cfg["no_half_vae"] else DTYPES[cfg["dtype"]]
 
     def text_encoder(self, cfg: dict, params, dtype: torch.dtype, device) -> SDXLPromptEncoder:
         clip_l, clip_g = cfg["clip_l_path"] or cfg["model_path"], cfg["clip_g_path"] or cfg["model_path"]
@@ -271,31 +272,32 @@ class SDXL(Family):
         }
 
     def plan_text_encoders(self, cfg: dict, params) -> list:
-        """CLIP-L, then bigG, as released (the shapes of sd_xl_base_1.0's conditioner); one
-        encoding batch is text_batch_size captions of max_token_length / 75 windows each."""
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+        """CLIP-L, then bigG, with the shapes of their files (the checkpoint's conditioner when no
+        separate file is named), else as released; one encoding batch is text_batch_size captions
+        of max_token_length / 75 windows each."""
+        from models import text
 
-        dtype = DTYPES[cfg["dtype"]]
-        rows = cfg.get("text_batch_size", 1) * (cfg["max_token_length"] // CLIP_WINDOW)
-        clip_l = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                                hidden_act="quick_gelu", projection_dim=768)
-        clip_g = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                                hidden_act="gelu", projection_dim=1280)
+        dtype, rows = DTYPES[cfg["dtype"]], cfg["text_batch_size"] * (cfg["max_token_length"] // CLIP_WINDOW)
+        paths = {"clip_l": cfg["clip_l_path"] or cfg["model_path"], "clip_g": cfg["clip_g_path"] or cfg["model_path"]}
+        out = []
+        for kind in ("clip_l", "clip_g"):
+            config = text.text_config(kind, paths[kind])
 
-        def inputs(device):
-            return {"input_ids": torch.zeros(rows, CLIP_MAX_LENGTH, dtype=torch.long, device=device),
-                    "output_hidden_states": True}
+            def build(kind=kind, config=config):
+                return text.build_text_model(kind, config).to(dtype)
 
-        return [("CLIP-L", lambda: CLIPTextModel(clip_l).to(dtype), inputs),
-                ("CLIP-G (bigG)", lambda: CLIPTextModelWithProjection(clip_g).to(dtype), inputs)]
+            def inputs(device):
+                ids = torch.zeros(rows, CLIP_MAX_LENGTH, dtype=torch.long, device=device)
+                return {"input_ids": ids, "output_hidden_states": True}  # the penultimate states are read
+
+            out.append((kind, build, inputs))
+        return out
 
     def plan_codec(self, cfg: dict, params) -> nn.Module | None:
-        from models.vae import AutoEncoder, AutoEncoderParams
+        from models.vae import autoencoder_skeleton
 
-        if downscale(cfg) == 1:
-            return None
-        vae = AutoEncoderParams(z_channels=4, scale_factor=0.13025, shift_factor=0.0, use_quant_conv=True)
-        return AutoEncoder(vae).to(torch.float32 if cfg["no_half_vae"] else DTYPES[cfg["dtype"]])
+        path = vae_path(cfg)
+        return None if downscale(cfg) == 1 else autoencoder_skeleton(path or "", "sdxl")
 
 
 # --- files -------------------------------------------------------------------------------------------

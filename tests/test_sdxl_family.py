@@ -536,16 +536,18 @@ def test_detection_fp8_load_and_block_groups(files):
 
 
 def test_plan_batch_and_text_encoders_have_the_released_shapes():
-    cfg = kohya_cfg(resolution=1024, max_token_length=150, dtype="fp16")
+    cfg = kohya_cfg(resolution=1024, max_token_length=150, dtype="fp16", text_batch_size=3)
     batch = FAMILY.plan_batch(cfg, UNetParams(), "meta")
     assert batch["latent"].shape == (1, 4, 128, 128) and batch["context"].shape == (1, 154, 2048)
     assert batch["pooled"].shape == (1, 1280) and batch["context"].dtype == torch.float16
     with torch.device("meta"):
         (name_l, build_l, inputs_l), (name_g, build_g, _) = FAMILY.plan_text_encoders(cfg, UNetParams())
         clip_l, clip_g = build_l(), build_g()
+    assert (name_l, name_g) == ("clip_l", "clip_g")
     assert sum(p.numel() for p in clip_l.parameters()) == 123_060_480  # CLIP-L text model
     assert sum(p.numel() for p in clip_g.parameters()) == 694_659_840  # bigG text model with projection
-    assert inputs_l("meta")["input_ids"].shape == (2, 77)
+    assert inputs_l("meta")["input_ids"].shape == (6, 77)  # 3 captions x 2 windows
     with torch.device("meta"):
         vae = FAMILY.plan_codec(cfg, UNetParams())
-    assert vae.params.z_channels == 4 and next(vae.parameters()).dtype == torch.float32
+    assert vae.params.z_channels == 4 and vae.params.use_quant_conv
+    assert FAMILY.codec_dtype(cfg) == torch.float32 and FAMILY.codec_dtype(dict(cfg, no_half_vae=False)) == torch.float16
