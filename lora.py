@@ -818,9 +818,9 @@ def _entry(name: str, parts: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _kohya_entry(path: str, parts: dict[str, Tensor], family) -> dict[str, Tensor]:
-    parts = dict(parts, up=family.lora_up_from_diffusers(path, parts["up"]))
+    parts = dict(parts, up=family.lora_up_from_diffusers(path, parts["up"], parts["down"]))
     if "dora" in parts:  # magnitudes are per output row: rows move as the up's rows do
-        parts["dora"] = family.lora_up_from_diffusers(path, parts["dora"].reshape(-1, 1))
+        parts["dora"] = family.lora_up_from_diffusers(path, parts["dora"].reshape(-1, 1), parts["down"])
     return _entry(kohya_name(path, family.lora_prefix), parts)
 
 
