@@ -441,7 +441,7 @@ def check_training_settings(cfg: dict) -> None:
             raise ConfigError(f"{', '.join(set_keys)}: LoRA settings, but train_mode='full' trains the weights "
                               "themselves; remove them or set train_mode='lora'")
     if cfg["targets"]:
-        selection = {k for f in families.FAMILIES.values() for k in f.lora_config_keys + f.trained_config_keys}
+        selection = {k for f in families.FAMILIES.values() for k in f.target_config_keys}
         both = sorted(k for k in selection if cfg[k] != DEFAULTS[k])
         if both:
             raise ConfigError(f"targets={cfg['targets']!r} is a whole selection; {', '.join(both)} would change it "

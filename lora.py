@@ -466,15 +466,21 @@ def _in_blocks(layer: Layer) -> bool:
     return layer.depth >= 0
 
 
+def _only(role: str, other: str):
+    """Layers in the blocks with `role` and without `other` (a fused layer holding both, like a
+    FLUX single block's linear1 of attention and MLP, is neither attention-only nor MLP-only)."""
+    return lambda l: _in_blocks(l) and role in l.roles and other not in l.roles
+
+
 PRESETS = {  # name -> (what it trains, rule)
     "blocks": ("every layer in the blocks", _in_blocks),
     "all": ("every layer that can train: the blocks, the input embedders and the final layer", lambda l: True),
     "attention_only": ("the attention projections in the blocks (q, k, v, out; cross-attention too): "
-                       "changes style while protecting anatomy", lambda l: _in_blocks(l) and "attention" in l.roles),
-    "mlp_only": ("the feed-forward layers in the blocks", lambda l: _in_blocks(l) and "mlp" in l.roles),
+                       "changes style while protecting anatomy", _only("attention", "mlp")),
+    "mlp_only": ("the feed-forward layers in the blocks", _only("mlp", "attention")),
     "context_blocks": ("the text stream only (context blocks, text-side layers, cross-attention keys and "
-                       "values): for small datasets", lambda l: _in_blocks(l) and "context" in l.roles),
-    "image_blocks": ("the image stream only", lambda l: _in_blocks(l) and "image" in l.roles),
+                       "values): for small datasets", _only("context", "image")),
+    "image_blocks": ("the image stream only", _only("image", "context")),
     "early_blocks": ("the first half of the blocks in the order they run: composition",
                      lambda l: 0 <= l.depth < 0.5),
     "late_blocks": ("the second half of the blocks in the order they run: fine detail", lambda l: l.depth >= 0.5),
@@ -563,11 +569,13 @@ class LoRANetwork(nn.Module):
     by kohya name, whose prefix says the model (lora_unet_, lora_te1_, ...). Its parameters()
     are the trainable ones."""
 
-    def __init__(self, loras: dict[str, LoRAModule], module_paths: dict[str, str], prefix: str = "lora_unet"):
+    def __init__(self, loras: dict[str, LoRAModule], module_paths: dict[str, str], prefix: str = "lora_unet",
+                 prefixes: dict[str, str] | None = None):
         super().__init__()
         self.loras = nn.ModuleDict(loras)
         self.module_paths = dict(module_paths)  # kohya name -> module path in its model
         self.prefix = prefix
+        self.prefixes = dict(prefixes) if prefixes is not None else dict.fromkeys(loras, prefix)  # kohya name -> prefix
 
     @classmethod
     def inject(
@@ -582,16 +590,18 @@ class LoRANetwork(nn.Module):
         *,
         rank_dropout: float = 0.0,
         module_dropout: float = 0.0,
-        dora: bool = False,
+        dora: bool | set[str] = False,
         splits: dict[str, list[int]] | None = None,
+        names: dict[str, str] | None = None,
     ) -> "LoRANetwork":
         """Wrap each target layer of `model` (module path -> rank; rank 0 is skipped).
 
         alpha: one for every target, or module path -> alpha (a path it lacks gets alpha =
         rank); None or 0 means alpha = rank (scale 1). rank_dropout, module_dropout, dora: see
-        LoRAModule. splits: module path -> row sizes of the targets that train one LoRA per slice
-        (q, k, v), each of the target's rank. LoRA weights are made in `dtype` (default fp32)
-        on `device` (default: where the base weight is, meta included)."""
+        LoRAModule (dora: for every target, or the set of module paths that have it). splits: module path -> row sizes of the targets that train one LoRA per slice
+        (q, k, v), each of the target's rank. names: module path -> the path the file names it
+        by, where the two differ (text_encoder_names). LoRA weights are made in `dtype` (default
+        fp32) on `device` (default: where the base weight is, meta included)."""
         modules = dict(model.named_modules())
         missing = sorted(p for p in targets if p not in modules)
         not_linear = sorted(p for p in targets if p in modules and not isinstance(modules[p], LORA_BASES))
@@ -604,10 +614,11 @@ class LoRANetwork(nn.Module):
         for path, rank in targets.items():
             if rank == 0:
                 continue
-            name = kohya_name(path, prefix)
+            name = kohya_name((names or {}).get(path, path), prefix)
             path_alpha = alpha.get(path) if isinstance(alpha, dict) else alpha
             loras[name] = LoRAModule(modules[path], rank, path_alpha, dropout, dtype=dtype, device=device,
-                                     rank_dropout=rank_dropout, module_dropout=module_dropout, dora=dora,
+                                     rank_dropout=rank_dropout, module_dropout=module_dropout,
+                                     dora=path in dora if isinstance(dora, (set, frozenset)) else dora,
                                      split=(splits or {}).get(path, ()))
             paths[name] = path
         network = cls(loras, paths, prefix)
@@ -618,14 +629,15 @@ class LoRANetwork(nn.Module):
     @classmethod
     def join(cls, networks: list["LoRANetwork"]) -> "LoRANetwork":
         """One network of several (the denoiser's and the text encoders'): one optimizer, one file."""
-        loras, paths = {}, {}
+        loras, paths, prefixes = {}, {}, {}
         for network in networks:
             clash = sorted(set(loras) & set(network.loras))
             if clash:
                 raise ValueError(f"two networks name the same LoRA modules (same prefix?): {_shorten(clash)}")
             loras.update(network.loras)
             paths.update(network.module_paths)
-        return cls(loras, paths, networks[0].prefix)
+            prefixes.update(network.prefixes)
+        return cls(loras, paths, networks[0].prefix, prefixes)
 
     def remove(self) -> None:
         """Put the original forwards back (unmerging first if merged); the network is then inert."""
@@ -898,6 +910,14 @@ _TEXT_MODULE = re.compile(r"text_model_encoder_layers_\d+_(self_attn_(q|k|v|out)
 _COMPOUNDS = ("text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "text_projection", "wi_0", "wi_1")
 
 
+def text_encoder_names(model: nn.Module, paths) -> dict[str, str]:
+    """Text-encoder module path -> the path kohya, ComfyUI and diffusers name it by: CLIP's layers
+    under `text_model.` (transformers 5 builds CLIPTextModel without that level; the released
+    files and CLIPTextModelWithProjection keep it). T5's paths are the same either way."""
+    nested = hasattr(model, "text_model")
+    return {p: p if nested or not p.startswith("encoder.layers.") else f"text_model.{p}" for p in paths}
+
+
 def text_module_path(kohya_rest: str) -> str:
     """'text_model_encoder_layers_0_self_attn_q_proj' -> 'text_model.encoder.layers.0.self_attn.q_proj'."""
     if not _TEXT_MODULE.fullmatch(kohya_rest):
@@ -976,8 +996,9 @@ def kohya_to_diffusers(sd: dict[str, Tensor], family, alpha: str = "fold", model
             a, b = down[used], module_up[:, used]
             out[f"{module}.lora_A.weight"] = (a.float() * scale).to(a.dtype) if alpha == "fold" else a
             out[f"{module}.lora_B.weight"] = b
-            if module in magnitudes:
-                out[f"{module}.lora_magnitude_vector"] = magnitudes[module].reshape(-1)
+            if module in magnitudes:  # PEFT's shape: (out,), a convolution's (1, out, 1[, 1])
+                shape = (-1,) if down.ndim == 2 else (1, -1, *[1] * (down.ndim - 2))
+                out[f"{module}.lora_magnitude_vector"] = magnitudes[module].reshape(shape)
             component, _, inner = module.partition(".")
             configs.setdefault(component, {})[inner] = (int(used.sum()), scale * int(used.sum()))
     out = {k: (v if dtype is None else v.to(dtype)).contiguous().clone() for k, v in out.items()}
@@ -1002,7 +1023,10 @@ def _adapter_metadata(configs: dict[str, dict[str, tuple[int, float]]], dora: bo
 
 def diffusers_state_dict(network: LoRANetwork, family, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """The network in diffusers / PEFT names (kohya_to_diffusers, alpha folded)."""
-    paths = {name: (name[: -len(path) - 1], path) for name, path in network.module_paths.items()}
+    paths = {}
+    for name, path in network.module_paths.items():
+        prefix = network.prefixes[name]  # a text encoder's path in the file may differ from its module path
+        paths[name] = (prefix, path if prefix == family.lora_prefix else text_module_path(name[len(prefix) + 1:]))
     return kohya_to_diffusers(network.kohya_state_dict(), family, "fold", paths=paths, dtype=dtype)[0]
 
 
@@ -1079,7 +1103,9 @@ def apply_lora_file(
     if merge:
         _merge_state_dict(model, sd, targets, multiplier, prefix)
         return None
-    network = LoRANetwork.inject(model, targets, dtype=_inference_dtype(model, targets), prefix=prefix)
+    names = linear_names(model, prefix)
+    dora = {names[k.removesuffix(".dora_scale")] for k in sd if k.endswith(".dora_scale")}
+    network = LoRANetwork.inject(model, targets, dtype=_inference_dtype(model, targets), prefix=prefix, dora=dora)
     network.load_kohya_state_dict(sd)
     network.set_multiplier(multiplier)
     network.eval()
@@ -1116,9 +1142,9 @@ def _merge_state_dict(model: nn.Module, sd: dict, targets: dict[str, int], multi
         if shape != tuple(layer.weight.shape):
             raise ValueError(f"{name}: LoRA {shape} does not fit {path} {tuple(layer.weight.shape)}; "
                              "is it for another model size?")
-        alpha = sd.get(f"{name}.alpha", down.shape[0])
-        device = layer.weight.device
-        add_to_weight(layer, lora_delta(down.to(device), up.to(device), alpha, multiplier))
+        alpha, device = sd.get(f"{name}.alpha", down.shape[0]), layer.weight.device
+        merged = merged_weight(layer.weight, down.to(device), up.to(device), alpha, multiplier, sd.get(f"{name}.dora_scale"))
+        add_to_weight(layer, merged - layer.weight.float())
 
 
 # --- metadata ------------------------------------------------------------------------------------

@@ -324,14 +324,13 @@ def extract(base: str, tuned: str, out: str, rank: int, energy: float | None = N
     energy kept and the relative error sqrt(1 - energy) that the discarded singular values give."""
     a, b = Checkpoint(base), Checkpoint(tuned)
     family = checkpoint_family(a, family_name)
-    model, prefix = skeleton(family, a), denoiser_prefix(a.keys())
-    try:
-        paths = list(family.lora_layers(model))
-    except NotImplementedError:
-        paths = [p for p, m in model.named_modules() if isinstance(m, lora.LORA_BASES)]
+    prefix = denoiser_prefix(a.keys())
+    keys = set(a.keys()) & set(b.keys())
     sd, report = {}, []
-    for path in paths:
+    for path in family.lora_paths():  # every layer a LoRA of the family can name, in the network's order
         key = f"{prefix}{path}.weight"
+        if key not in keys:
+            continue
         diff = b.read(key).float() - a.read(key).float()
         if diff.abs().max() <= min_diff:
             continue

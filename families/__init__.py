@@ -38,6 +38,9 @@ class Family:
     # Keys besides the LoRA keys that decide which weights train (full fine-tuning too): a resume
     # refuses to change them, as it refuses the LoRA keys; train_mode="full" accepts them.
     trained_config_keys: tuple[str, ...] = ()
+    # Keys that choose the LoRA targets or their ranks, which a `targets` preset replaces (so
+    # setting both is an error rather than one silently winning).
+    target_config_keys: tuple[str, ...] = ()
     latent_multiple = 1  # latent sides must be multiples of this (patch size, UNet downsamplings)
 
     # --- the checkpoint ----------------------------------------------------------------------------

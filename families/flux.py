@@ -54,6 +54,7 @@ class Flux(Family):
     required_paths = ("clip_l_path", "t5_path")
     lora_config_keys = ("train_double_blocks", "train_single_blocks", "lora_embedders")
     trained_config_keys = ("train_double_blocks", "train_single_blocks")  # full fine-tuning freezes the others
+    target_config_keys = ("train_double_blocks", "train_single_blocks", "lora_embedders")
 
     # --- the checkpoint ----------------------------------------------------------------------------
 
