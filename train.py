@@ -364,7 +364,7 @@ def print_arithmetic(run: Run) -> None:
           f"{cfg['gradient_accumulation_steps']}) = {steps_per_epoch} steps per epoch; "
           f"{cfg['max_train_steps']} steps = {cfg['max_train_steps'] / steps_per_epoch:.1f} epochs")
     print("\n".join(training.describe_trainable(run.prepared, run.family, cfg)))
-    n_trainable = sum(p.numel() for p in run.prepared.trainable.values())
+    n_trainable = sum(p.numel() for p in run.prepared.trainable.values() if p.requires_grad)
     held_out = len(run.data.val) if run.data.val is not None else 0
     print(f"training {n_trainable:,} parameters ({cfg['train_mode']}); saving every {cfg['save_every']} steps, "
           f"sampling every {cfg['sample_every']}, validating every {cfg['validate_every']} ({held_out} held-out images)")

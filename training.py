@@ -126,7 +126,9 @@ def describe_trainable(prepared, family, cfg: dict) -> list[str]:
     how = f"preset {cfg['targets']!r}" if cfg["targets"] else f"{family.title}'s selection keys"
     if prepared.network is None:
         if not cfg["targets"]:
-            return [f"full fine-tuning: {count:,} parameters"]
+            total = sum(p.numel() for p in prepared.trainable.values())
+            frozen = f" ({total - count:,} frozen by the family's block selection)" if count < total else ""
+            return [f"full fine-tuning: {count:,} parameters{frozen}"]
         paths = sorted({name.rsplit(".", 1)[0] for name in prepared.trainable})
         return [f"full fine-tuning, {how}: {len(paths)} layers, {count:,} parameters:"] + \
             [f"  {line}" for line in lora.describe_paths(paths)]
