@@ -63,10 +63,11 @@ class Data:
     prompts: list  # sample.SamplePrompt
     codec: object  # models.VAECodec or PixelCodec, in host memory between samples
     skipped: list  # (image path, reason)
-    # Text encoders that train (text_encoder_lr) stay on the device: their networks by encoder name,
-    # and captions -> text tensors through them (with gradients in training); None when none trains.
-    text_networks: dict | None = None
-    live_text: object = None
+    live_text: "LiveText | None" = None  # text encoders that train (text_encoder_lr), in place of the cache
+
+    @property
+    def text_networks(self) -> dict | None:
+        return self.live_text.networks if self.live_text is not None else None
 
 
 def load_data(cfg: dict, family, params, device, dtype, items: Items) -> Data:
@@ -93,25 +94,34 @@ def load_data(cfg: dict, family, params, device, dtype, items: Items) -> Data:
     captions = [it.caption for it in kept_train + kept_val] + [p.prompt for p in prompts] + [p.negative for p in prompts]
     unique = sorted(set(captions + [""]))  # "" for caption dropout and empty negatives
     warn_truncated(text, unique)
-    text_cache.build(unique, text.encode, batch_size=cfg["text_batch_size"])
-    live = live_text_encoders(text, cfg)
+    live = LiveText(text) if cfg["text_encoder_lr"] else None  # text encoders that train bypass the cache
+    if live is None:
+        text_cache.build(unique, text.encode, batch_size=cfg["text_batch_size"])
     del text, swaps  # T5-XXL is 9 GB in bf16: gone before the denoiser loads (unless it trains)
-    empty = {k: v.to(device) for k, v in text_cache.load("").items()}
-    val = cache.CachedDataset(kept_val, latent_cache, text_cache) if kept_val else None
-    return Data(cache.CachedDataset(kept_train, latent_cache, text_cache), val, text_cache, empty, prompts, codec,
-                skipped, *live)
+    empty = {k: v.to(device) for k, v in text_cache.load("").items()} if live is None else {}
+    val = cache.CachedDataset(kept_val, latent_cache, live or text_cache) if kept_val else None
+    return Data(cache.CachedDataset(kept_train, latent_cache, None if live else text_cache), val, live or text_cache,
+                empty, prompts, codec, skipped, live)
 
 
-def live_text_encoders(text, cfg: dict) -> tuple:
-    """(networks, captions -> tensors) when a text encoder trains (text_encoder_lr): the cache is
-    then bypassed, the prompt encoder stays (in eval mode: T5's own dropout off) and encodes each
-    batch's captions with the LoRA'd encoders; (None, None) otherwise."""
-    if not cfg["text_encoder_lr"]:
-        return None, None
-    networks = text.networks()
-    for network in networks.values():
-        network.eval()
-    return networks, lambda captions: training.encode_text(text, captions)
+class LiveText:
+    """Text encoders that train (text_encoder_lr), in place of the text cache: the prompt encoder
+    stays on the device (in eval mode: T5's own dropout off). `live(captions)` encodes a batch
+    with gradients (the training step, caption dropout included); `load(caption)` one caption
+    without them, as TextCache.load gives it (validation batches, samples)."""
+
+    def __init__(self, text):
+        self.text = text
+        self.networks = text.networks()
+        for network in self.networks.values():
+            network.eval()
+
+    def __call__(self, captions: list[str]) -> dict:
+        return training.encode_text(self.text, captions)
+
+    def load(self, caption: str) -> dict:
+        with torch.no_grad():
+            return {k: v[0] for k, v in self([caption]).items()}
 
 
 def warn_truncated(text, captions: list[str]) -> None:

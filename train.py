@@ -81,13 +81,11 @@ def load_batch(dataset, indices: list[int], device) -> dict:
 def drop_captions(batch: dict, empty: dict, rate: float, generator: torch.Generator, live_text=None) -> dict:
     """Replace each sample's text tensors by the empty caption's with probability `rate`
     (kohya's caption_dropout_rate): the model also learns the unconditional prediction that
-    classifier-free guidance (`--l` in prompts) needs. With text encoders that train
-    (`live_text`), the captions (a dropped one as "") are encoded now instead."""
+    classifier-free guidance (`--l` in prompts) needs."""
     if rate <= 0 and live_text is None:
         return batch
-    drop = torch.rand(len(batch["latent"]), generator=generator) < rate if rate > 0 else \
-        torch.zeros(len(batch["latent"]), dtype=torch.bool)  # drawn every step: resume-safe
-    if live_text is not None:
+    drop = torch.rand(len(batch["latent"]), generator=generator) < rate  # drawn every step: resume-safe
+    if live_text is not None:  # text encoders that train: the captions ("" if dropped) through them now
         return {**batch, **live_text(["" if d else c for d, c in zip(drop.tolist(), batch["caption"])])}
     out = dict(batch)
     for key, value in empty.items():
@@ -109,8 +107,6 @@ def validation_loss(run: "Run", indices: list[int]) -> tuple[float, dict]:
     per_level = {s: [] for s in VALIDATION_LEVELS}
     for i in indices:
         batch = load_batch(run.data.val, [i], run.device)
-        if run.data.live_text is not None:  # text encoders that train: the caption through them
-            batch |= run.data.live_text(batch["caption"])
         x0 = batch["latent"].float()
         generator = torch.Generator().manual_seed(run.cfg["seed"] + i)
         for s in VALIDATION_LEVELS:
@@ -132,10 +128,10 @@ def sample_images(run: "Run", step: int) -> list[Path]:
     model.eval()
     latents = []
     for prompt in run.data.prompts:
-        cond = run.family.sample_conditioning(batch_text(run.data, prompt.prompt), prompt, run.device)
+        cond = run.family.sample_conditioning(batch_text(run.data.text_cache, prompt.prompt), prompt, run.device)
         neg = None
         if prompt.cfg_scale != 1.0:
-            neg = run.family.sample_conditioning(batch_text(run.data, prompt.negative), prompt, run.device)
+            neg = run.family.sample_conditioning(batch_text(run.data.text_cache, prompt.negative), prompt, run.device)
         latents.append(sample.generate_latent(run.family, model, codec, prompt, cond, neg))
     images = sample.decode_images(codec, latents, run.device, run.cfg["vae_tile_size"], headroom(run.device))
     paths = []
@@ -154,12 +150,8 @@ def headroom(device):
     return lambda: max(torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device), 0)
 
 
-def batch_text(cached: data.Data, caption: str) -> dict:
-    """One caption's text tensors (batch of 1): from the cache, or through text encoders that train."""
-    if cached.live_text is not None:
-        with torch.no_grad():
-            return cached.live_text([caption])
-    return {k: v.unsqueeze(0) for k, v in cached.text_cache.load(caption).items()}
+def batch_text(text_cache, caption: str) -> dict:
+    return {k: v.unsqueeze(0) for k, v in text_cache.load(caption).items()}
 
 
 class RunStopped(Exception):
