@@ -361,8 +361,18 @@ def check_family_keys(cfg: dict, family) -> None:
 
 def check_lora_features(cfg: dict, family) -> None:
     """What the family must offer for the LoRA settings: presets, text encoders to train."""
+    import families
     import lora
 
+    if cfg["targets"] and type(family).lora_layers is families.Family.lora_layers:
+        raise ConfigError(f"targets={cfg['targets']!r}: {family.title} has no layer-targeting presets; leave targets "
+                          "empty and choose layers with its selection keys")
+    if cfg["split_qkv"] and not family.split_qkv_layers:
+        raise ConfigError(f"split_qkv: {family.title} has no fused q/k/v weights to split (its attention has separate "
+                          "q, k and v layers); remove split_qkv")
+    if cfg["lora_format"] == "diffusers" and type(family).lora_to_diffusers is families.Family.lora_to_diffusers:
+        raise ConfigError(f"lora_format='diffusers': {family.title} LoRA files are written in the kohya format only; "
+                          "set lora_format='kohya'")
     if cfg["targets"] and cfg["targets"] not in lora.presets(family):
         raise ConfigError(f"targets={cfg['targets']!r}: not a preset of {family.title}; choose one of "
                           f"{', '.join(map(repr, lora.presets(family)))}")

@@ -90,7 +90,7 @@ class Checkpoint:
 def default_config(family) -> dict:
     from config import DEFAULTS
 
-    return dict(DEFAULTS, model_family=family.name)
+    return dict(DEFAULTS, model_family=family.name, **family.lora_variants[0])
 
 
 def checkpoint_family(ckpt: Checkpoint, name: str | None = None):
@@ -423,7 +423,7 @@ def info(path: str, family_name: str | None = None) -> list[str]:
 def module_groups(family, paths: dict[str, tuple[str, str]]) -> dict[str, list[str]]:
     """LoRA modules by the family's rank group (text encoders by encoder)."""
     try:
-        layers = family.lora_layers(skeleton(family))
+        layers = {path: layer for model in family.lora_skeletons() for path, layer in family.lora_layers(model).items()}
     except NotImplementedError:
         layers = {}
     encoders = {prefix: f"text encoder {e} ({prefix})" for e, (prefix, _) in family.text_encoder_loras().items()}

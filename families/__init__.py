@@ -41,6 +41,7 @@ class Family:
     # Keys that choose the LoRA targets or their ranks, which a `targets` preset replaces (so
     # setting both is an error rather than one silently winning).
     target_config_keys: tuple[str, ...] = ()
+    split_qkv_layers = ""  # the fused q/k/v weights split_qkv splits, in words ("": none, refused)
     latent_multiple = 1  # latent sides must be multiples of this (patch size, UNet downsamplings)
 
     # --- the checkpoint ----------------------------------------------------------------------------
@@ -222,17 +223,27 @@ class Family:
         """What common loaders will not apply of text-encoder LoRAs on these encoders."""
         return []
 
+    # config settings that build each released model a LoRA file of this family may be for
+    lora_variants: tuple[dict, ...] = ({},)
+
+    def lora_skeletons(self) -> list[nn.Module]:
+        """The released networks (lora_variants) on the meta device, for reading LoRA files
+        without the checkpoint (python lora.py convert, info)."""
+        from config import DEFAULTS
+
+        if not hasattr(self, "_lora_skeletons"):
+            with torch.device("meta"):
+                self._lora_skeletons = [self.build(self.default_params(dict(DEFAULTS, model_family=self.name, **v)))
+                                        for v in self.lora_variants]
+        return self._lora_skeletons
+
     def lora_paths(self) -> list[str]:
         """Module paths of every layer a LoRA of this family can name (the released models', all
-        variants), for reading kohya names without the checkpoint (python lora.py convert, info)."""
-        from config import DEFAULTS
+        variants), for reading kohya names without the checkpoint."""
         from lora import LORA_BASES
 
-        if not hasattr(self, "_lora_paths"):
-            with torch.device("meta"):
-                model = self.build(self.default_params(dict(DEFAULTS, model_family=self.name)))
-            self._lora_paths = [p for p, m in model.named_modules() if isinstance(m, LORA_BASES)]
-        return self._lora_paths
+        paths = {p: None for model in self.lora_skeletons() for p, m in model.named_modules() if isinstance(m, LORA_BASES)}
+        return list(paths)
 
     def lora_layers(self, model: nn.Module) -> dict:
         """Module path -> lora.Layer for every layer that can train (blocks, embedders, final

@@ -55,6 +55,7 @@ class Flux(Family):
     lora_config_keys = ("train_double_blocks", "train_single_blocks", "lora_embedders")
     trained_config_keys = ("train_double_blocks", "train_single_blocks")  # full fine-tuning freezes the others
     target_config_keys = ("train_double_blocks", "train_single_blocks", "lora_embedders")
+    split_qkv_layers = "the double blocks' qkv and the single blocks' linear1"
 
     # --- the checkpoint ----------------------------------------------------------------------------
 

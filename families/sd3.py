@@ -51,7 +51,7 @@ import losses
 import sample
 import samplers
 from config import DTYPES, ConfigError
-from lora import parse_block_indices
+from lora import Layer, parse_block_indices
 from models import load_codec
 from models import mmdit as network
 from models.loading import list_weight_files, load_state_dict, strip_prefix
@@ -125,6 +125,9 @@ class SD3(Family):
                    "slg_layers", "slg_start", "slg_end")
     lora_config_keys = ("lora_embedders",)
     trained_config_keys = ("train_joint_blocks", "freeze_embedders")  # LoRA targets, or what full fine-tuning trains
+    target_config_keys = ("train_joint_blocks", "lora_embedders")
+    split_qkv_layers = "the joint blocks' attn.qkv (and attn2.qkv)"
+    lora_variants = ({"sd3_variant": "sd3.5-large"}, {"sd3_variant": "sd3.5-medium"})  # 38 blocks; attn2
 
     # --- the checkpoint ----------------------------------------------------------------------------
 
@@ -332,6 +335,39 @@ class SD3(Family):
         return lora_targets(model, cfg["network_dim"], group_ranks=cfg["group_ranks"],
                             blocks=cfg["train_joint_blocks"], embedders=cfg["lora_embedders"])
 
+    def lora_layers(self, model: nn.Module) -> dict[str, Layer]:
+        """Every Linear of the joint blocks' context and x halves (the blocks run in index order),
+        the embedders (x_embedder's patch Conv2d included) and the final layer; groups as kohya's
+        type_dims and emb_dims."""
+        layers, depth = {}, len(model.joint_blocks)
+        for i, block in enumerate(model.joint_blocks):
+            for half in ("context_block", "x_block"):
+                for sub_path, module in getattr(block, half).named_modules():
+                    if isinstance(module, nn.Linear):
+                        layers[f"joint_blocks.{i}.{half}.{sub_path}"] = Layer(_group(half, sub_path), "joint_blocks", i,
+                                                                              i / depth, _roles(half, sub_path))
+        for name, paths in EMBEDDERS.items():
+            roles = {"final_mod": {"final", "modulation"}, "final_linear": {"final"}}.get(name, {"embedder"})
+            layers |= {path: Layer(name, roles=frozenset(roles)) for path in paths}
+        return layers
+
+    def lora_fused_rows(self, path: str, layer: nn.Module) -> list[int]:
+        """q, k, v of a fused attention projection (the x half's attn2 too)."""
+        if re.fullmatch(r"joint_blocks\.\d+\.(context_block\.attn|x_block\.attn2?)\.qkv", path):
+            return [layer.out_features // 3] * 3
+        return []
+
+    def text_encoder_loras(self) -> dict[str, tuple[str, str]]:
+        # kohya's lora_sd3: te1 CLIP-L, te2 CLIP-G, te3 T5; StableDiffusion3Pipeline's text_encoder(_2, _3)
+        return {"clip_l": ("lora_te1", "text_encoder"), "clip_g": ("lora_te2", "text_encoder_2"),
+                "t5": ("lora_te3", "text_encoder_3")}
+
+    def text_encoder_loader_notes(self, encoders: list[str]) -> list[str]:
+        if "t5" not in encoders:
+            return []
+        return ["diffusers (T5, lora_te3): its SD3 loader reads the CLIP LoRAs (text_encoder, text_encoder_2) only; "
+                "ComfyUI applies T5's"]
+
     def lora_metadata(self, cfg: dict, params) -> dict[str, str]:
         """As kohya's sd3_train_network writes it (load_target_model returns the model_type, 3-5-large
         etc., as the base model version; sai_model_spec puts it after "stable-diffusion-3-";
@@ -533,6 +569,12 @@ def _group(half: str, sub_path: str) -> str:
     stream = "context" if half == "context_block" else "x"
     kind = "attn" if sub_path.startswith("attn") else "mlp" if sub_path.startswith("mlp.") else "mod"
     return f"{stream}_{kind}"
+
+
+def _roles(half: str, sub_path: str) -> frozenset:
+    """A block Linear's roles (lora.ROLES): the context half is the text stream, the x half the image's."""
+    kind = "attention" if sub_path.startswith("attn") else "mlp" if sub_path.startswith("mlp.") else "modulation"
+    return frozenset({"context" if half == "context_block" else "image", kind})
 
 
 def _check_ranks(rank: int, group_ranks: dict) -> None:

@@ -48,6 +48,7 @@ from blockswap import MIN_RESIDENT  # blocks of each group that stay on the devi
 import sample
 import samplers
 from config import DTYPES, ConfigError
+from lora import Layer
 from models import PixelCodec, VAECodec
 from models import unet as network
 from models.loading import load_state_dict, strip_prefix
@@ -84,6 +85,7 @@ class SDXL(Family):
     lora_config_keys = ("conv_dim", "conv_alpha", "block_dims", "block_alphas", "conv_block_dims",
                         "conv_block_alphas", "down_lr_weight", "mid_lr_weight", "up_lr_weight",
                         "block_lr_zero_threshold")
+    target_config_keys = ("conv_dim", "block_dims", "conv_block_dims")  # what a `targets` preset replaces
 
     # --- the checkpoint ----------------------------------------------------------------------------
 
@@ -237,7 +239,31 @@ class SDXL(Family):
         weights = block_settings(cfg).lr_weight
         if weights is None or cfg["train_mode"] != "lora":
             return {}
-        return {name: weights[kohya_block(name.split(".")[1])] for name in trainable}
+        return {name: weights[kohya_block(name.split(".")[1])] for name in trainable
+                if name.split(".")[1].startswith("lora_unet_")}  # text-encoder LoRAs: their own rates
+
+    def lora_layers(self, model: nn.Module) -> dict[str, Layer]:
+        """Every layer kohya's LoRA reaches with LoCon (the SpatialTransformers' Linears, the
+        ResBlocks' Linears and convs, the Down- and Upsamples), in kohya's blocks 2-21 in the order
+        they run; conv_in, the time and label embedders and the output conv outside the blocks."""
+        layers = {}
+        for path, group, is_3x3 in _candidates(model, conv=True):
+            kind, index = path.split(".")[:2]
+            depth = (kohya_block(path) - 2) / (KOHYA_BLOCKS - 3)  # input_blocks.1 is 2, output_blocks.8 is 21
+            layers[path] = Layer(group, kind, int(index), depth, _roles(path, group, is_3x3))
+        for path, module in model.named_modules():
+            group = next((g for prefix, g in OUTSIDE_BLOCKS.items() if path.startswith(prefix)), None)
+            if group is not None and isinstance(module, (nn.Linear, nn.Conv2d)):
+                layers[path] = Layer(group, roles=frozenset({"final" if group == "out" else "embedder"}))
+        return layers
+
+    def target_presets(self) -> dict[str, tuple[str, object]]:
+        return {"transformer_blocks": ("the SpatialTransformers' Linears (kohya's LoRA without LoCon)",
+                                       lambda l: l.group in ("attn1", "attn2", "ff", "proj"))}
+
+    def text_encoder_loras(self) -> dict[str, tuple[str, str]]:
+        # kohya's SDXL LoRA: te1 CLIP-L, te2 OpenCLIP bigG; StableDiffusionXLPipeline's text_encoder(_2)
+        return {"clip_l": ("lora_te1", "text_encoder"), "clip_g": ("lora_te2", "text_encoder_2")}
 
     def lora_metadata(self, cfg: dict, params) -> dict[str, str]:
         meta = {
@@ -257,6 +283,9 @@ class SDXL(Family):
 
     def lora_from_diffusers(self, module: str) -> tuple[str, int | None]:
         return sgm_path(module), None
+
+    def lora_to_diffusers(self, path: str, up: Tensor, down: Tensor) -> dict[str, Tensor]:
+        return {f"unet.{diffusers_path(path)}": up}
 
     # --- the memory plan ---------------------------------------------------------------------------
 
@@ -533,6 +562,21 @@ def _candidates(model: network.UNet, conv: bool) -> list[tuple[str, str, bool]]:
     return found
 
 
+OUTSIDE_BLOCKS = {"input_blocks.0.": "conv_in", "time_embed.": "time_embed", "label_emb.": "label_emb", "out.": "out"}
+
+
+def _roles(path: str, group: str, is_3x3: bool) -> frozenset:
+    """A block layer's roles (lora.ROLES): cross-attention's keys and values read the text
+    (context), everything else works on the image; a ResBlock's emb_layers is its modulation."""
+    if group in ("attn1", "attn2"):
+        return frozenset({"attention", "context" if re.search(r"attn2\.to_[kv]$", path) else "image"})
+    if group == "ff":
+        return frozenset({"mlp", "image"})
+    if ".emb_layers." in path:
+        return frozenset({"modulation", "image"})
+    return frozenset({"conv", "image"} if is_3x3 or group == "resnet" else {"image"})  # proj_in / proj_out: Linears
+
+
 def lora_targets(model: network.UNet, cfg: dict) -> dict[str, tuple[int, float]]:
     """Module path -> (rank, alpha) of every layer that gets a LoRA, as kohya's create_network
     for SDXL chooses them: network_dim / network_alpha on the transformer Linears, conv_dim /
@@ -608,6 +652,35 @@ def sgm_path(module: str) -> str:
     except ValueError as error:
         raise ValueError(f"LoRA module {module!r}: {error}") from None
     raise ValueError(f"LoRA module {module!r} has no SDXL UNet counterpart (is this an SDXL LoRA?)")
+
+
+def diffusers_path(path: str) -> str:
+    """The inverse of sgm_path for SDXL's layout: input_blocks.4.1.proj_in ->
+    down_blocks.1.attentions.0.proj_in."""
+    top = {sgm: diffusers for diffusers, sgm in TOP_FROM_DIFFUSERS.items()}
+    resnet = {sgm: diffusers for diffusers, sgm in RESNET_FROM_DIFFUSERS.items()}
+    if path in top:
+        return top[path]
+    if match := re.fullmatch(r"input_blocks\.(\d+)\.0\.op", path):
+        return f"down_blocks.{int(match.group(1)) // PER_LEVEL - 1}.downsamplers.0.conv"
+    if match := re.fullmatch(r"output_blocks\.(\d+)\.2\.conv", path):
+        return f"up_blocks.{int(match.group(1)) // PER_LEVEL}.upsamplers.0.conv"
+    match = re.fullmatch(r"(input_blocks|output_blocks|middle_block)\.(\d+)\.(?:(\d)\.)?(.+)", path)
+    if match is None:
+        raise ValueError(f"{path} has no diffusers name in SDXL's UNet")
+    kind, block, layer, rest = match.group(1), int(match.group(2)), match.group(3), match.group(4)
+    if kind == "middle_block":  # ResBlock, SpatialTransformer, ResBlock
+        where, layer = ("mid_block.attentions.0", "1") if block == 1 else (f"mid_block.resnets.{block // 2}", "0")
+    else:
+        level, index = divmod(block - 1, PER_LEVEL) if kind == "input_blocks" else divmod(block, PER_LEVEL)
+        side = "down" if kind == "input_blocks" else "up"
+        where = f"{side}_blocks.{level}.{'attentions' if layer == '1' else 'resnets'}.{index}"
+    if layer == "1":
+        return f"{where}.{rest}"
+    name = next((sgm for sgm in resnet if rest == sgm or rest.startswith(sgm + ".")), None)
+    if name is None:
+        raise ValueError(f"{path} has no diffusers name in SDXL's UNet")
+    return f"{where}.{resnet[name]}{rest[len(name):]}"
 
 
 FAMILY = SDXL()
