@@ -1,0 +1,227 @@
+"""The LoRA features and tools on SD3 and SDXL (FLUX: test_lora_training.py, test_lora_formats.py,
+test_lora_tools.py): layer-targeting presets on the released shapes, training through train.main
+with DoRA, split q/k/v (SD3), LoCon (SDXL), text-encoder LoRA (CLIP-L, CLIP-G, T5); the files in
+ComfyUI's key map (vendored, tests/comfy_oracle.py) and diffusers' loaders; python lora.py
+convert, merge, extract and info on the families' own checkpoint layouts; what a family cannot do
+is a config error."""
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import demo_data
+import families
+import lora
+import lora_tools
+import train
+from comfy_oracle import comfy_clip_key_map, comfy_key_map, comfy_load
+from config import ConfigError, load_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SD3, SDXL = families.get("sd3"), families.get("sdxl")
+PREFIX = "model.diffusion_model."
+
+
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demos")
+    sdxl = demo_data.make_sdxl_demo(root / "sdxl")
+    # SDXL's layout (2 ResBlocks per level, 9 input and 9 output blocks): the one diffusers' names describe
+    sdxl["model_path"] = str(demo_data.make_sdxl(root / "sdxl" / "tiny" / "sdxl_tiny.safetensors",
+                                                 unet=dict(demo_data.SDXL_TINY, num_res_blocks=[2, 2, 2])))
+    return {"sd3": demo_data.make_sd3_demo(root / "sd3"), "sdxl": sdxl}
+
+
+def config_file(folder: Path, files: dict, family: str, **settings) -> str:
+    base = dict(files, model_family=family, output_dir=str(folder / "runs"), cache_dir=str(folder / "cache"),
+                run_name="t", device="cpu", dtype="fp32", resolution=16, batch_size=2, network_dim=4,
+                network_alpha=2.0, learning_rate=1e-3, max_train_steps=2, save_every=0, sample_every=0,
+                sample_at_start=False, validate_every=0, gradient_checkpointing=False, lr_scheduler="constant",
+                sample_prompts="", save_dtype="fp32")
+    base |= {"t5_max_length": 8} if family == "sd3" else {"model_overrides": {"num_head_channels": 16}}
+    base.update(settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.py"
+    path.write_text("".join(f"{k} = {v!r}\n" for k, v in base.items()))
+    return str(path)
+
+
+def denoiser_keys(model_path: str) -> dict:
+    with safe_open(model_path, "pt") as f:
+        return {k.removeprefix(PREFIX): f.get_slice(k).get_shape() for k in f.keys() if k.startswith(PREFIX)}
+
+
+def parts_by_prefix(sd: dict) -> dict[str, dict]:
+    modules = lora.kohya_modules(sd)
+    return {prefix: {n: p for n, p in modules.items() if n.startswith(prefix + "_")}
+            for prefix in ("lora_unet", "lora_te1", "lora_te2", "lora_te3")}
+
+
+# --- presets on the released shapes ----------------------------------------------------------------
+
+
+def test_presets_select_by_role_on_the_released_models():
+    sd35_medium = SD3.lora_skeletons()[1]
+    layers = SD3.lora_layers(sd35_medium)
+    depth = len(sd35_medium.joint_blocks)
+    select = {name: lora.preset_layers(layers, name, SD3) for name in lora.presets(SD3)}
+    assert all(".attn." in p or ".attn2." in p for p in select["attention_only"])
+    assert all(".context_block." in p for p in select["context_blocks"])
+    assert {int(p.split(".")[1]) for p in select["late_blocks"]} == set(range(depth // 2, depth))
+    assert set(select["all"]) - set(select["no_embedders"]) == {
+        "context_embedder", "t_embedder.mlp.0", "t_embedder.mlp.2", "x_embedder.proj", "y_embedder.mlp.0",
+        "y_embedder.mlp.2"}
+    # the default (kohya's lora_sd3: every Linear of the blocks) is the "blocks" preset
+    assert set(SD3.lora_targets(sd35_medium, load_config(None, ["--model_family=sd3"], check_files=False))) == \
+        set(select["blocks"])
+
+    unet = SDXL.lora_skeletons()[0]
+    layers = SDXL.lora_layers(unet)
+    select = {name: lora.preset_layers(layers, name, SDXL) for name in lora.presets(SDXL)}
+    assert select["context_blocks"] and all(p.endswith(("attn2.to_k", "attn2.to_v")) for p in select["context_blocks"])
+    assert len(select["transformer_blocks"]) == 722  # kohya's SDXL LoRA
+    assert not any(p.startswith("input_blocks") for p in select["late_blocks"])
+    assert not any(p.startswith("output_blocks") for p in select["early_blocks"])
+    conv = [p for p in select["blocks"] if isinstance(dict(unet.named_modules())[p], torch.nn.Conv2d)]
+    assert len(conv) == len(set(select["blocks"]) - set(select["transformer_blocks"]) -
+                            {p for p in select["blocks"] if ".emb_layers." in p})  # LoCon on every conv
+
+
+@pytest.mark.parametrize("family, setting, message", [
+    ("sdxl", dict(split_qkv=True), "split_qkv: SDXL has no fused q/k/v weights"),
+    ("sdxl", dict(text_encoder_lr={"t5": 1e-4}), r"SDXL has no text encoder \['t5'\] to train; choose among"),
+    ("sdxl", dict(targets="late_blocks", conv_dim=4), "targets='late_blocks' is a whole selection; conv_dim"),
+    ("sd3", dict(targets="attention_only", train_joint_blocks="0"), "train_joint_blocks would change it"),
+    ("sd3", dict(targets="transformer_blocks"), "not a preset of SD3 / SD3.5"),
+])
+def test_what_a_family_cannot_do_is_a_config_error(tmp_path, demos, family, setting, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(config_file(tmp_path, demos[family], family, **setting), [])
+
+
+# --- SD3: DoRA, split q/k/v, a preset, all three text encoders ---------------------------------------
+
+
+def test_sd3_split_dora_and_three_text_encoders_train_and_load_in_comfyui(tmp_path, demos, capsys):
+    files = demos["sd3"]
+    final = train.main([config_file(tmp_path, files, "sd3", use_dora=True, split_qkv=True, targets="all",
+                                    text_encoder_lr={"clip_l": 1e-3, "clip_g": 1e-3, "t5": 1e-3},
+                                    caption_dropout_rate=0.5, lora_format="kohya")])
+    out = capsys.readouterr().out
+    assert "text encoder clip_g (lora_te2)" in out and "note: diffusers (T5, lora_te3)" in out
+    sd = load_file(final)
+    parts = parts_by_prefix(sd)
+    assert all(parts[p] for p in parts) and all("dora" in m for m in parts["lora_unet"].values())
+    assert all(m["up"].abs().sum() > 0 for group in parts.values() for m in group.values())  # all trained
+    qkv = parts["lora_unet"]["lora_unet_joint_blocks_0_x_block_attn_qkv"]
+    assert qkv["down"].shape[0] == 3 * 4 and lora_tools.block_diagonal(qkv)  # split, saved fused
+    _, not_loaded = comfy_load({k: v for k, v in sd.items() if k.startswith("lora_unet")},
+                               comfy_key_map("sd3", denoiser_keys(files["model_path"])))
+    assert not_loaded == []
+    te_keys = [f"{clip}.transformer.text_model.{k.removeprefix('text_model.')}" for clip in ("clip_l", "clip_g")
+               for k in load_file(Path(files[f"{clip}_path"]) / "model.safetensors")] + \
+        [f"t5xxl.transformer.{k}" for k in load_file(Path(files["t5_path"]) / "model.safetensors")]  # ComfyUI's names
+    _, not_loaded = comfy_load({k: v for k, v in sd.items() if k.startswith("lora_te")}, comfy_clip_key_map(te_keys))
+    assert not_loaded == []
+    round_trip(final, tmp_path, SD3)
+
+
+def round_trip(path, folder: Path, family) -> None:
+    """-> diffusers -> kohya with python lora.py convert: every module's delta and magnitude kept."""
+    diffusers, back = folder / "d.safetensors", folder / "k.safetensors"
+    assert lora_tools.main(["convert", str(path), str(diffusers), "--to", "diffusers"]) == 0
+    assert lora_tools.main(["convert", str(diffusers), str(back), "--to", "kohya"]) == 0
+    before = lora.kohya_modules(lora.load_lora_file(path, family)[0])
+    after = lora.kohya_modules(load_file(back))
+    assert set(before) == set(after)
+    for name, p in before.items():
+        q = after[name]
+        torch.testing.assert_close(lora.lora_delta(q["down"], q["up"], q["alpha"]),
+                                   lora.lora_delta(p["down"], p["up"], p["alpha"]), rtol=1e-5, atol=1e-7, msg=name)
+        if "dora" in p:
+            torch.testing.assert_close(q["dora"].flatten(), p["dora"].flatten())
+    assert lora_tools.main(["info", str(diffusers)]) == 0
+
+
+# --- SDXL: LoCon everywhere with DoRA, both CLIPs, written for diffusers ------------------------------
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_sdxl_locon_dora_and_both_clips_train_and_load_in_diffusers_and_comfyui(tmp_path, demos, capsys):
+    from diffusers import StableDiffusionXLPipeline
+    from test_sdxl_family import diffusers_unet
+
+    from models.unet import UNet
+
+    files = demos["sdxl"]
+    final = train.main([config_file(tmp_path, files, "sdxl", use_dora=True, targets="blocks", lora_format="diffusers",
+                                    text_encoder_lr={"clip_l": 1e-3, "clip_g": 5e-4}, loraplus_lr_ratio=4.0)])
+    assert "text encoder clip_g (lora_te2)" in capsys.readouterr().out
+    sd = load_file(final)
+    assert {k.split(".")[0] for k in sd} == {"unet", "text_encoder", "text_encoder_2"}
+    base = {k.removeprefix(PREFIX): v for k, v in load_file(files["model_path"]).items() if k.startswith(PREFIX)}
+    unet = UNet.from_state_dict(dict(base), num_head_channels=16)
+    theirs = diffusers_unet(base, unet.params)
+    warnings = Records()
+    logging.getLogger("diffusers").addHandler(warnings)
+    try:
+        state_dict, alphas = StableDiffusionXLPipeline.lora_state_dict(str(final), unet_config=theirs.config)
+        StableDiffusionXLPipeline.load_lora_into_unet(state_dict, alphas, unet=theirs, adapter_name="t")
+    finally:
+        logging.getLogger("diffusers").removeHandler(warnings)
+    assert warnings.messages == []
+    adapted = {n for n, m in theirs.named_modules() if hasattr(m, "lora_magnitude_vector") and "t" in m.lora_A}
+    assert adapted == {k.removeprefix("unet.").split(".lora_")[0] for k in sd if k.startswith("unet.")}
+    modules = dict(theirs.named_modules())
+    assert any(isinstance(modules[n].base_layer, torch.nn.Conv2d) for n in adapted)  # LoCon, as DoRA
+    kohya = lora.to_kohya(sd, SDXL, {})
+    _, not_loaded = comfy_load({k: v for k, v in kohya.items() if k.startswith("lora_unet")},
+                               comfy_key_map("sdxl", {k: v.shape for k, v in base.items()}))
+    assert not_loaded == []
+    clip_keys = [f"{clip}.transformer.text_model.encoder.layers.{i}.{m}.weight" for clip in ("clip_l", "clip_g")
+                 for i in range(2) for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                             "self_attn.out_proj", "mlp.fc1", "mlp.fc2")]  # ComfyUI's names
+    _, not_loaded = comfy_load({k: v for k, v in kohya.items() if k.startswith("lora_te")}, comfy_clip_key_map(clip_keys))
+    assert not_loaded == [] and {k.split("_")[1] for k in kohya if k.startswith("lora_te")} == {"te1", "te2"}
+    round_trip(final, tmp_path, SDXL)
+
+
+# --- python lora.py merge / extract on the families' single files ----------------------------------
+
+
+@pytest.mark.parametrize("family_name", ["sd3", "sdxl"])
+def test_merge_into_the_single_file_then_extract_gives_the_lora_back(tmp_path, demos, family_name):
+    files, family = demos[family_name], families.get(family_name)
+    final = train.main([config_file(tmp_path, files, family_name, targets="all", max_train_steps=1,
+                                    **({"conv_alpha": 0.0} if family_name == "sdxl" else {}))])
+    merged, extracted = tmp_path / "merged.safetensors", tmp_path / "extracted.safetensors"
+    assert lora_tools.main(["merge", files["model_path"], str(merged), "--lora", f"{final}:0.5"]) == 0
+    with safe_open(str(merged), "pt") as f, safe_open(files["model_path"], "pt") as g:
+        assert list(f.keys()) == list(g.keys())  # the whole file (text encoders too), in its layout
+    base, tuned = load_file(files["model_path"]), load_file(merged)
+    modules = lora.kohya_modules(lora.load_lora_file(final, family)[0])  # SD3 writes diffusers names by default
+    paths = lora.module_paths(family, modules)
+    for name, parts in modules.items():
+        key = f"{PREFIX}{paths[name][1]}.weight"
+        delta = lora.lora_delta(parts["down"], parts["up"], parts["alpha"], 0.5)
+        torch.testing.assert_close(tuned[key] - base[key], delta.reshape(base[key].shape), rtol=1e-4, atol=1e-6)
+    assert lora_tools.main(["extract", files["model_path"], str(merged), str(extracted), "--rank", "4",
+                            "--dtype", "fp32"]) == 0
+    back = lora.kohya_modules(load_file(extracted))
+    assert set(back) == set(modules)
+    for name, parts in modules.items():
+        expected = lora.lora_delta(parts["down"], parts["up"], parts["alpha"], 0.5)
+        got = lora.lora_delta(back[name]["down"], back[name]["up"], back[name]["alpha"])
+        torch.testing.assert_close(got.reshape(expected.shape), expected, rtol=1e-3, atol=1e-5, msg=name)
