@@ -118,6 +118,7 @@ DEFAULTS = dict(
     sample_guidance=3.5,          # default embedded guidance for samples (dev)
     validate_every=100,           # 0 disables
     log_every=1,
+    log_block_grad_norms=False,   # each step's gradient norm per block in metrics.jsonl (tools/compare_targets.py)
     # --- SD3 / SD3.5 only (families/sd3.py) ---
     sd3_variant="",               # "" reads it from model_path (shapes; "turbo" in the file name), or sd3-medium,
                                   # sd3.5-medium, sd3.5-large, sd3.5-large-turbo (plans without the file; sampling defaults)

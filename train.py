@@ -457,7 +457,8 @@ def train_step(run: Run, bins: losses.LossBins) -> dict:
     lr = run.opt.scheduler.get_last_lr()[0]
     training.apply_step(run.opt, run.step + 1, run.prepared.swap)
     run.step += 1
-    record = {"step": run.step, "epoch": run.order.epoch, "loss": step_loss, "lr": lr, "grad_norm": grad_norm.item()}
+    record = {"step": run.step, "epoch": run.order.epoch, "loss": step_loss, "lr": lr, "grad_norm": grad_norm.item(),
+              **training.block_grad_norms(run.prepared)}
     if run.opt.scaler is not None:
         record["loss_scale"] = run.opt.scaler.scale  # the scale the next step uses
     return record

@@ -9,6 +9,7 @@ so the plan cannot drift from training.
     grad_norm = close_gradients(opt, cfg)                 # unscale (fp16), clip (or close the fused step)
     apply_step(opt, step)                                  # optimizer step, schedule, EMA
 """
+import re
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,7 @@ class Prepared:
     trainable: dict[str, nn.Parameter]  # by name: the LoRA weights, or every weight of the model
     swap: blockswap.BlockSwap | None
     targets: dict[str, int]  # LoRA module path -> rank (empty for full fine-tuning)
+    grad_sq: dict | None = None  # log_block_grad_norms: trainable name -> its last squared gradient norm
 
 
 def load_network(family, cfg: dict, sd: dict, dtype: torch.dtype) -> nn.Module:
@@ -49,8 +51,8 @@ def choose_trainable(model: nn.Module, family, cfg: dict, device=None, text_netw
         return None, full_trainable(model, family, cfg), {}
     targets = lora_targets(model, family, cfg)
     # LoRA weights train in fp32 whatever the base dtype; LoRAModule casts them for the matmul.
-    options = dict(dropout=cfg["network_dropout"], rank_dropout=cfg["rank_dropout"], module_dropout=cfg["module_dropout"],
-                   dora=cfg["use_dora"], dtype=torch.float32, device=device)
+    options = dict(dropout=cfg["network_dropout"], rank_dropout=cfg["rank_dropout"],
+                   module_dropout=cfg["module_dropout"], dora=cfg["use_dora"], dtype=torch.float32, device=device)
     alphas = {path: network_alpha(cfg) for path in targets} | family.lora_alphas(cfg, targets)
     splits = fused_splits(model, family, targets) if cfg["split_qkv"] else None
     networks = [lora.LoRANetwork.inject(model, targets, alpha=alphas, prefix=family.lora_prefix, splits=splits,
@@ -163,7 +165,48 @@ def prepare(model: nn.Module, family, cfg: dict, device, host_device="cpu", allo
     model.train()
     if network is not None:
         network.train()
-    return Prepared(model, network, trainable, swap, targets)
+    grad_sq = watch_gradients(trainable) if cfg["log_block_grad_norms"] else None
+    return Prepared(model, network, trainable, swap, targets, grad_sq)
+
+
+def watch_gradients(trainable: dict[str, nn.Parameter]) -> dict:
+    """A hook on each trainable tensor that keeps its gradient's squared norm once the gradient
+    is complete (before a fused step frees it; registered before the optimizer's hooks, so it
+    runs first). With accumulation the last micro-batch's call sees the whole sum."""
+    grad_sq: dict = {}
+    for name, p in trainable.items():
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(lambda param, name=name: grad_sq.__setitem__(
+                name, param.grad.detach().float().square().sum()))
+    return grad_sq
+
+
+def block_grad_norms(prepared: Prepared) -> dict:
+    """{"block_grad_norms": {block: norm}} of the step just done (for metrics.jsonl; log_block_grad_norms),
+    blocks as the module paths name them ("double_blocks.3", "input_blocks.4", "img_in"; text
+    encoders by their kohya prefix, "lora_te1"); {} when off. With fp16 loss scaling, of the
+    scaled gradients."""
+    if not prepared.grad_sq:
+        return {}
+    paths = prepared.network.module_paths if prepared.network is not None else {}
+    groups: dict[str, list[Tensor]] = {}
+    for name, value in prepared.grad_sq.items():
+        # LoRA: "loras.<kohya name>.lora_up.weight" -> its module path; full fine-tuning: the name itself
+        module = name.split(".")[1] if prepared.network is not None else name.rsplit(".", 1)[0]
+        path = module if module.startswith("lora_te") else paths.get(module, module)
+        groups.setdefault(block_of(path), []).append(value)
+    prepared.grad_sq.clear()
+    norms = torch.stack([torch.stack(values).sum() for values in groups.values()]).sqrt().tolist()  # one sync
+    return {"block_grad_norms": dict(zip(groups, norms))}
+
+
+def block_of(path: str) -> str:
+    """The block a module path sits in: "double_blocks.3.img_attn.qkv" -> "double_blocks.3";
+    outside the blocks its top-level module ("img_in"); a text-encoder LoRA its prefix ("lora_te1")."""
+    if path.startswith("lora_te"):
+        return path[:len("lora_te1")]
+    match = re.match(r"[A-Za-z_]+\.\d+(?=\.)", path)
+    return match.group(0) if match else path.split(".")[0]
 
 
 def place(model: nn.Module, family, cfg: dict, device, mode: str, host_device="cpu",

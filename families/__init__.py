@@ -242,8 +242,9 @@ class Family:
         variants), for reading kohya names without the checkpoint."""
         from lora import LORA_BASES
 
-        paths = {p: None for model in self.lora_skeletons() for p, m in model.named_modules() if isinstance(m, LORA_BASES)}
-        return list(paths)
+        paths = {p: None for model in self.lora_skeletons() for p, m in model.named_modules()
+                 if isinstance(m, LORA_BASES)}
+        return list(paths)  # in the networks' order, each once
 
     def lora_layers(self, model: nn.Module) -> dict:
         """Module path -> lora.Layer for every layer that can train (blocks, embedders, final
