@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import re
 import resource
 import struct
 import sys
@@ -31,7 +32,7 @@ import atomic
 import families
 import lora
 from models.loading import SAFETENSORS_SUFFIXES, list_weight_files
-from models.text import CLIP_G_PREFIXES, CLIP_PREFIXES, T5_PREFIXES
+from models.text import CLIP_G_PREFIXES, CLIP_PREFIXES, OPENCLIP_BLOCK_TO_HF, OPENCLIP_PREFIXES, T5_PREFIXES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}
 NATIVE_PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # a denoiser inside a whole checkpoint
@@ -225,23 +226,52 @@ def merge(base: str, out: str, loras: list[tuple[str, float]], dtype: str | None
 
 
 def match_keys(reader: Checkpoint, modules: dict[str, list], family, encoder: str | None) -> dict[str, list]:
-    """Checkpoint key -> the LoRA patches for it; the matched modules leave `modules`. The
-    denoiser's keys (its prefix stripped) take lora_unet_ names; text-encoder sections (or, for a
-    separate encoder file, its bare keys) take that encoder's lora_te* names."""
+    """Checkpoint key -> the LoRA patches for it, (parts, strength, rows or None); the matched
+    modules leave `modules`. The denoiser's keys (its prefix stripped) take lora_unet_ names;
+    text-encoder sections (or, for a separate encoder file, its bare keys) take that encoder's
+    lora_te* names; SDXL's bigG in OpenCLIP's layout takes them through openclip_patches."""
     te = family.text_encoder_loras()
     sections = [(te[encoder][0], prefix) for prefix in TEXT_SECTIONS.get(encoder, ()) + ("",)] if encoder else \
         [(family.lora_prefix, denoiser_prefix(reader.keys()))] + \
         [(kohya, prefix) for name, (kohya, _) in te.items() for prefix in TEXT_SECTIONS.get(name, ())]
+    openclip = (OPENCLIP_PREFIXES + (("",) if encoder == "clip_g" else ())) if "clip_g" in te else ()
     patches = {}
     for key in reader.keys():
+        prefix = next((p for p in openclip if key.startswith(p + "transformer.resblocks.")), None)
+        if prefix is not None:
+            found = openclip_patches(key[len(prefix):], reader.shape(key), modules, te["clip_g"][0])
+            if found:
+                patches[key] = found
+            continue
         if not key.endswith(".weight"):
             continue
         for kohya_prefix, prefix in sections:
             name = lora.kohya_name(key[len(prefix):-len(".weight")], kohya_prefix) if key.startswith(prefix) else None
             if name in modules:
-                patches[key] = modules.pop(name)
+                patches[key] = [(parts, strength, None) for parts, strength in modules.pop(name)]
                 break
     return patches
+
+
+def openclip_patches(key: str, shape: tuple, modules: dict[str, list], kohya_prefix: str) -> list:
+    """The patches of one tensor of an OpenCLIP text tower (`transformer.resblocks.N.*`, as SDXL
+    checkpoints hold bigG) from LoRAs on its HF modules (models/text.py: OPENCLIP_BLOCK_TO_HF):
+    q, k and v each on a third of the rows of attn.in_proj_weight."""
+    match = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(attn\.in_proj_|attn\.out_proj\.|mlp\.c_fc\.|mlp\.c_proj\.)weight",
+                         key)
+    if match is None:
+        return []
+    layer = f"text_model.encoder.layers.{match.group(1)}."
+    if match.group(2) == "attn.in_proj_":  # rows [q; k; v]
+        third = shape[0] // 3
+        places = [(f"{layer}self_attn.{p}_proj", (i * third, (i + 1) * third)) for i, p in enumerate("qkv")]
+    else:
+        places = [(layer + OPENCLIP_BLOCK_TO_HF[match.group(2)].rstrip("."), None)]
+    found = []
+    for path, rows in places:
+        name = lora.kohya_name(path, kohya_prefix)
+        found += [(parts, strength, rows) for parts, strength in modules.pop(name, [])]
+    return found
 
 
 def write_merged(reader: Checkpoint, out: str, patches: dict[str, list], dtype: str | None) -> None:
@@ -254,10 +284,11 @@ def write_merged(reader: Checkpoint, out: str, patches: dict[str, list], dtype: 
         for key, target, _ in layout:
             tensor = reader.read(key)
             if key in patches:
-                weight = tensor.float()
-                for parts, strength in patches.pop(key):
-                    weight = lora.merged_weight(weight, parts["down"], parts["up"], parts["alpha"], strength,
-                                                parts.get("dora"))
+                weight = tensor.to(torch.float32, copy=True)
+                for parts, strength, rows in patches.pop(key):
+                    start, stop = rows or (0, len(weight))  # rows: q, k or v of a fused in_proj_weight
+                    weight[start:stop] = lora.merged_weight(weight[start:stop], parts["down"], parts["up"],
+                                                            parts["alpha"], strength, parts.get("dora"))
                 tensor = weight
             yield cast(tensor, target)
 

@@ -203,25 +203,37 @@ def test_sdxl_locon_dora_and_both_clips_train_and_load_in_diffusers_and_comfyui(
 
 @pytest.mark.parametrize("family_name", ["sd3", "sdxl"])
 def test_merge_into_the_single_file_then_extract_gives_the_lora_back(tmp_path, demos, family_name):
+    """SDXL: CLIP-L (HF layout) and bigG (OpenCLIP's, q / k / v stacked in in_proj_weight) merge
+    into the checkpoint's conditioner too."""
+    from models.text import OPENCLIP_PREFIXES, openclip_text_state_dict
+
     files, family = demos[family_name], families.get(family_name)
-    final = train.main([config_file(tmp_path, files, family_name, targets="all", max_train_steps=1,
-                                    **({"conv_alpha": 0.0} if family_name == "sdxl" else {}))])
+    sdxl = dict(conv_alpha=0.0, text_encoder_lr={"clip_l": 1e-3, "clip_g": 1e-3}) if family_name == "sdxl" else {}
+    final = train.main([config_file(tmp_path, files, family_name, targets="all", max_train_steps=1, **sdxl)])
     merged, extracted = tmp_path / "merged.safetensors", tmp_path / "extracted.safetensors"
     assert lora_tools.main(["merge", files["model_path"], str(merged), "--lora", f"{final}:0.5"]) == 0
     with safe_open(str(merged), "pt") as f, safe_open(files["model_path"], "pt") as g:
         assert list(f.keys()) == list(g.keys())  # the whole file (text encoders too), in its layout
     base, tuned = load_file(files["model_path"]), load_file(merged)
+    views = {"lora_unet": (base, tuned, PREFIX), "lora_te1": (base, tuned, "conditioner.embedders.0.transformer.")}
+    bigg = [openclip_text_state_dict({k[len(OPENCLIP_PREFIXES[0]):]: v for k, v in sd.items()
+                                      if k.startswith(OPENCLIP_PREFIXES[0])}) for sd in (base, tuned)]
+    views["lora_te2"] = (*bigg, "")  # in HF names
     modules = lora.kohya_modules(lora.load_lora_file(final, family)[0])  # SD3 writes diffusers names by default
     paths = lora.module_paths(family, modules)
+    assert {prefix for prefix, _ in paths.values()} == ({"lora_unet", "lora_te1", "lora_te2"} if sdxl else {"lora_unet"})
     for name, parts in modules.items():
-        key = f"{PREFIX}{paths[name][1]}.weight"
+        before, after, prefix = views[paths[name][0]]
+        key = f"{prefix}{paths[name][1]}.weight"
         delta = lora.lora_delta(parts["down"], parts["up"], parts["alpha"], 0.5)
-        torch.testing.assert_close(tuned[key] - base[key], delta.reshape(base[key].shape), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(after[key] - before[key], delta.reshape(before[key].shape), rtol=1e-4, atol=1e-6,
+                                   msg=name)
     assert lora_tools.main(["extract", files["model_path"], str(merged), str(extracted), "--rank", "4",
                             "--dtype", "fp32"]) == 0
-    back = lora.kohya_modules(load_file(extracted))
-    assert set(back) == set(modules)
-    for name, parts in modules.items():
+    back = lora.kohya_modules(load_file(extracted))  # the denoiser's (kohya's extract leaves text encoders out)
+    assert set(back) == {name for name in modules if name.startswith("lora_unet")}
+    for name in back:
+        parts = modules[name]
         expected = lora.lora_delta(parts["down"], parts["up"], parts["alpha"], 0.5)
         got = lora.lora_delta(back[name]["down"], back[name]["up"], back[name]["alpha"])
         torch.testing.assert_close(got.reshape(expected.shape), expected, rtol=1e-3, atol=1e-5, msg=name)
