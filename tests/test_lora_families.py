@@ -186,6 +186,7 @@ def test_sdxl_locon_dora_and_both_clips_train_and_load_in_diffusers_and_comfyui(
     assert adapted == {k.removeprefix("unet.").split(".lora_")[0] for k in sd if k.startswith("unet.")}
     modules = dict(theirs.named_modules())
     assert any(isinstance(modules[n].base_layer, torch.nn.Conv2d) for n in adapted)  # LoCon, as DoRA
+    assert_same_outputs(unet, theirs, final)
     kohya = lora.to_kohya(sd, SDXL, {})
     _, not_loaded = comfy_load({k: v for k, v in kohya.items() if k.startswith("lora_unet")},
                                comfy_key_map("sdxl", {k: v.shape for k, v in base.items()}))
@@ -196,6 +197,30 @@ def test_sdxl_locon_dora_and_both_clips_train_and_load_in_diffusers_and_comfyui(
     _, not_loaded = comfy_load({k: v for k, v in kohya.items() if k.startswith("lora_te")}, comfy_clip_key_map(clip_keys))
     assert not_loaded == [] and {k.split("_")[1] for k in kohya if k.startswith("lora_te")} == {"te1", "te2"}
     round_trip(final, tmp_path, SDXL)
+
+
+def assert_same_outputs(ours, theirs, path) -> None:
+    """Our UNet with the file merged (lora.py) and diffusers' with it loaded (PEFT, on the fly) agree."""
+    from models.unet import size_embedding
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, ours.params.in_channels, 8, 8, generator=g)
+    context = torch.randn(2, 5, ours.params.context_dim, generator=g)
+    pooled = torch.randn(2, demo_data.SDXL_TEXT_WIDTH, generator=g)
+    time_ids = torch.tensor([[24.0, 40, 0, 5, 16, 16], [16, 16, 0, 0, 16, 16]])
+    y = torch.cat([pooled, size_embedding(time_ids[:, :2], time_ids[:, 2:4], time_ids[:, 4:])], dim=1)
+    t = torch.tensor([999, 10])
+    with torch.no_grad():
+        plain = ours(x, t, context, y)
+        with pytest.warns(UserWarning, match="24 LoRA modules are not for this model"):  # the CLIPs' 2 x 12
+            lora.apply_lora_file(ours, path, SDXL)
+        got = ours(x, t, context, y)
+        expected = theirs(x, t, encoder_hidden_states=context, return_dict=False,
+                          added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids})[0]
+    assert (got - plain).abs().max() > 1e-4  # the LoRA changes the output, as diffusers applies it
+    print("SDXL DoRA + LoCon, ours merged vs diffusers (PEFT) on the fly: max abs difference",
+          (got - expected).abs().max().item())
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
 # --- python lora.py merge / extract on the families' single files ----------------------------------

@@ -22,7 +22,7 @@ def config_file(folder, demo_files, **settings) -> str:  # noqa: F811
 
 def test_dora_split_dropouts_loraplus_and_a_preset_train_and_resume(tmp_path, demo_files, capsys):
     settings = dict(use_dora=True, split_qkv=True, rank_dropout=0.2, module_dropout=0.1, loraplus_lr_ratio=4.0,
-                    targets="no_last_blocks", save_dtype="fp32")
+                    targets="no_last_blocks", save_dtype="fp32", max_train_steps=4, save_every=2)
     straight = train.main([config_file(tmp_path / "a", demo_files, **settings)])
     # 2 double + 2 single blocks run at depths 0, 1/4, 2/4, 3/4: the last quarter is single block 1
     assert "LoRA on 23 layers (preset 'no_last_blocks')" in capsys.readouterr().out
@@ -39,9 +39,9 @@ def test_dora_split_dropouts_loraplus_and_a_preset_train_and_resume(tmp_path, de
     model_keys = {k: v.shape for k, v in load_file(config_value(straight, "model_path")).items()}
     _, not_loaded = comfy_load(sd, comfy_key_map("flux", model_keys))
     assert not_loaded == []
-    # stop after 3 steps, resume to 6: the same losses and the same file
+    # stop after 2 steps, resume to 4: the same losses and the same file
     stopped_dir = tmp_path / "b"
-    train.main([config_file(stopped_dir, demo_files, **settings, max_train_steps=3)])
+    train.main([config_file(stopped_dir, demo_files, **{**settings, "max_train_steps": 2})])
     resumed = train.main([config_file(stopped_dir, demo_files, **settings), "--resume=latest"])
     assert losses_of(resumed.parent) == pytest.approx(losses_of(straight.parent), rel=1e-6)
     for key, value in load_file(resumed).items():
@@ -56,7 +56,7 @@ def config_value(final, key):
 def test_text_encoder_lora_trains_live_and_is_saved_with_kohyas_prefixes(tmp_path, demo_files, capsys):
     final = train.main([config_file(tmp_path, demo_files, text_encoder_lr={"clip_l": 2e-3, "t5": 1e-3},
                                     caption_dropout_rate=0.3, validation_count=2, validate_every=3,
-                                    sample_every=3, sample_steps=2, save_dtype="fp32")])
+                                    sample_every=3, sample_steps=2, save_dtype="fp32", max_train_steps=3)])
     out = capsys.readouterr().out
     assert "text encoder clip_l (lora_te1)" in out and "text encoder t5 (lora_te3)" in out
     assert "note: diffusers (T5, lora_te3)" in out  # said when saving
@@ -67,7 +67,7 @@ def test_text_encoder_lora_trains_live_and_is_saved_with_kohyas_prefixes(tmp_pat
     assert "lora_te3_encoder_block_1_layer_1_DenseReluDense_wi_0" in te3
     assert all(parts["up"].abs().sum() > 0 for parts in (te1 | te3).values())  # they trained (ups start at zero)
     records = [json.loads(line) for line in (final.parent / "metrics.jsonl").read_text().splitlines()]
-    assert any("val_loss" in r for r in records) and len(list((final.parent / "samples").glob("*.png"))) >= 4
+    assert any("val_loss" in r for r in records) and len(list((final.parent / "samples").glob("*.png"))) >= 2
     clip_keys = [f"clip_l.transformer.text_model.encoder.layers.{i}.{m}.weight" for i in range(2)
                  for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
                            "mlp.fc1", "mlp.fc2")]
