@@ -262,3 +262,47 @@ def test_merge_into_the_single_file_then_extract_gives_the_lora_back(tmp_path, d
         expected = lora.lora_delta(parts["down"], parts["up"], parts["alpha"], 0.5)
         got = lora.lora_delta(back[name]["down"], back[name]["up"], back[name]["alpha"])
         torch.testing.assert_close(got.reshape(expected.shape), expected, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_sd3_dora_split_file_in_diffusers_loader_gives_our_output(tmp_path, monkeypatch):
+    """A DoRA LoRA trained split on the fused q/k/v, on every layer, written in diffusers names:
+    diffusers' SD3 loader (PEFT, applied on the fly) leaves no key and gives lora.py's merged output."""
+    import diffusers.loaders.peft as diffusers_peft
+    from diffusers.loaders import SD3LoraLoaderMixin
+    from test_mmdit import diffusers_model, random_inputs, random_state_dict, run_diffusers
+    from test_sd3_family import TINY
+
+    from models.mmdit import MMDiT
+
+    sd = random_state_dict(TINY)
+    ours = MMDiT.from_state_dict(dict(sd)).eval()
+    modules = dict(ours.named_modules())
+    targets = lora.preset_targets(SD3.lora_layers(ours), "all", SD3, 4)
+    splits = {p: rows for p in targets if (rows := SD3.lora_fused_rows(p, modules[p]))}
+    network = lora.LoRANetwork.inject(ours, targets, alpha=2.0, dora=True, splits=splits)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in network.loras.values():
+            for w in [m.lora_down.weight] + [layer.weight for layer in m._ups()]:
+                w.copy_(torch.randn(w.shape, generator=g) * 0.05)
+            m.dora_scale.mul_(1 + 0.1 * torch.randn(m.dora_scale.shape, generator=g))
+    path = tmp_path / "dora.safetensors"
+    lora.save_lora(network, path, {}, torch.float32, SD3, "diffusers")
+    x = random_inputs(TINY)
+    with torch.no_grad():
+        expected = ours(**x)  # the LoRA on the fly in our network
+    theirs = diffusers_model(sd, TINY)
+    with torch.no_grad():
+        plain = run_diffusers(theirs, x)
+    reported = []
+    monkeypatch.setattr(diffusers_peft, "_maybe_warn_for_unhandled_keys", lambda keys, name: reported.append(keys))
+    state_dict, metadata = SD3LoraLoaderMixin.lora_state_dict(str(path), return_lora_metadata=True)
+    SD3LoraLoaderMixin.load_lora_into_transformer(state_dict, transformer=theirs, metadata=metadata)
+    assert reported and reported[0].unexpected_keys == [] and not [k for k in reported[0].missing_keys if "lora" in k]
+    assert len(splits) == 5 and sum(hasattr(m, "lora_magnitude_vector") for m in theirs.modules()) == \
+        len(network.loras) + 2 * len(splits)  # each fused qkv is three diffusers modules
+    with torch.no_grad():
+        got = run_diffusers(theirs, x)
+    print("SD3 DoRA split, ours vs diffusers (PEFT): max abs difference", (got - expected).abs().max().item())
+    assert (got - plain).abs().max() > 1e-3  # the LoRA changes the output
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
