@@ -120,8 +120,15 @@ class LiveText:
         return training.encode_text(self.text, captions)
 
     def load(self, caption: str) -> dict:
-        with torch.no_grad():
-            return {k: v[0] for k, v in self([caption]).items()}
+        modes = [(m, m.training) for network in self.networks.values() for m in network.modules()]
+        for network in self.networks.values():
+            network.eval()  # the LoRAs' dropouts off
+        try:
+            with torch.no_grad():
+                return {k: v[0] for k, v in self([caption]).items()}
+        finally:
+            for module, mode in modes:
+                module.training = mode
 
 
 def warn_truncated(text, captions: list[str]) -> None:

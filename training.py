@@ -64,6 +64,8 @@ def choose_trainable(model: nn.Module, family, cfg: dict, device=None, text_netw
         te_targets = family.text_encoder_lora_targets(encoder, te_model, cfg["network_dim"])
         networks.append(lora.LoRANetwork.inject(te_model, te_targets, alpha=network_alpha(cfg), prefix=prefix,
                                                 names=lora.text_encoder_names(te_model, te_targets), **options))
+        for module in networks[-1].loras.values():  # a LoRA's dropouts follow its layer's mode; the encoder
+            module.base.train()  # itself stays in eval mode (T5's own dropout off); data.LiveText.load evaluates
     network = networks[0] if len(networks) == 1 else lora.LoRANetwork.join(networks)
     if cfg["network_weights"] and not next(network.parameters()).is_meta:
         fresh = lora.load_network_weights(network, cfg["network_weights"], family)

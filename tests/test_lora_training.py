@@ -111,3 +111,45 @@ def test_full_finetuning_freezes_what_the_selection_leaves_out(tmp_path, demo_fi
         # outside the blocks (embedders, final layer: as SD3's train_joint_blocks)
         assert not any(k.startswith(("double_blocks.1.", "single_blocks.")) for k in changed)
         assert "double_blocks.0.img_attn.norm.query_norm.scale" in changed and "img_in.weight" in changed
+
+
+class OneClip:
+    """A prompt encoder as models/text.py shapes them: networks(), and encode under no_grad."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def networks(self) -> dict:
+        return {"clip_l": self.model}
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> dict:
+        ids = torch.tensor([[0] + [2 + len(c) % 7] * 3 + [1] for c in captions])
+        return {"clip": self.model(input_ids=ids).last_hidden_state}
+
+
+def test_text_encoder_loras_drop_out_in_training_only(tmp_path):
+    """rank / module dropout reach the text encoders' LoRAs while training (with gradients), not
+    when validation or samples read the encoders (data.LiveText.load), and the encoder's own
+    layers stay in eval mode throughout."""
+    from transformers import CLIPTextModel
+
+    import data
+    import demo_data
+    import training
+    from config import DEFAULTS
+    from test_lora_tools import tiny_flux
+
+    clip = CLIPTextModel.from_pretrained(demo_data.make_clip(tmp_path / "clip"))
+    live = data.LiveText(OneClip(clip))
+    cfg = dict(DEFAULTS, network_dim=4, text_encoder_lr={"clip_l": 1e-4}, rank_dropout=0.5)
+    network, _, _ = training.choose_trainable(tiny_flux(), FLUX, cfg, text_networks=live.networks)
+    with torch.no_grad():
+        for name, module in network.loras.items():
+            if name.startswith("lora_te1"):
+                module.lora_up.weight.normal_(0, 0.5)
+    evaluated = [live.load("a cat")["clip"] for _ in range(2)]
+    torch.testing.assert_close(evaluated[0], evaluated[1])  # no dropout
+    trained = [live(["a cat"])["clip"][0] for _ in range(2)]
+    assert trained[0].requires_grad and (trained[0] - trained[1]).abs().max() > 1e-3  # rank dropout
+    assert not any(m.training for m in clip.modules() if isinstance(m, torch.nn.Dropout))
