@@ -492,7 +492,7 @@ def presets(config_path: str, overrides: list[str], preset: str | None = None) -
         selections[name] = (description, lora.preset_targets(layers, name, family, rank, cfg["group_ranks"]))
     for name, (description, targets) in selections.items():
         full = sum(p.numel() for t in targets for p in modules[t].parameters(recurse=False))
-        lines.append(f"  {name or '(default)':16} {len(targets):5} layers  LoRA {lora.lora_parameter_count(model, targets, cfg['use_dora']):>13,}"
+        lines.append(f"  {name or '(default)':18} {len(targets):5} layers  LoRA {lora.lora_parameter_count(model, targets, cfg['use_dora']):>13,}"
                      f"  full {full:>15,}  {description}")
     if preset is not None:
         lines += [f"{preset or '(default)'}:"] + [f"  {line}" for line in lora.describe_paths(selections[preset][1], 200)]

@@ -144,7 +144,9 @@ def round_trip(path, folder: Path, family) -> None:
                                    lora.lora_delta(p["down"], p["up"], p["alpha"]), rtol=1e-5, atol=1e-7, msg=name)
         if "dora" in p:
             torch.testing.assert_close(q["dora"].flatten(), p["dora"].flatten())
-    assert lora_tools.main(["info", str(diffusers)]) == 0
+    lines = lora_tools.info(str(diffusers))
+    assert f"{family.title} LoRA, diffusers format, {len(before)} modules" in lines[0]
+    assert any(line.startswith("  text encoder clip_g (lora_te2): ") for line in lines)
 
 
 # --- SDXL: LoCon everywhere with DoRA, both CLIPs, written for diffusers ------------------------------
