@@ -362,6 +362,10 @@ class SD3(Family):
         return {"clip_l": ("lora_te1", "text_encoder"), "clip_g": ("lora_te2", "text_encoder_2"),
                 "t5": ("lora_te3", "text_encoder_3")}
 
+    def lora_readers(self, lora_format: str) -> list[str]:
+        readers = super().lora_readers(lora_format)  # diffusers' SD3 loader reads diffusers names only
+        return [r for r in readers if not r.startswith("diffusers")] if lora_format != "diffusers" else readers
+
     def text_encoder_loader_notes(self, encoders: list[str]) -> list[str]:
         if "t5" not in encoders:
             return []
