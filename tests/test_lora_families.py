@@ -44,6 +44,8 @@ def config_file(folder: Path, files: dict, family: str, **settings) -> str:
                 sample_prompts="", save_dtype="fp32")
     base |= {"t5_max_length": 8} if family == "sd3" else {"model_overrides": {"num_head_channels": 16}}
     base.update(settings)
+    if base.get("train_mode") == "full":  # LoRA settings are refused for full fine-tuning
+        base = {k: v for k, v in base.items() if k not in ("network_dim", "network_alpha")}
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.py"
     path.write_text("".join(f"{k} = {v!r}\n" for k, v in base.items()))
@@ -144,6 +146,9 @@ def round_trip(path, folder: Path, family) -> None:
                                    lora.lora_delta(p["down"], p["up"], p["alpha"]), rtol=1e-5, atol=1e-7, msg=name)
         if "dora" in p:
             torch.testing.assert_close(q["dora"].flatten(), p["dora"].flatten())
+    resized = folder / "r.safetensors"
+    assert lora_tools.main(["resize", str(back), str(resized), "--rank", "2"]) == 0
+    assert {parts["down"].shape[0] for parts in lora.kohya_modules(load_file(resized)).values()} == {2}
     lines = lora_tools.info(str(diffusers))
     assert f"{family.title} LoRA, diffusers format, {len(before)} modules" in lines[0]
     assert any(line.startswith("  text encoder clip_g (lora_te2): ") for line in lines)
@@ -308,3 +313,12 @@ def test_sd3_dora_split_file_in_diffusers_loader_gives_our_output(tmp_path, monk
     print("SD3 DoRA split, ours vs diffusers (PEFT): max abs difference", (got - expected).abs().max().item())
     assert (got - plain).abs().max() > 1e-3  # the LoRA changes the output
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_sdxl_full_finetuning_trains_only_what_a_preset_selects(tmp_path, demos):
+    files = demos["sdxl"]
+    final = train.main([config_file(tmp_path, files, "sdxl", train_mode="full", targets="context_blocks",
+                                    max_train_steps=1)])
+    base, tuned = load_file(files["model_path"]), load_file(final)
+    changed = {k for k in tuned if not torch.equal(base[PREFIX + k].float(), tuned[k].float())}
+    assert changed and all(k.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for k in changed)
