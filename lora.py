@@ -1112,6 +1112,28 @@ def apply_lora_file(
     return network
 
 
+def apply_text_encoder_loras(networks: dict[str, nn.Module], path: str | Path, family,
+                             multiplier: float = 1.0) -> list[str]:
+    """The lora_te* parts of a LoRA file merged into the text encoders they are for, for
+    inference (sample.py): `networks` by encoder name, as a prompt encoder's networks() gives
+    them (HF module names, which kohya's te names spell). Returns the encoders changed."""
+    sd, _ = load_lora_file(path, family)
+    changed = []
+    for encoder, (prefix, _) in family.text_encoder_loras().items():
+        if encoder not in networks or not any(k.startswith(prefix + "_") for k in sd):
+            continue
+        model = networks[encoder]
+        linears = [p for p, m in model.named_modules() if isinstance(m, nn.Linear)]
+        # the file's names (CLIP under text_model.) -> this model's (transformers 5 drops that level)
+        own = {kohya_name(spelled, prefix): kohya_name(p, prefix)
+               for p, spelled in text_encoder_names(model, linears).items()}
+        part = {own.get(k.split(".")[0], k.split(".")[0]) + "." + k.split(".", 1)[1]: v for k, v in sd.items()
+                if k.startswith(prefix + "_")}
+        _merge_state_dict(model, part, targets_from_state_dict(model, part, prefix), multiplier, prefix)
+        changed.append(encoder)
+    return changed
+
+
 def load_network_weights(network: LoRANetwork, path: str | Path, family) -> list[str]:
     """Continue training from a LoRA file (kohya's network_weights), in any format the family
     reads. Every module of the file must be one of the network's, with its shapes (the same

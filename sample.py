@@ -223,12 +223,15 @@ def sampling_config(args) -> dict:
     return cfg
 
 
-def encode_prompts(family, cfg: dict, params, prompts: list[SamplePrompt], dtype, device) -> list:
-    """Every prompt's conditioning, computed before the denoiser loads; the text encoders then
-    leave the device."""
+def encode_prompts(family, cfg: dict, params, prompts: list[SamplePrompt], dtype, device, loras=()) -> list:
+    """Every prompt's conditioning, computed before the denoiser loads (with the text-encoder
+    parts of `loras` merged); the text encoders then leave the device."""
+    import lora
     import training
 
     text = family.text_encoder(cfg, params, dtype, training.text_encoder_load_device(cfg, device))
+    for path, strength in loras:
+        lora.apply_text_encoder_loras(text.networks(), path, family, strength)
     swaps = training.place_text_encoders(text.networks(), cfg, device)
     encoded = []
     for prompt in prompts:
@@ -257,7 +260,7 @@ def run_cli(args) -> list[Path]:
     prompts = read_prompt_file(args.prompt_file, defaults) if args.prompt_file \
         else [parse_prompt_line(args.prompt, defaults)]
     loras = [parse_lora_arg(spec) for spec in args.lora]
-    encoded = encode_prompts(family, cfg, params, prompts, dtype, device)
+    encoded = encode_prompts(family, cfg, params, prompts, dtype, device, loras)
     model = family.load(sd, cfg, dtype=dtype, device="cpu").requires_grad_(False).eval()
     del sd
     for path, strength in loras:

@@ -77,6 +77,17 @@ def test_text_encoder_lora_trains_live_and_is_saved_with_kohyas_prefixes(tmp_pat
     _, not_loaded = comfy_load({k: v for k, v in sd.items() if k.startswith("lora_te")},
                                comfy_clip_key_map(clip_keys + t5_keys))
     assert not_loaded == []
+    # sample.py merges the text-encoder parts into the encoders it loads
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    clip = CLIPTextModel.from_pretrained(demo_files["clip_l_path"])
+    t5 = T5EncoderModel.from_pretrained(demo_files["t5_path"])
+    q_proj = next(m for p, m in clip.named_modules() if p.endswith("layers.0.self_attn.q_proj")).weight
+    before = q_proj.detach().clone()
+    assert lora.apply_text_encoder_loras({"clip_l": clip, "t5": t5}, final, FLUX, 0.5) == ["clip_l", "t5"]
+    parts = te1["lora_te1_text_model_encoder_layers_0_self_attn_q_proj"]
+    torch.testing.assert_close(q_proj.detach() - before, lora.lora_delta(parts["down"], parts["up"], parts["alpha"], 0.5),
+                               rtol=1e-4, atol=1e-7)
 
 
 def test_continuing_from_a_file_starts_from_its_weights(tmp_path, demo_files):
