@@ -73,3 +73,9 @@ def test_block_gradient_norms_are_autograds():
     assert set(norms) == {"double_blocks.0", "double_blocks.1", "single_blocks.0", "single_blocks.1"}
     assert norms == pytest.approx({b: v ** 0.5 for b, v in expected.items()}, rel=1e-5)
     assert training.block_grad_norms(prepared) == {}  # each step's norms are read once
+
+
+def test_help_names_the_command(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        compare_targets.main(["--help"])
+    assert exit_.value.code == 0 and "usage: python tools/compare_targets.py" in capsys.readouterr().out
