@@ -145,9 +145,10 @@ def check_images(items: list[ImageItem], resolution, on_error: str = "skip",
         try:
             with Image.open(item.image_path) as image:
                 size = image.size
+                image.verify()  # the file's structure and checksums, without decoding the pixels
+            with Image.open(item.image_path) as image:  # verify() leaves the image unusable: open again
                 if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
                     size = size[::-1]  # open_rgb turns it upright
-                image.verify()  # the file's structure and checksums, without decoding the pixels
         except Exception as error:  # PIL raises many kinds; each means "cannot use this file"
             if on_error == "stop":
                 raise ImageReadError(f"cannot read image {item.image_path}: {type(error).__name__}: {error}") from None

@@ -14,6 +14,7 @@ lines starting with # are comments).
 """
 import argparse
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -127,6 +128,25 @@ def to_pil(pixels: Tensor) -> Image.Image:
 
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+LABEL_HEIGHT = 14  # pixels of the text band above each image of a grid
+
+
+def image_grid(images: list[Image.Image], labels: list[str], columns: int | None = None) -> Image.Image:
+    """Images in rows of `columns` (default: a near-square grid), each cell the size of the
+    largest image plus a LABEL_HEIGHT band with its label: columns x cell width by rows x
+    (cell height + LABEL_HEIGHT) pixels."""
+    from PIL import ImageDraw
+
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    cell_w, cell_h = max(im.width for im in images), max(im.height for im in images)
+    grid = Image.new("RGB", (columns * cell_w, rows * (cell_h + LABEL_HEIGHT)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        x, y = (i % columns) * cell_w, (i // columns) * (cell_h + LABEL_HEIGHT)
+        draw.text((x + 2, y + 1), label[: max(1, cell_w // 6)], fill="black")  # ~6 px per character
+        grid.paste(image, (x, y + LABEL_HEIGHT))
+    return grid
 
 
 def save_image(image: Image.Image, path: str | Path, prompt: SamplePrompt, extra: dict | None = None) -> None:
