@@ -205,8 +205,9 @@ def test_masked_pixels_contribute_nothing_through_train_main(tmp_path, demo_file
             return out + 1e3 * torch.randn(out.shape, generator=torch.Generator().manual_seed(0)) * chosen
 
         monkeypatch.setattr(FLUX, "predict", predict)
-        cfg = run_config(tmp_path / name, files, alpha_mask=True, flip_aug=True, max_train_steps=6, seed=5)
-        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name).mkdir()
+        cfg = run_config(tmp_path / name, files, alpha_mask=True, flip_aug=True, max_train_steps=4, seed=5,
+                         cache_dir=str(tmp_path / "cache"))  # one cache for the three runs
         final = train.main([cfg])
         losses = [json.loads(line)["loss"] for line in (final.parent / "metrics.jsonl").read_text().splitlines()]
         return losses, load_file(str(final))
