@@ -54,7 +54,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CACHE_FORMAT = "2"  # bump when an entry's layout changes: every older entry is then rebuilt
 CROP_MODES = ("center", "random")
 # Names CachedDataset puts beside the text tensors; an encoder output may not use them.
-SAMPLE_NAMES = ("latent", "mask", "caption", "index", "original_size", "crop_top_left")
+SAMPLE_NAMES = ("latent", "mask", "caption", "index", "original_size", "crop_top_left", "target_size")
 
 
 # ---------------------------------------------------------------- dataset scan

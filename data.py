@@ -217,8 +217,9 @@ def report_buckets(items: Items, run_dir: Path | None) -> None:
 class SampleSet(torch.utils.data.Dataset):
     """Samples read from the caches. dataset[i] is sample i as in epoch 0; dataset[(i, epoch)]
     as in that epoch (its flip and caption variant): {"latent": (C, h, w), "mask": (1, h, w)
-    with masked loss, each text tensor of its caption, "caption", "index", "original_size" and
-    "crop_top_left" (height/top first; SDXL conditions on them)}."""
+    with masked loss, each text tensor of its caption, "caption", "index", "original_size",
+    "crop_top_left" (of a flipped sample: in the mirrored image) and "target_size" (its bucket),
+    height/top first; SDXL conditions on the last three (main's SDXL reads target_size)}."""
 
     def __init__(self, samples: list[Sample], variants: list[list], latent_cache, text_cache, sections: list[dict],
                  seed: int, masked: bool):
@@ -253,7 +254,7 @@ class SampleSet(torch.utils.data.Dataset):
             raise cache.CacheEntryError(error.path, f"(caption {caption!r} of epoch {epoch}) {error.reason}; the "
                                                     "text cache holds the captions of the epochs the run planned")
         return out | {"caption": caption, "index": index, "original_size": torch.tensor(entry.original_size),
-                      "crop_top_left": torch.tensor(entry.crop[:2])}
+                      "crop_top_left": torch.tensor(entry.crop[:2]), "target_size": torch.tensor(entry.crop[2:])}
 
     def captions_for(self, epochs: int) -> set[str]:
         """Every caption the samples render to in epochs 0 .. epochs-1 (one render for a sample
