@@ -34,7 +34,8 @@ class MetricsLog:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step: events a stopped run wrote after its last state are dropped on resume
-            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+            purge = resume_step + 1 if resume_step else None
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
 
     def log(self, record: dict) -> None:
         self.records.append(record)

@@ -348,7 +348,8 @@ def compare_run(args) -> Path:
         if lora_run and path is not None:
             network = lora.apply_lora_file(model, path, family, merge=False)
         elif not lora_run:
-            model = family.load(load_state_dict(str(path)), cfg, dtype=dtype, device=device).requires_grad_(False).eval()
+            model = family.load(load_state_dict(str(path)), cfg, dtype=dtype, device=device)
+            model.requires_grad_(False).eval()
         latents.append(generate_latent(family, model, codec, prompt, cond, neg))
         if lora_run and path is not None:
             network.remove()

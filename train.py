@@ -535,7 +535,8 @@ def after_step(run: Run, record: dict, bins: losses.LossBins, stop: StopRequests
         bins.reset()
     if step % cfg["log_every"] == 0 or last or stop.requested or "val_loss" in record or "loss_by_sigma" in record:
         run.metrics.log(record)
-    epoch_sample, epoch_save = epoch_ended(run, cfg["sample_every_n_epochs"]), epoch_ended(run, cfg["save_every_n_epochs"])
+    epoch_sample = epoch_ended(run, cfg["sample_every_n_epochs"])
+    epoch_save = epoch_ended(run, cfg["save_every_n_epochs"])
     run.epochs_seen = run.order.epochs_done
     sampling = run.data.prompts and (cfg["sample_every"] or cfg["sample_every_n_epochs"])
     if sampling and ((cfg["sample_every"] and step % cfg["sample_every"] == 0) or last or epoch_sample):
@@ -635,7 +636,8 @@ def print_summary(run: Run, final: Path | None) -> None:
     the result in ComfyUI and diffusers, and the final and best validation loss."""
     cfg, out = run.cfg, run.run_dir
     lora_run = run.prepared.network is not None
-    kind = f"kohya LoRA keys, {cfg['save_dtype']}" if lora_run else f"original {run.family.title} keys, {cfg['save_dtype']}"
+    keys = "kohya LoRA" if lora_run else f"original {run.family.title}"
+    kind = f"{keys} keys, {cfg['save_dtype']}"
     steps = sorted(out.glob(f"{cfg['run_name']}_step*.safetensors"))
     states = checkpoint.state_dirs(out)
     print(("finished" if final is not None else f"stopped at step {run.step}") + f": everything is in {out}/")
