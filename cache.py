@@ -886,8 +886,9 @@ class CachedDataset(torch.utils.data.Dataset):
     """Training samples read from the caches.
 
     Sample i: {"latent": (C, h, w), each text tensor of its caption, "caption": str,
-    "index": i, "original_size": (2,) and "crop_top_left": (2,) (height/top first; SDXL
-    conditions on them)}. Use `collate` as the DataLoader's collate_fn.
+    "index": i, "original_size": (2,), "crop_top_left": (2,) and "target_size": (2,), the
+    cropped image's size in pixels (height/top first; SDXL conditions on all three)}. Use
+    `collate` as the DataLoader's collate_fn.
     """
 
     def __init__(self, entries: list[LatentEntry], latent_cache: LatentCache, text_cache: TextCache | None = None):
@@ -908,6 +909,7 @@ class CachedDataset(torch.utils.data.Dataset):
             "index": index,
             "original_size": torch.tensor(entry.original_size),
             "crop_top_left": torch.tensor(entry.crop[:2]),
+            "target_size": torch.tensor(entry.crop[2:]),
         }
         return sample
 
