@@ -3,12 +3,12 @@ and split before any model loads, then every image encoded once by the family's 
 caption variant by its text encoders (placed within the device budget), written to the caches
 on disk; the encoders then leave.
 
-    items = dataset_items(cfg, family)                           # phase 1: no model yet
-    report_buckets(items, run_dir)                               # the bucket table, buckets.json
+    items = plan_data(cfg, family, run_dir)                      # phase 1: no model yet; buckets.json
     data = load_data(cfg, family, params, device, dtype, items)  # phase 2: the caches
+    order = DataOrder([(b.members, b.batch_size) for b in data.buckets], seed)  # the batches
 
 A sample is one image x one repeat of a section; an epoch walks every sample once, in batches
-drawn from one bucket at a time (train.DataOrder). What changes from epoch to epoch (the
+drawn from one bucket at a time (DataOrder). What changes from epoch to epoch (the
 caption's shuffle, tag dropout and wildcards, the flip) is drawn from (seed, epoch, sample)
 alone, so every caption the run will train on is known before the text encoders run, and
 each is encoded once into the text cache.
@@ -24,6 +24,7 @@ import torch
 import buckets
 import cache
 import captions
+import checkpoint
 import config
 import sample
 import training
@@ -209,6 +210,148 @@ def report_buckets(items: Items, run_dir: Path | None) -> None:
     if run_dir is not None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         buckets.write_json(Path(run_dir) / "buckets.json", items.buckets, items.skipped)
+
+
+def plan_data(cfg: dict, family, run_dir: Path | None) -> Items:
+    """Phase 1's data part: the items, their bucket table printed and written to buckets.json
+    before any model loads, and max_train_epochs turned into steps."""
+    items = dataset_items(cfg, family)
+    report_buckets(items, run_dir)
+    apply_epochs(cfg, items)
+    return items
+
+
+def arithmetic(data: "Data", order: "DataOrder", cfg: dict) -> str:
+    """The step arithmetic, per dataset section (images x repeats = samples -> batches of its
+    batch size) and for the whole (batches per epoch / accumulation), and the images left out."""
+    lines, total = [], 0
+    for index, section in enumerate(data.sections):
+        samples = [s for s in data.train.samples if s.section == index]
+        images = len({s.item.image_path for s in samples})
+        mine = [b for b in data.buckets if b.section == index]
+        total += len(samples)
+        lines.append(f"{Path(section['dataset_dir']).name}: {images} images x {section['repeats']} repeats = "
+                     f"{images * section['repeats']} samples in {len(mine)} bucket(s) -> "
+                     f"{sum(b.batches for b in mine)} batches of {section['batch_size']} at {section['resolution']}px")
+    if len(lines) > 1:
+        lines.append(f"all sections: {total} samples")
+    accumulation = cfg["gradient_accumulation_steps"]
+    per_epoch = order.batches_per_epoch / accumulation
+    lines.append(f"{order.batches_per_epoch} batches per epoch / accumulation {accumulation} = {per_epoch:g} steps per "
+                 f"epoch; {cfg['max_train_steps']} steps = {cfg['max_train_steps'] / max(per_epoch, 1e-9):.1f} epochs")
+    small = [Path(path).name for path, reason in data.skipped if "bucket" in reason]
+    unreadable = [Path(path).name for path, reason in data.skipped if "bucket" not in reason]
+    if unreadable:
+        lines.append(f"skipped {len(unreadable)} unreadable image(s): {', '.join(unreadable)}")
+    if small:
+        lines.append(f"skipped {len(small)} image(s) too small for any bucket: {', '.join(small)} (buckets.json "
+                     "says why)")
+    return "\n".join(lines)
+
+
+def schedule(cfg: dict) -> str:
+    """'saving every 250 steps[ and every 2 epochs], sampling every ...'."""
+    parts = []
+    for verb, steps, epochs in (("saving", "save_every", "save_every_n_epochs"),
+                                ("sampling", "sample_every", "sample_every_n_epochs")):
+        every_epochs = f" and every {cfg[epochs]} epochs" if cfg[epochs] else ""
+        parts.append(f"{verb} every {cfg[steps]} steps{every_epochs}")
+    return ", ".join(parts)
+
+
+def dataset_facts(data: "Data", cfg: dict) -> dict:
+    """What kohya's metadata records about the dataset: per folder its repeats, image count and
+    tag frequency; the buckets and the augmentation settings."""
+    dirs, tags = {}, {}
+    for index, section in enumerate(data.sections):
+        folder = Path(section["dataset_dir"]).name
+        samples = [s for s in data.train.samples if s.section == index]
+        dirs[folder] = {"n_repeats": section["repeats"], "img_count": len({s.item.image_path for s in samples})}
+        counts = tags.setdefault(folder, {})
+        for s in samples[: dirs[folder]["img_count"]]:  # repeat-major: the first repeat holds each image once
+            for tag in (t.strip() for t in s.item.caption.split(",")):
+                if tag:
+                    counts[tag] = counts.get(tag, 0) + 1
+    bucketed = cfg["enable_bucket"]
+    facts = {"dataset_dirs": dirs, "tag_frequency": tags,
+             "min_bucket_reso": cfg["min_bucket_reso"] if bucketed else None,  # kohya: None without buckets
+             "max_bucket_reso": cfg["max_bucket_reso"] if bucketed else None,
+             "bucket_info": {"buckets": {str(i): {"resolution": list(b.resolution), "count": len(b.members)}
+                                         for i, b in enumerate(data.buckets)}}}
+    for key in ("flip_aug", "shuffle_caption", "keep_tokens", "enable_bucket", "bucket_no_upscale",
+                "caption_tag_dropout_rate"):
+        facts[key] = cfg[key]
+    return facts
+
+
+def due(count: int, every: int) -> bool:
+    """Whether a step or epoch count is a positive multiple of `every` (0: never)."""
+    return bool(every) and count > 0 and count % every == 0
+
+
+class DataOrder:
+    """Which samples form each batch. Per epoch, from a generator seeded by (seed, epoch): each
+    bucket's samples in a random order, cut into batches of the bucket's batch size (a tail that
+    does not fill a batch waits for another epoch), then the batches of all buckets shuffled
+    together, so a batch never mixes buckets. (epoch, position) is all that resume needs to
+    continue with the same batches; the state also names the layout, so a resume whose buckets
+    differ is refused."""
+
+    def __init__(self, buckets: list[tuple[list[int], int]], seed: int):
+        self.buckets = [(list(members), size) for members, size in buckets]  # (sample indices, batch size)
+        self.seed = seed
+        self.epoch, self.position = 0, 0
+        self.num_items = sum(len(members) for members, _ in self.buckets)
+        self.batches_per_epoch = sum(len(members) // size for members, size in self.buckets)
+        self._epoch_batches: tuple[int, list] = (-1, [])
+        self.epochs_seen = 0  # epochs done when finished_epoch last looked
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """Every batch of an epoch, in order."""
+        if self._epoch_batches[0] == epoch:
+            return self._epoch_batches[1]
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        batches = []
+        for members, size in self.buckets:
+            order = torch.randperm(len(members), generator=generator).tolist()
+            batches += [[members[i] for i in order[k : k + size]] for k in range(0, len(order) - size + 1, size)]
+        if len(self.buckets) > 1:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        self._epoch_batches = (epoch, batches)
+        return batches
+
+    def next_batch(self) -> list[int]:
+        if self.position >= self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        batch = self.batches(self.epoch)[self.position]
+        self.position += 1
+        return batch
+
+    @property
+    def epochs_done(self) -> int:
+        return self.epoch + (self.position >= self.batches_per_epoch)
+
+    def finished_epoch(self) -> int:
+        """The number of epochs done if the batches taken since the last call ended one, else 0
+        (epoch-based saves and samples)."""
+        done, seen = self.epochs_done, self.epochs_seen
+        self.epochs_seen = done
+        return done if done > seen else 0
+
+    def layout(self) -> str:
+        return hashlib.sha256(json.dumps(self.buckets).encode()).hexdigest()[:16]
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "layout": self.layout()}
+
+    def load(self, state: dict) -> None:
+        if state.get("layout", self.layout()) != self.layout():
+            raise checkpoint.RunFolderError(
+                "cannot resume: the buckets differ from the saved run's (bucket or dataset settings changed), so "
+                "the next batches would not be the ones the run was going to train on. Put them back or start a "
+                "new run.")
+        self.epoch, self.position = state["epoch"], state["position"]
+        self.epochs_seen = self.epochs_done
 
 
 # --- phase 2: the caches ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 import atomic
+import checkpoint
 
 
 def tensorboard_installed() -> bool:
@@ -139,3 +140,42 @@ def plot_losses(train: list[tuple[int, float]], val: list[tuple[int, float]], pa
     draw.text((width - margin + 4, margin), f"{10**y1:.3g}", fill="black")
     draw.text((width - margin + 4, height - margin - 10), f"{10**y0:.3g}", fill="black")
     atomic.write_file(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def print_summary(run, final: Path | None) -> None:
+    """What the run (train.Run) left and where (also after a stop): each file with its format, how to load
+    the result in ComfyUI and diffusers, and the final and best validation loss."""
+    cfg, out = run.cfg, run.run_dir
+    lora_run = run.prepared.network is not None
+    keys = f"{cfg['lora_format']} LoRA" if lora_run else f"original {run.family.title}"
+    kind = f"{keys} keys, {cfg['save_dtype']}"
+    steps = sorted(out.glob(f"{cfg['run_name']}_step*.safetensors"))
+    states = checkpoint.state_dirs(out)
+    print(("finished" if final is not None else f"stopped at step {run.step}") + f": everything is in {out}/")
+    if final is not None:
+        print(f"  {final}  ({'LoRA' if lora_run else 'model'}, {kind}, safetensors)")
+        if run.opt.ema is not None:
+            print(f"  {final.with_name(final.stem + '_ema.safetensors')}  (the EMA weights, same format)")
+    if steps:
+        print(f"  {len(steps)} step file(s), {steps[0].name} .. {steps[-1].name}  ({kind}; compare them side by side: "
+              f"python sample.py --compare {out})")
+    if states:
+        print(f"  {states[-1]}  (resumable state: python train.py {out / 'config.py'} --resume=latest)")
+    tensorboard = " and tensorboard/ (tensorboard --logdir " + str(out) + ")" if (out / "tensorboard").is_dir() else ""
+    print(f"  metrics.jsonl, loss.png{tensorboard}; samples/ (grid_step*.png: every prompt of a step); "
+          "buckets.json; config.py")
+    val = run.metrics.series("val_loss") if run.metrics is not None else []
+    if val:
+        best = min(val, key=lambda step_loss: step_loss[1])
+        print(f"  validation loss: final {val[-1][1]:.5g} (step {val[-1][0]}), best {best[1]:.5g} at step {best[0]}")
+    path = final or (steps[-1] if steps else None)
+    if path is None:
+        return
+    if lora_run:
+        print(f"  ComfyUI: copy {path.name} into ComfyUI/models/loras/ and add a LoraLoaderModelOnly node")
+        print(f"  diffusers: pipe.load_lora_weights(\"{path}\")")
+        for note in run.family.lora_loader_notes(run.prepared.targets):
+            print(f"  note: {note}")
+    else:
+        print(f"  ComfyUI: copy {path.name} into ComfyUI/models/diffusion_models/ (or where the original "
+              f"{run.family.title} file goes); diffusers: load it as the original single file (from_single_file)")

@@ -13,7 +13,6 @@ Read `train()` top to bottom; it runs named phases:
   6. the loop: loss, backward, step; validation, samples, checkpoints
   7. finish: the final file
 """
-import hashlib
 import json
 import random
 import signal
@@ -32,6 +31,7 @@ import data
 import families
 import lora
 import losses
+import metrics
 import sample
 import training
 from activations import offload_activations
@@ -46,62 +46,6 @@ class TrainingError(RuntimeError):
 
 
 # --- the pieces the loop uses -----------------------------------------------------------------
-
-
-class DataOrder:
-    """Which samples form each batch. Per epoch, from a generator seeded by (seed, epoch): each
-    bucket's samples in a random order, cut into batches of the bucket's batch size (a tail that
-    does not fill a batch waits for another epoch), then the batches of all buckets shuffled
-    together, so a batch never mixes buckets. (epoch, position) is all that resume needs to
-    continue with the same batches; the state also names the layout, so a resume whose buckets
-    differ is refused."""
-
-    def __init__(self, buckets: list[tuple[list[int], int]], seed: int):
-        self.buckets = [(list(members), size) for members, size in buckets]  # (sample indices, batch size)
-        self.seed = seed
-        self.epoch, self.position = 0, 0
-        self.num_items = sum(len(members) for members, _ in self.buckets)
-        self.batches_per_epoch = sum(len(members) // size for members, size in self.buckets)
-        self._epoch_batches: tuple[int, list] = (-1, [])
-
-    def batches(self, epoch: int) -> list[list[int]]:
-        """Every batch of an epoch, in order."""
-        if self._epoch_batches[0] == epoch:
-            return self._epoch_batches[1]
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        batches = []
-        for members, size in self.buckets:
-            order = torch.randperm(len(members), generator=generator).tolist()
-            batches += [[members[i] for i in order[k : k + size]] for k in range(0, len(order) - size + 1, size)]
-        if len(self.buckets) > 1:
-            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-        self._epoch_batches = (epoch, batches)
-        return batches
-
-    def next_batch(self) -> list[int]:
-        if self.position >= self.batches_per_epoch:
-            self.epoch, self.position = self.epoch + 1, 0
-        batch = self.batches(self.epoch)[self.position]
-        self.position += 1
-        return batch
-
-    @property
-    def epochs_done(self) -> int:
-        return self.epoch + (self.position >= self.batches_per_epoch)
-
-    def layout(self) -> str:
-        return hashlib.sha256(json.dumps(self.buckets).encode()).hexdigest()[:16]
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "layout": self.layout()}
-
-    def load(self, state: dict) -> None:
-        if state.get("layout", self.layout()) != self.layout():
-            raise checkpoint.RunFolderError(
-                "cannot resume: the buckets differ from the saved run's (bucket or dataset settings changed), so "
-                "the next batches would not be the ones the run was going to train on. Put them back or start a "
-                "new run.")
-        self.epoch, self.position = state["epoch"], state["position"]
 
 
 def load_batch(dataset, indices: list[int], device) -> dict:
@@ -305,11 +249,10 @@ class Run:
     prepared: training.Prepared
     opt: training.Optimization
     objective: object
-    order: DataOrder
+    order: data.DataOrder
     generator: torch.Generator
     metrics: MetricsLog | None = None
     step: int = 0
-    epochs_seen: int = 0  # epochs done when the last step ended (epoch-based saves and samples)
     started_at: float = 0.0  # when training began (kept across resumes)
     session_id: int = 0  # kohya's ss_session_id: a random number per process
     identity: dict | None = None  # model file and dataset fingerprint (run_identity)
@@ -339,7 +282,7 @@ def build_run(cfg: dict, family, sd: dict, params, device, run_dir: Path, cached
         print(prepared.swap.describe())
     opt = training.build_optimization(prepared.trainable, cfg, seed=cfg["seed"],
                                       lr_multipliers=family.lr_multipliers(cfg, prepared.trainable))
-    order = DataOrder([(b.members, b.batch_size) for b in cached.buckets], cfg["seed"])
+    order = data.DataOrder([(b.members, b.batch_size) for b in cached.buckets], cfg["seed"])
     return Run(cfg, family, params, device, run_dir, cached, prepared, opt, family.objective(cfg), order,
                torch.Generator().manual_seed(cfg["seed"]))
 
@@ -373,55 +316,22 @@ def resume(run: Run, resume_dir: Path | None) -> None:
         run.opt.scaler.load_state_dict(info["loss_scaler"])
     checkpoint.restore_rng(extra["rng"], run.generator)
     run.order.load(info["data_order"])
-    run.epochs_seen = run.order.epochs_done
     run.step = info["step"]
     run.started_at = info.get("training_started_at", run.started_at)
     print(f"resumed from {resume_dir} at step {run.step}")
 
 
 def print_arithmetic(run: Run) -> None:
-    """Phase 6's preamble: the settings that differ from the defaults and the step arithmetic,
-    per dataset section and for the whole (sum of images x repeats, in batches per bucket)."""
-    cfg, order = run.cfg, run.order
+    """Phase 6's preamble: the settings that differ from the defaults and the step arithmetic."""
+    cfg = run.cfg
     changed = {k: v for k, v in cfg.items() if v != DEFAULTS[k]}
     print(f"config (differences from the defaults; all of it is in {run.run_dir / 'config.py'}):")
     print(format_config(changed), end="")
-    for line in section_arithmetic(run):
-        print(line)
-    accumulation = cfg["gradient_accumulation_steps"]
-    steps_per_epoch = order.batches_per_epoch / accumulation
-    print(f"{order.batches_per_epoch} batches per epoch / accumulation {accumulation} = {steps_per_epoch:g} steps per "
-          f"epoch; {cfg['max_train_steps']} steps = {cfg['max_train_steps'] / max(steps_per_epoch, 1e-9):.1f} epochs")
+    print(data.arithmetic(run.data, run.order, cfg))  # per dataset section and for the whole; images left out
     n_trainable = sum(p.numel() for p in run.prepared.trainable.values())
     held_out = len(run.data.val) if run.data.val is not None else 0
-    epochs = [f"every {cfg[k]} epochs" for k in ("save_every_n_epochs", "sample_every_n_epochs") if cfg[k]]
-    print(f"training {n_trainable:,} parameters ({cfg['train_mode']}); saving every {cfg['save_every']} steps"
-          f"{' and ' + epochs[0] if cfg['save_every_n_epochs'] else ''}, sampling every {cfg['sample_every']}"
-          f"{' and ' + epochs[-1] if cfg['sample_every_n_epochs'] else ''}, validating every {cfg['validate_every']} "
-          f"({held_out} held-out images)")
-    small = [Path(path).name for path, reason in run.data.skipped if "bucket" in reason]
-    unreadable = [Path(path).name for path, reason in run.data.skipped if "bucket" not in reason]
-    if unreadable:
-        print(f"skipped {len(unreadable)} unreadable image(s): {', '.join(unreadable)}")
-    if small:
-        print(f"skipped {len(small)} image(s) too small for any bucket: {', '.join(small)} (buckets.json says why)")
-
-
-def section_arithmetic(run: Run) -> list[str]:
-    """One line per dataset section: images x repeats = samples -> batches of its batch size."""
-    lines, total = [], 0
-    for index, section in enumerate(run.data.sections):
-        samples = [s for s in run.data.train.samples if s.section == index]
-        images = len({s.item.image_path for s in samples})
-        mine = [b for b in run.data.buckets if b.section == index]
-        batches = sum(b.batches for b in mine)
-        total += len(samples)
-        lines.append(f"{Path(section['dataset_dir']).name}: {images} images x {section['repeats']} repeats = "
-                     f"{images * section['repeats']} samples in {len(mine)} bucket(s) -> {batches} batches of "
-                     f"{section['batch_size']} at {section['resolution']}px")
-    if len(lines) > 1:
-        lines.append(f"all sections: {total} samples")
-    return lines
+    print(f"training {n_trainable:,} parameters ({cfg['train_mode']}); {data.schedule(cfg)}, "
+          f"validating every {cfg['validate_every']} ({held_out} held-out images)")
 
 
 def lora_metadata(run: Run) -> dict[str, str]:
@@ -436,18 +346,7 @@ def run_facts(run: Run) -> dict:
     """What kohya records about a run besides its settings (train_network.py's metadata)."""
     cfg, order = run.cfg, run.order
     updates_per_epoch = max(1, -(-order.batches_per_epoch // cfg["gradient_accumulation_steps"]))
-    dirs, tags = {}, {}
-    for index, section in enumerate(run.data.sections):
-        folder = Path(section["dataset_dir"]).name
-        samples = [s for s in run.data.train.samples if s.section == index]
-        dirs[folder] = {"n_repeats": section["repeats"], "img_count": len({s.item.image_path for s in samples})}
-        counts = tags.setdefault(folder, {})
-        for s in samples[: dirs[folder]["img_count"]]:  # repeat-major: the first repeat holds each image once
-            for tag in (t.strip() for t in s.item.caption.split(",")):
-                if tag:
-                    counts[tag] = counts.get(tag, 0) + 1
     optimizer = type(run.opt.optimizer)
-    bucketed = cfg["enable_bucket"]
     facts = {
         "session_id": run.session_id,
         "training_started_at": run.started_at,
@@ -456,18 +355,10 @@ def run_facts(run: Run) -> dict:
         "num_batches_per_epoch": order.batches_per_epoch,
         "num_epochs": -(-cfg["max_train_steps"] // updates_per_epoch),
         "total_batch_size": cfg["batch_size"] * cfg["gradient_accumulation_steps"],
-        "dataset_dirs": dirs,
-        "tag_frequency": tags,
         "optimizer": f"{optimizer.__module__}.{optimizer.__name__}",
         "sd_model_name": Path(cfg["model_path"]).name,
-        "min_bucket_reso": cfg["min_bucket_reso"] if bucketed else None,  # kohya: None without buckets
-        "max_bucket_reso": cfg["max_bucket_reso"] if bucketed else None,
-        "bucket_info": {"buckets": {str(i): {"resolution": list(b.resolution), "count": len(b.members)}
-                                    for i, b in enumerate(run.data.buckets)}},
+        **data.dataset_facts(run.data, cfg),  # folders, tag frequency, buckets
     }
-    for key in ("flip_aug", "shuffle_caption", "keep_tokens", "enable_bucket", "bucket_no_upscale",
-                "caption_tag_dropout_rate"):
-        facts[key] = cfg[key]
     if cfg["ae_path"]:
         facts["vae_name"] = Path(cfg["ae_path"]).name
     return facts
@@ -543,21 +434,13 @@ def after_step(run: Run, record: dict, bins: losses.LossBins, stop: StopRequests
         bins.reset()
     if step % cfg["log_every"] == 0 or last or stop.requested or "val_loss" in record or "loss_by_sigma" in record:
         run.metrics.log(record)
-    epoch_sample = epoch_ended(run, cfg["sample_every_n_epochs"])
-    epoch_save = epoch_ended(run, cfg["save_every_n_epochs"])
-    run.epochs_seen = run.order.epochs_done
+    epoch = run.order.finished_epoch()  # 0 unless the step just done ended an epoch
     sampling = run.data.prompts and (cfg["sample_every"] or cfg["sample_every_n_epochs"])
-    if sampling and ((cfg["sample_every"] and step % cfg["sample_every"] == 0) or last or epoch_sample):
+    if sampling and (data.due(step, cfg["sample_every"]) or last or data.due(epoch, cfg["sample_every_n_epochs"])):
         sample_images(run, step)
-    if (cfg["save_every"] and step % cfg["save_every"] == 0) or last or stop.requested or epoch_save:
+    if data.due(step, cfg["save_every"]) or last or stop.requested or data.due(epoch, cfg["save_every_n_epochs"]):
         save(run)
         run.metrics.plot()
-
-
-def epoch_ended(run: Run, every: int) -> bool:
-    """Whether the step just done finished an epoch that is a multiple of `every` (0: never)."""
-    done = run.order.epochs_done
-    return bool(every) and done > run.epochs_seen and done % every == 0
 
 
 def loop(run: Run, stop: StopRequests) -> None:
@@ -595,9 +478,7 @@ def train(cfg: dict) -> Path:
         sd = load_state_dict(cfg["model_path"], allow_pickle=cfg["allow_pickle"])  # memory-mapped: no data read yet
         params = family.params(sd, cfg)
         check_model_settings(family, params, cfg)
-        items = data.dataset_items(cfg, family)
-        data.report_buckets(items, run_dir)  # the bucket table and buckets.json, before any model loads
-        data.apply_epochs(cfg, items)
+        items = data.plan_data(cfg, family, run_dir)  # buckets.json and the bucket table, before any model loads
         identity = checkpoint.run_identity(cfg, items.fingerprint)
         if resume_dir is not None:
             checkpoint.check_resume(resume_dir, cfg, family.lora_config_keys + family.trained_config_keys, identity)
@@ -618,7 +499,7 @@ def train(cfg: dict) -> Path:
     run.metrics.plot()
     run.metrics.close()
     if stop.requested:
-        print_summary(run, None)
+        metrics.print_summary(run, None)
         raise RunStopped(stop.signum, f"stopped at step {run.step} ({signal.Signals(stop.signum).name}); the state "
                                       f"is saved: continue with --resume=latest")
     # 7. finish
@@ -635,47 +516,8 @@ def finish(run: Run) -> Path:
     if run.opt.ema is not None:
         with run.opt.ema.swapped(run.opt.params):
             write_final(run, path.with_name(f"{cfg['run_name']}_ema.safetensors"))
-    print_summary(run, path)
+    metrics.print_summary(run, path)
     return path
-
-
-def print_summary(run: Run, final: Path | None) -> None:
-    """What the run left and where (also after a stop): each file with its format, how to load
-    the result in ComfyUI and diffusers, and the final and best validation loss."""
-    cfg, out = run.cfg, run.run_dir
-    lora_run = run.prepared.network is not None
-    keys = f"{cfg['lora_format']} LoRA" if lora_run else f"original {run.family.title}"
-    kind = f"{keys} keys, {cfg['save_dtype']}"
-    steps = sorted(out.glob(f"{cfg['run_name']}_step*.safetensors"))
-    states = checkpoint.state_dirs(out)
-    print(("finished" if final is not None else f"stopped at step {run.step}") + f": everything is in {out}/")
-    if final is not None:
-        print(f"  {final}  ({'LoRA' if lora_run else 'model'}, {kind}, safetensors)")
-        if run.opt.ema is not None:
-            print(f"  {final.with_name(final.stem + '_ema.safetensors')}  (the EMA weights, same format)")
-    if steps:
-        print(f"  {len(steps)} step file(s), {steps[0].name} .. {steps[-1].name}  ({kind}; compare them side by side: "
-              f"python sample.py --compare {out})")
-    if states:
-        print(f"  {states[-1]}  (resumable state: python train.py {out / 'config.py'} --resume=latest)")
-    tensorboard = " and tensorboard/ (tensorboard --logdir " + str(out) + ")" if (out / "tensorboard").is_dir() else ""
-    print(f"  metrics.jsonl, loss.png{tensorboard}; samples/ (grid_step*.png: every prompt of a step); "
-          "buckets.json; config.py")
-    val = run.metrics.series("val_loss") if run.metrics is not None else []
-    if val:
-        best = min(val, key=lambda step_loss: step_loss[1])
-        print(f"  validation loss: final {val[-1][1]:.5g} (step {val[-1][0]}), best {best[1]:.5g} at step {best[0]}")
-    path = final or (steps[-1] if steps else None)
-    if path is None:
-        return
-    if lora_run:
-        print(f"  ComfyUI: copy {path.name} into ComfyUI/models/loras/ and add a LoraLoaderModelOnly node")
-        print(f"  diffusers: pipe.load_lora_weights(\"{path}\")")
-        for note in run.family.lora_loader_notes(run.prepared.targets):
-            print(f"  note: {note}")
-    else:
-        print(f"  ComfyUI: copy {path.name} into ComfyUI/models/diffusion_models/ (or where the original "
-              f"{run.family.title} file goes); diffusers: load it as the original single file (from_single_file)")
 
 
 def write_final(run: Run, path: Path) -> None:

@@ -97,7 +97,7 @@ def test_batches_never_mix_buckets_and_resume_continues_them(tmp_path):
     folder = make_images(tmp_path / "data", IMAGES, broken=0)
     items = data.dataset_items(bucket_config(tmp_path, folder, repeats=2), FLUX)
     bucket_of = {m: b.resolution for b in items.buckets for m in b.members}
-    order = train.DataOrder([(b.members, b.batch_size) for b in items.buckets], seed=3)
+    order = data.DataOrder([(b.members, b.batch_size) for b in items.buckets], seed=3)
     # with 2 repeats only 32x128 (2 samples) is smaller than a batch: 32x96 14, 48x80 14, 64x64 20,
     # 80x48 14, 96x32 12, 128x32 6 -> 3 + 3 + 5 + 3 + 3 + 1 batches of 4
     assert {b.resolution: len(b.members) for b in items.buckets} == {
@@ -111,12 +111,12 @@ def test_batches_never_mix_buckets_and_resume_continues_them(tmp_path):
         assert len(flat) == len(set(flat))  # each sample at most once per epoch
     assert straight[:18] != straight[18:36]  # a new order every epoch
 
-    first = train.DataOrder([(b.members, b.batch_size) for b in items.buckets], seed=3)
+    first = data.DataOrder([(b.members, b.batch_size) for b in items.buckets], seed=3)
     head = [first.next_batch() for _ in range(25)]
-    resumed = train.DataOrder([(b.members, b.batch_size) for b in items.buckets], seed=3)
+    resumed = data.DataOrder([(b.members, b.batch_size) for b in items.buckets], seed=3)
     resumed.load(json.loads(json.dumps(first.state())))
     assert head + [resumed.next_batch() for _ in range(29)] == straight
-    other = train.DataOrder([(b.members[:-1], b.batch_size) for b in items.buckets], seed=3)
+    other = data.DataOrder([(b.members[:-1], b.batch_size) for b in items.buckets], seed=3)
     with pytest.raises(train.checkpoint.RunFolderError, match="buckets differ"):
         other.load(first.state())
 
