@@ -418,6 +418,9 @@ def check_optimizer_settings(cfg: dict) -> None:
     if warmup > cfg["max_train_steps"] and not cfg["max_train_epochs"]:
         raise ConfigError(f"lr_warmup_steps={warmup} must be between 0 and max_train_steps "
                           f"({cfg['max_train_steps']})")
+    if warmup and cfg["lr_scheduler"] == "constant":
+        raise ConfigError(f"lr_scheduler='constant' has no warmup but lr_warmup_steps={warmup}: use "
+                          "'constant_with_warmup' or lr_warmup_steps=0")
     for key in ("max_train_epochs", "save_every_n_epochs", "sample_every_n_epochs"):
         if cfg[key] < 0:
             raise ConfigError(f"{key} must be >= 0 (0 = off), got {cfg[key]}")

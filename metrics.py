@@ -162,7 +162,7 @@ def print_summary(run, final: Path | None) -> None:
     if states:
         print(f"  {states[-1]}  (resumable state: python train.py {out / 'config.py'} --resume=latest)")
     tensorboard = " and tensorboard/ (tensorboard --logdir " + str(out) + ")" if (out / "tensorboard").is_dir() else ""
-    print(f"  metrics.jsonl, loss.png{tensorboard}; samples/ (grid_step*.png: every prompt of a step); "
+    print(f"  metrics.jsonl, loss.png{tensorboard}; samples/ (grids/: every prompt of a step in one image); "
           "buckets.json; config.py")
     val = run.metrics.series("val_loss") if run.metrics is not None else []
     if val:

@@ -114,7 +114,8 @@ def sample_images(run: "Run", step: int) -> list[Path]:
         sample.save_image(image, path, prompt, {"step": step})
         paths.append(path)
     grid = sample.image_grid(images, [p.prompt for p in run.data.prompts])  # every prompt of this step
-    sample.save_image(grid, run.run_dir / "samples" / f"grid_step{step:06d}.png", run.data.prompts[0], {"step": step})
+    sample.save_image(grid, run.run_dir / "samples" / "grids" / f"step{step:06d}.png", run.data.prompts[0],
+                      {"step": step})
     if run.metrics is not None:
         run.metrics.image("samples", grid, step)
     model.train(was_training)
@@ -537,8 +538,9 @@ def public_config(cfg: dict) -> dict:
     from config import PATH_KEYS
 
     keys = PATH_KEYS + ("cache_dir", "output_dir", "sample_prompts", "clip_tokenizer", "clip_g_tokenizer", "t5_tokenizer",
-                        "resume")
-    return {k: (Path(v).name if k in keys and isinstance(v, str) and v else v) for k, v in cfg.items()}
+                        "resume", "mask_dir", "image_dir", "conditioning_data_dir")  # the last two: kohya names
+    out = {k: (Path(v).name if k in keys and isinstance(v, str) and v else v) for k, v in cfg.items()}
+    return out | {"datasets": [public_config(section) for section in cfg.get("datasets", [])]}  # their folders too
 
 
 USER_ERRORS = (ConfigError, checkpoint.RunFolderError, TrainingError, FileNotFoundError, ValueError, OSError)

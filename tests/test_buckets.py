@@ -229,7 +229,7 @@ def test_demo_buckets_grids_comparison_strip_and_tensorboard(tmp_path, demo_file
     run_dir = final.parent
     table = {tuple(e["resolution"]): e["count"] for e in json.loads((run_dir / "buckets.json").read_text())[:-1]}
     assert set(table) == {(32, 32), (48, 16), (16, 48)} and sum(table.values()) == 72 - 2
-    grid = Image.open(run_dir / "samples" / "grid_step000002.png")  # 4 prompts at 32x32: 2 x 2 cells
+    grid = Image.open(run_dir / "samples" / "grids" / "step000002.png")  # 4 prompts at 32x32: 2 x 2 cells
     assert grid.size == (2 * 32, 2 * (32 + sample.LABEL_HEIGHT))
     strip_path = sample.main(["--compare", str(run_dir), "--device", "cpu", "--seed", "3"])[0]
     strip = Image.open(strip_path)
@@ -260,3 +260,38 @@ def test_tensorboard_events_hold_the_scalars(tmp_path):
     events.Reload()
     assert {"loss", "lr", "loss_by_sigma/0.0-0.1"} <= set(events.Tags()["scalars"])
     assert events.Scalars("loss")[0].value == 0.5 and "samples" in events.Tags()["images"]
+
+
+def test_epoch_keys_warmup_ratio_sections_caption_variants_and_the_summary(tmp_path, demo_files, capsys):
+    folder = shaped_dataset(tmp_path / "data", transparent=False)  # 12 images: 4 each of 32x32, 48x16, 16x48
+    sections = [{"image_dir": str(folder), "shuffle_caption": True, "caption_separator": " ", "keep_tokens": 1},
+                {"dataset_dir": str(folder), "resolution": 16, "max_bucket_reso": 32, "batch_size": 4}]
+    cfg = run_config(tmp_path, dict(demo_files, dataset_dir=str(folder)), datasets=sections, max_train_epochs=2,
+                     save_every=0, save_every_n_epochs=1, sample_every=0, sample_every_n_epochs=1, sample_steps=1,
+                     lr_warmup_steps=0.5, lr_scheduler="constant_with_warmup")
+    with pytest.raises(ConfigError, match="lr_scheduler='constant' has no warmup"):
+        train.main([cfg, "--lr_scheduler=constant"])  # before anything is cached
+    final = train.main([cfg])
+    out, run_dir = capsys.readouterr().out, final.parent
+    # section 0: 3 buckets of 4 in batches of 2 = 6; section 1 at 16px: all 12 in 16x16, batches of 4 = 3
+    assert "data: 12 images x 1 repeats = 12 samples in 3 bucket(s) -> 6 batches of 2 at 32px" in out
+    assert "data: 12 images x 1 repeats = 12 samples in 1 bucket(s) -> 3 batches of 4 at 16px" in out
+    assert "all sections: 24 samples" in out and "max_train_epochs=2: 9 batches per epoch -> max_train_steps=18" in out
+    assert sorted(p.name for p in run_dir.glob("t_step*.safetensors")) == ["t_step000009.safetensors",
+                                                                           "t_step000018.safetensors"]
+    assert {p.name for p in (run_dir / "samples" / "grids").glob("*")} == {"step000009.png", "step000018.png"}
+    lrs = [json.loads(line)["lr"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[:10] == pytest.approx([1e-3 * k / 9 for k in range(10)])  # warmup 0.5 x 18 steps, then constant
+    # "a red circle" with the first word kept becomes "a circle red" in some epochs: both are in the text cache
+    assert "samples change their caption per epoch" in out
+    assert "finished: everything is in" in out and "python sample.py --compare" in out
+    assert f'pipe.load_lora_weights("{final}")' in out and "buckets.json" in out
+    meta = json.loads(load_file_metadata(final)["trainer_config"])
+    assert [s.get("image_dir", s.get("dataset_dir")) for s in meta["datasets"]] == ["data", "data"]  # no local paths
+
+
+def load_file_metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
