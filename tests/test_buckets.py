@@ -185,6 +185,28 @@ def run_config(tmp_path: Path, demo_files: dict, **settings) -> str:
     return config_file(tmp_path, demo_files, **{**base, **settings})
 
 
+def test_resume_through_train_main_continues_with_the_same_batches_flips_and_captions(tmp_path, demo_files):
+    """Buckets, flips and per-epoch caption shuffles: 3 + 5 resumed steps train exactly as 8
+    straight ones (6 batches an epoch: the resumed part crosses into the second epoch, whose
+    caption variants the first part's text cache did not need)."""
+    files = dict(demo_files, dataset_dir=str(shaped_dataset(tmp_path / "data", transparent=False)))
+    settings = dict(flip_aug=True, shuffle_caption=True, caption_separator=" ", keep_tokens=1, save_every=0,
+                    network_dropout=0.1)
+    finals = []
+    for name, steps in (("straight", [8]), ("split", [3, 8])):
+        (tmp_path / name).mkdir()
+        for i, max_steps in enumerate(steps):
+            cfg = run_config(tmp_path / name, files, max_train_steps=max_steps, resume="latest" if i else "",
+                             **settings)
+            finals.append(train.main([cfg]))
+    straight, split = finals[0], finals[-1]
+    losses = [[json.loads(line)["loss"] for line in (f.parent / "metrics.jsonl").read_text().splitlines()]
+              for f in (straight, split)]
+    assert len(losses[0]) == 8 and losses[0] == losses[1]
+    a, b = load_file(str(straight)), load_file(str(split))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_masked_pixels_contribute_nothing_through_train_main(tmp_path, demo_files, monkeypatch):
     files = dict(demo_files, dataset_dir=str(shaped_dataset(tmp_path / "data", transparent=True)))
     captured = {}

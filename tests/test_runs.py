@@ -122,7 +122,8 @@ def test_a_stopped_run_saves_exits_nonzero_and_resumes(tmp_path, demo_files, mon
     monkeypatch.setattr(train, "load_batch", stop_in_step_3)
     monkeypatch.setattr(sys, "argv", ["train.py", write_config(tmp_path, demo_files, save_every=0)])
     assert train.run_cli() == code
-    assert "stopped at step 3" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "stopped at step 3" in printed.err and "stopped at step 3: everything is in" in printed.out  # the summary
     run = tmp_path / "runs" / "t"
     assert (run / "t_step000003.safetensors").exists() and not (run / "t.safetensors").exists()
     monkeypatch.setattr(train, "load_batch", real_load_batch)
