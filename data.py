@@ -450,10 +450,10 @@ def load_data(cfg: dict, family, params, device, dtype, items: Items) -> Data:
     epochs = epochs_needed(cfg, bucket_list)
     needed = train.captions_for(epochs) | (val.captions_for(1) if val else set())
     unique = sorted(needed | {p.prompt for p in prompts} | {p.negative for p in prompts} | {""})
+    report_variants(train, epochs, len(needed))  # before the encoders run: how many captions they will see
     text_cache = encode_captions(cfg, family, params, dtype, device, cache_dir / "text", unique)
     for dataset in (train, val) if val else (train,):
         dataset.text_cache = text_cache
-    report_variants(train, epochs, len(needed))
     empty = {k: v.to(device) for k, v in text_cache.load("").items()}
     return Data(train, val, bucket_list, text_cache, empty, prompts, codec, skipped, epochs, items.sections)
 
@@ -505,10 +505,18 @@ def encode_captions(cfg: dict, family, params, dtype, device, folder: Path, uniq
 
 
 def report_variants(train: SampleSet, epochs: int, needed: int) -> None:
+    """How many captions the per-epoch caption operations make the text encoders encode (kohya
+    refuses shuffle_caption with cached text outputs; here every variant is cached once)."""
     changing = sum(train.recipes[s.section].changes_per_epoch(s.item.caption) for s in train.samples)
-    if changing:
-        print(f"caption operations: {changing} of {len(train)} samples change their caption per epoch; "
-              f"{needed} distinct captions over {epochs} epochs are in the text cache (encoded once each)")
+    if not changing:
+        return
+    base = len({s.item.caption for s in train.samples})
+    print(f"caption operations: {changing} of {len(train)} samples change their caption per epoch; "
+          f"{needed} distinct captions over {epochs} epochs go into the text cache (encoded once each)")
+    if needed > 10 * base:
+        warnings.warn(f"the caption operations make {needed} captions to encode, {needed / base:.0f} times the "
+                      f"{base} captions of the files: caching them takes as much longer. Fewer epochs, a lower "
+                      "caption_tag_dropout_rate or shuffle_caption=False keep it down", stacklevel=3)
 
 
 def warn_truncated(text, captions_: list[str]) -> None:

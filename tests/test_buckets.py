@@ -154,6 +154,21 @@ def test_caption_operations_are_deterministic_under_the_seed():
     assert seen == {"pre a red cat post", "pre a blue cat post", "pre another line post"}
 
 
+def test_many_caption_variants_are_announced_before_encoding(capsys):
+    import cache
+    import config
+
+    section = dict(config.DEFAULTS, shuffle_caption=True)
+    samples = [data.Sample(cache.ImageItem(Path(f"{i}.png"), "a, b, c, d, e, f"), 0, f"d:{i}.png:0") for i in range(2)]
+    train_set = data.SampleSet(samples, [[None]] * 2, None, None, [section], seed=0, masked=False)
+    needed = train_set.captions_for(epochs=30)
+    assert len(needed) > 40 and all(sorted(c.split(", ")) == list("abcdef") for c in needed)
+    with pytest.warns(UserWarning, match=r"make \d+ captions to encode, \d+ times the 1 captions of the files"):
+        data.report_variants(train_set, 30, len(needed))
+    assert f"2 of 2 samples change their caption per epoch; {len(needed)} distinct captions over 30 epochs" in \
+        capsys.readouterr().out
+
+
 def shaped_dataset(folder: Path, transparent: bool) -> Path:
     """Images of exactly their bucket sizes (32x32, 48x16, 16x48: no resize, no crop), coloured
     shapes; with `transparent` a band of each is transparent (alpha 0: white in the image)."""
