@@ -93,6 +93,7 @@ DEFAULTS = dict(
     sample_every=250,             # 0 disables
     sample_at_start=True,
     sample_prompts="",            # file in kohya syntax (--n --w --h --d --l --g --s), or "" for none
+    sample_sizes="",              # "64,96,64x96" (W or WxH): every sample prompt at each size; "" = their own
     sample_steps=0,               # 0: the family's default (FLUX dev 28, schnell 4)
     sample_guidance=3.5,          # default embedded guidance for samples (dev)
     validate_every=100,           # 0 disables
@@ -220,6 +221,7 @@ def validate(cfg: dict, check_files: bool = True) -> None:
     if not math.isfinite(cfg["learning_rate"]) or cfg["learning_rate"] <= 0:
         raise ConfigError(f"learning_rate must be a positive number, got {cfg['learning_rate']}")
     check_memory_settings(cfg)
+    check_sample_sizes(cfg["sample_sizes"])
     family = resolve_family(cfg, check_files)
     check_family_keys(cfg, family)
     multiple = family.resolution_multiple(cfg)
@@ -272,6 +274,15 @@ def check_paths(cfg: dict, family) -> None:
     if missing:
         raise ConfigError(f"{' and '.join(missing)} empty: {family.title} needs them (see README, where the files "
                           "come from)")
+
+
+def check_sample_sizes(sizes: str) -> None:
+    import sample
+
+    try:
+        sample.at_sizes([], sizes)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def check_memory_settings(cfg: dict) -> None:

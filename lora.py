@@ -269,6 +269,7 @@ class LoRANetwork(nn.Module):
         self.loras = nn.ModuleDict(loras)
         self.module_paths = dict(module_paths)  # kohya name -> module path in the model
         self.prefix = prefix
+        self.file_layout = None  # kohya state dict -> the file's tensors (Family.lora_file_state_dict); None: kohya
 
     @classmethod
     def inject(
@@ -336,8 +337,12 @@ class LoRANetwork(nn.Module):
         return sd
 
     def save(self, path: str | Path, metadata: dict[str, str] | None = None, dtype=torch.bfloat16) -> None:
-        """Write a kohya-format safetensors file atomically (temp file, then os.replace)."""
-        sd = {k: v.to("cpu").contiguous() for k, v in self.kohya_state_dict(dtype).items()}
+        """Write a kohya-format safetensors file (or the layout `file_layout` converts it to)
+        atomically (temp file, then os.replace)."""
+        sd = self.kohya_state_dict(dtype)
+        if self.file_layout is not None:
+            sd = self.file_layout(sd)
+        sd = {k: v.to("cpu").contiguous() for k, v in sd.items()}
         atomic.write_safetensors(sd, path, metadata)
 
     @torch.no_grad()
@@ -474,9 +479,10 @@ def _native_path(module: str, family) -> tuple[str, int | None]:
 
 def _kohya_entry(path: str, parts: dict[str, Tensor], family) -> dict[str, Tensor]:
     up = family.lora_up_from_diffusers(path, parts["up"])
+    down = family.lora_down_from_diffusers(path, parts["down"])
     name = kohya_name(path, family.lora_prefix)
     alpha = parts["alpha"].detach().float().reshape(())
-    return {f"{name}.lora_down.weight": parts["down"], f"{name}.lora_up.weight": up, f"{name}.alpha": alpha}
+    return {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": alpha}
 
 
 def _fuse_slices(path: str, slices: dict[int, dict[str, Tensor]], family) -> dict[str, Tensor]:
@@ -542,6 +548,7 @@ def apply_lora_file(
     merge=True adds multiplier * alpha/rank * up @ down into the base weights (no cost per step;
     returns None). merge=False wraps the Linears and returns the LoRANetwork (change its
     multiplier any time; `remove()` undoes it). Several files can be applied one after another."""
+    family = family.for_network(model)  # where module names depend on the network's shapes
     prefix = family.lora_prefix
     if isinstance(path_or_sd, (str, Path)):
         sd, _ = load_lora_file(path_or_sd, family)

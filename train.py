@@ -35,7 +35,6 @@ from activations import offload_activations
 from config import DEFAULTS, DTYPES, ConfigError, format_config, load_config
 from metrics import MetricsLog
 from models.layers import set_kernels
-from models.loading import load_state_dict
 
 
 class TrainingError(RuntimeError):
@@ -266,6 +265,7 @@ def load_data(cfg: dict, family, params, device, dtype) -> Data:
     check_batch(cfg, len(train_items))
     prompts = sample.read_prompt_file(cfg["sample_prompts"], family.prompt_defaults(cfg, params)) \
         if cfg["sample_prompts"] else []
+    prompts = sample.at_sizes(prompts, cfg["sample_sizes"])
     cache_dir = Path(cfg["cache_dir"] or Path(cfg["dataset_dir"]) / ".cache")
     codec = family.codec(cfg, dtype, device)
     latent_cache = cache.LatentCache(cache_dir / "latents", codec.identity, cfg["resolution"], cfg["crop"],
@@ -453,7 +453,7 @@ def train(cfg: dict, stop: dict | None = None) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
 
     # 1. checks that need files but no model
-    sd = load_state_dict(cfg["model_path"], allow_pickle=cfg["allow_pickle"])  # memory-mapped: no data read yet
+    sd = family.read_checkpoint(cfg["model_path"], cfg)  # memory-mapped: no data read yet
     params = family.params(sd, cfg)
     check_swap(family, params, cfg)
     # 2. data and caches
@@ -482,8 +482,7 @@ def finish(run: Run) -> Path:
     path = run.run_dir / f"{cfg['run_name']}.safetensors"
     if run.prepared.network is not None:
         run.prepared.network.save(path, lora_metadata(run), dtype=save_dtype)
-        print(f"LoRA saved: {path} (kohya keys; loads in ComfyUI 'Load LoRA' and diffusers "
-              f"pipe.load_lora_weights('{path}'))")
+        print(f"LoRA saved: {path} ({run.family.lora_usage(path)})")
         for note in run.family.lora_loader_notes(run.prepared.targets):
             print(f"  note: {note}")
     else:

@@ -48,6 +48,7 @@ def choose_trainable(model: nn.Module, family, cfg: dict, device=None):
     # LoRA weights train in fp32 whatever the base dtype; LoRAModule casts them for the matmul.
     network = lora.LoRANetwork.inject(model, targets, alpha=network_alpha(cfg), dropout=cfg["network_dropout"],
                                       dtype=torch.float32, device=device, prefix=family.lora_prefix)
+    network.file_layout = family.for_network(model).lora_file_state_dict  # what save() writes
     return network, dict(network.named_parameters()), targets
 
 

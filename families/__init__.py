@@ -43,6 +43,18 @@ class Family:
         """Whether a state dict (keys and shapes only are read) is this family's checkpoint."""
         raise NotImplementedError
 
+    def detect_path(self, path: str) -> bool:
+        """Whether the checkpoint at `path` is this family's, judged from the path itself (a
+        model folder with the family's config file, say) before it is read as one state dict.
+        False (the default) leaves it to `detect` on the state dict, as single files need."""
+        return False
+
+    def read_checkpoint(self, path: str, cfg: dict):
+        """The checkpoint at `path` as `params` and `load` take it. By default its state dict,
+        memory-mapped (no weight is read until used); a family whose checkpoints are folders
+        with a config returns what it needs to build and load from them."""
+        return load_state_dict(path, allow_pickle=cfg["allow_pickle"])
+
     def params(self, sd: dict, cfg: dict):
         """The network's hyper-parameters from the checkpoint's shapes (and cfg's model_overrides)."""
         raise NotImplementedError
@@ -147,6 +159,13 @@ class Family:
         """Denoise `noise` (1, C, h, w) into a latent with the family's sampler."""
         raise NotImplementedError
 
+    def base_stage(self, cfg: dict, base_model: str, prompts: list, encoded: list, dtype: torch.dtype,
+                   device) -> list:
+        """A cascade: run the earlier stage's model (at `base_model`) for each prompt and put
+        its output into the conditioning pairs `encoded` ((cond, neg) per prompt, from
+        `sample_conditioning`) that this stage's `sample` reads. Returns the new pairs."""
+        raise ValueError(f"{self.title} is not a later stage of a cascade: there is no base model to run first")
+
     # --- LoRA ----------------------------------------------------------------------------------------
 
     def lora_targets(self, model: nn.Module, cfg: dict) -> dict[str, int]:
@@ -175,6 +194,25 @@ class Family:
     def lora_up_from_diffusers(self, path: str, up: Tensor) -> Tensor:
         """A diffusers file's lora_up rows in the checkpoint's order (where the two differ)."""
         return up
+
+    def lora_down_from_diffusers(self, path: str, down: Tensor) -> Tensor:
+        """A diffusers file's lora_down in the checkpoint's layer shape (where the two differ:
+        a Linear in diffusers that is a 1x1 convolution in the checkpoint)."""
+        return down
+
+    def lora_file_state_dict(self, sd: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The tensors a LoRA file holds, from the network's kohya state dict: kohya's keys by
+        default; a family whose loaders read another layout converts here."""
+        return sd
+
+    def lora_usage(self, path) -> str:
+        """What the saved LoRA file is and where it loads (printed when training ends)."""
+        return f"kohya keys; loads in ComfyUI 'Load LoRA' and diffusers pipe.load_lora_weights('{path}')"
+
+    def for_network(self, model: nn.Module) -> "Family":
+        """This family bound to one network's shapes, for what needs them (a LoRA module name
+        whose place depends on the layer counts); the family itself by default."""
+        return self
 
     def lora_loader_notes(self, targets: dict[str, int]) -> list[str]:
         """What common loaders will not apply of a LoRA with these targets (said when saving)."""
@@ -254,5 +292,7 @@ def resolve(model_family: str, model_path: str, allow_pickle: bool = False) -> R
         return Resolved(get(model_family), f"model_family={model_family!r}")
     if not model_path or not Path(model_path).exists():
         return Resolved(get("flux"), "model_family='auto' and no model file to look at: FLUX.1")
-    family = detect(load_state_dict(model_path, allow_pickle=allow_pickle), model_path)  # header only
+    family = next((f for f in FAMILIES.values() if f.detect_path(model_path)), None)  # folders with a config
+    if family is None:
+        family = detect(load_state_dict(model_path, allow_pickle=allow_pickle), model_path)  # header only
     return Resolved(family, f"model_family='auto': {Path(model_path).name} is {family.title}")
