@@ -16,10 +16,11 @@ import torch
 DEFAULTS = dict(
     # --- model files (see README "Where the files come from") ---
     model_family="auto",          # "auto" (read from model_path's keys), or one of families.names(): "flux"
-    model_path="",                # the denoiser: flux1-dev.safetensors, flux1-schnell.safetensors (a file, folder or index)
+    model_path="",                # the denoiser: flux1-dev.safetensors, flux1-schnell.safetensors (a file, folder or index);
+                                  # DeepFloyd IF: the model folder (IF-I-XL-v1.0: config.yml + weights, or its unet/)
     ae_path="",                   # ae.safetensors; "" trains on pixels directly (the demo)
     clip_l_path="",               # clip_l.safetensors or a CLIPTextModel folder
-    t5_path="",                   # t5xxl_fp16.safetensors / t5xxl_fp8_e4m3fn.safetensors or a folder
+    t5_path="",                   # t5xxl_fp16.safetensors / t5xxl_fp8_e4m3fn.safetensors or a folder (IF: text_encoder/)
     clip_tokenizer="",            # folder or tokenizer.json; "" looks next to clip_l_path
     t5_tokenizer="",              # folder, tokenizer.json or spiece.model; "" looks next to t5_path
     model_overrides={},           # network hyper-parameters to override (tiny test models: FLUX axes_dim)
@@ -103,6 +104,17 @@ DEFAULTS = dict(
     # --- SDXL only (families/sdxl.py) ---
 
     # --- DeepFloyd IF only (families/deepfloyd.py) ---
+    if_unconditional_embedding="",  # IF's resources/zero_t5-v1_1-xxl_vector.npy: the "" caption's T5 states; "" encodes ""
+    if_clean_captions=True,       # IF's caption clean-up (URLs, markup, symbols) before T5, as the original does
+    if_text_mask=False,           # mask T5 padding in the UNet's cross-attention (the released models attend to all 77)
+    if_freeze_variance=False,     # False: the variance channels train with the hybrid VLB term, as the original;
+                                  # True: epsilon only (the variance output drifts only through shared layers)
+    if_aug_levels=(0.0, 1.0),     # stage II: low-res noise-augmentation level drawn uniformly per sample (the original's)
+    if_sample_aug_level=0.25,     # stage II samples and validation: the low-res image's augmentation level
+    if_respacing="",              # sampler: "" -> "150" stage I, "smart50" stage II; also "smart100", "fast27", "ddim50", "50"
+    if_sample_cfg=0.0,            # CFG scale of samples without --l: 0 -> 7 stage I, 4 stage II (deep-floyd/IF defaults)
+    if_dynamic_threshold=0.0,     # x0 clip ratio (percentile 0.95): 0 -> 1.5 stage I, 1.0 stage II
+    if_sample_low_res="",         # stage II samples in training: the image they upscale; "" -> the dataset's first image
 
     # --- memory (blockswap.py, optim.py, fp8.py; `python train.py CONFIG --plan` shows the effect) ---
     blocks_to_swap=0,             # kohya's count for FLUX: n -> n//2 double + (n - n//2)*2 single blocks live in host memory

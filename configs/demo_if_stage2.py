@@ -1,0 +1,38 @@
+# The DeepFloyd IF CPU demo, stage II: a tiny IF-II-shaped UNet (1.4 M parameters, random weights)
+# learns to upscale the demo's shapes 4x, 32 -> 128 px: each image shrunk to 32 px, upsampled back,
+# noised at a random augmentation level, is the low-resolution input beside the noisy 128 px image.
+# Run configs/demo_if.py first; then the cascade, stage I then stage II:
+#
+#   python train.py configs/demo_if_stage2.py
+#   python sample.py --config configs/demo_if_stage2.py --model runs/demo_if_stage2/demo_if_stage2.safetensors \
+#       --base_model runs/demo_if/demo_if.safetensors --prompt "a red circle --d 1 --l 3" --out cascade.png
+#
+# The samples in runs/demo_if_stage2/samples/ upscale the dataset's first image (if_sample_low_res).
+from demo_data import make_if_demo
+
+_files = make_if_demo("runs/demo_data")
+model_family = "deepfloyd"
+model_path = _files["if_stage2"]
+t5_path = _files["t5_path"]
+dataset_dir = _files["dataset_dir"]
+sample_prompts = _files["sample_prompts"]
+
+run_name = "demo_if_stage2"
+device = "cpu"
+dtype = "fp32"
+resolution = 128
+train_mode = "full"
+max_train_steps = 200
+batch_size = 4
+learning_rate = 1e-3
+lr_scheduler = "cosine_with_warmup"
+lr_warmup_steps = 20
+weight_decay = 0.0
+gradient_checkpointing = False
+caption_dropout_rate = 0.1
+validation_count = 4
+validate_every = 100
+save_every = 200
+sample_every = 200
+sample_at_start = False
+sample_steps = 25
