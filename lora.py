@@ -339,9 +339,10 @@ class LoRANetwork(nn.Module):
     def save(self, path: str | Path, metadata: dict[str, str] | None = None, dtype=torch.bfloat16) -> None:
         """Write a kohya-format safetensors file (or the layout `file_layout` converts it to)
         atomically (temp file, then os.replace)."""
-        sd = self.kohya_state_dict(dtype)
-        if self.file_layout is not None:
-            sd = self.file_layout(sd)
+        if self.file_layout is None:
+            sd = self.kohya_state_dict(dtype)
+        else:  # converted from the trained weights, then rounded once
+            sd = {k: v if dtype is None else v.to(dtype) for k, v in self.file_layout(self.kohya_state_dict()).items()}
         sd = {k: v.to("cpu").contiguous() for k, v in sd.items()}
         atomic.write_safetensors(sd, path, metadata)
 

@@ -6,6 +6,8 @@ so this file holds what every family shares:
         --clip_l clip_l.safetensors --t5 t5xxl_fp16.safetensors \
         --prompt "a photo of a cat" --lora my_lora.safetensors:0.8 --out cat.png
     python sample.py --config configs/flux_8gb.py --prompt "..."   # files and memory settings of a config
+    python sample.py --config configs/if_stage2.py --base_model models/IF-I-XL-v1.0 --prompt "..."
+                                     # a cascade: the base model's image is what this model refines
 
 Prompt files use the kohya syntax, one prompt a line:
     a red circle --n blurry --w 1024 --h 768 --d 42 --l 1.0 --g 3.5 --s 28

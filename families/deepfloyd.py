@@ -85,7 +85,8 @@ ESTIMATED = ("IF-I-L", "IF-I-M")
 
 # LoRA groups: name -> the layer inside a block. res_conv (the 3x3 convs) is off unless group_ranks names it.
 ATTENTION_GROUPS = {"attn_qkv": "qkv", "attn_kv": "encoder_kv", "attn_out": "proj_out"}
-RESBLOCK_GROUPS = {"res_emb": "emb_layers.1", "res_skip": "skip_connection", "res_conv": ("in_layers.2", "out_layers.3")}
+RESBLOCK_GROUPS = {"res_emb": "emb_layers.1", "res_skip": "skip_connection",
+                   "res_conv": ("in_layers.2", "out_layers.3")}
 OFF_BY_DEFAULT = ("res_conv",)
 
 
@@ -173,6 +174,9 @@ class DeepFloydIF(Family):
         blocks = [b for group in self.blocks(model).values() for b in group]
         return fp8.fp8_state_dict_to_model(model, sd, dtype=dtype, device=device, blocks=blocks,
                                            per_row=cfg["fp8_per_row"])
+
+    def describe(self, params: network.IFConfig) -> str:
+        return f"DeepFloyd {self.variant(params)}"  # "DeepFloyd IF-I-XL"
 
     def variant(self, params: network.IFConfig) -> str:
         for name, released in RELEASED.items():
@@ -305,8 +309,8 @@ class DeepFloydIF(Family):
 
     def base_stage(self, cfg: dict, base_model: str, prompts: list, encoded: list, dtype: torch.dtype,
                    device) -> list:
-        """Stage I at a quarter of each prompt's size (its own sampler defaults, the prompt's
-        seed, text and negative); its image becomes each conditioning's low_res."""
+        """Stage I at a quarter of each prompt's size (stage I's sampler defaults; the prompt's
+        text, negative, seed and --s); its image becomes each conditioning's low_res."""
         import training  # the placement (swap) of training and sampling; training imports no family
 
         checkpoint = self.read_checkpoint(base_model, cfg)
@@ -321,7 +325,8 @@ class DeepFloydIF(Family):
         out = []
         for prompt, (cond, neg) in zip(prompts, encoded):
             first = replace(defaults, prompt=prompt.prompt, negative=prompt.negative, seed=prompt.seed,
-                            width=prompt.width // LOW_RES_FACTOR, height=prompt.height // LOW_RES_FACTOR)
+                            steps=prompt.steps, width=prompt.width // LOW_RES_FACTOR,
+                            height=prompt.height // LOW_RES_FACTOR)
             noise = sample.initial_noise(first, 3, 1, self.latent_multiple, device)
             image = self.sample(model, first, cond, neg if first.cfg_scale != 1.0 else None, noise).clamp(-1, 1)
             out.append(({**cond, "low_res": image}, neg))
@@ -362,7 +367,8 @@ class DeepFloydIF(Family):
         weights are (to_q/to_k/to_v from qkv, add_k_proj/add_v_proj from encoder_kv, all sharing
         the one lora_A), 1-wide Conv1d -> Linear, alpha / rank folded into lora_B."""
         layout = self._layout()
-        modules = {layout.kohya[k.rsplit(".", 2)[0]]: k.rsplit(".", 2)[0] for k in sd if k.endswith(".lora_down.weight")}
+        names = [k.removesuffix(".lora_down.weight") for k in sd if k.endswith(".lora_down.weight")]
+        modules = {layout.kohya[name]: name for name in names}  # module path -> kohya name
         scaled_ups = {}
         for path, name in modules.items():
             up = sd[f"{name}.lora_up.weight"]
@@ -456,18 +462,22 @@ def model_folder(folder: Path, allow_pickle: bool) -> IFCheckpoint:
     pickled = [f for f in found if f[2] is not None and f[2].suffix == ".bin"]
     layout, where, weights = (safe or pickled or found)[0]
     if weights is not None and weights.suffix == ".bin" and not allow_pickle:
-        raise ConfigError(f"{weights} is a pickle file (it can run code when loaded). Use the repository's unet/ "
-                          "folder (safetensors), or set allow_pickle=True to read it with torch.load(weights_only=True)")
+        raise ConfigError(f"{weights} is a pickle file (it can run code when loaded). Use the repository's "
+                          "unet/ folder (safetensors), or set allow_pickle=True to read it with "
+                          "torch.load(weights_only=True)")
     return IFCheckpoint(network.read_config(where), weights, layout, str(folder))
 
 
 def trained_file(path: Path, cfg: dict) -> IFCheckpoint:
     """A single .safetensors in the original keys (a full fine-tune from this trainer): its shapes
     from a config.yml beside it, or from the model folder its header's trainer_config names."""
-    if (path.parent / "config.yml").is_file():
-        return IFCheckpoint(network.read_config(path.parent), path, "original", str(path))
     with safe_open(str(path), framework="pt") as f:
         trainer_config = json.loads((f.metadata() or {}).get("trainer_config", "{}"))
+        if not all(k in f.keys() for k in network.ORIGINAL_REQUIRED):
+            raise ConfigError(f"{path} is not a DeepFloyd IF UNet in the original keys (a LoRA file? give it to "
+                              "sample.py --lora); pass the model folder")
+    if (path.parent / "config.yml").is_file():
+        return IFCheckpoint(network.read_config(path.parent), path, "original", str(path))
     base = trainer_config.get("model_path")
     if not base or not Path(base).is_dir():
         raise ConfigError(f"{path}: a DeepFloyd IF UNet file needs its shapes: put a config.yml beside it, or pass "

@@ -4,6 +4,7 @@ IFPipeline (an independent loader), the checkpoint layouts, stage II's augmented
 block swap, and the shipped configs' plans."""
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,23 @@ def test_stage1_lora_trains_resumes_identically_and_caches_text_in_bf16(tmp_path
     assert all(torch.isfinite(torch.tensor(losses_of(a))))
 
 
+def test_loss_falls_on_the_tiny_shapes(tmp_path, files):
+    final = train.main([config_file(tmp_path, files, 1, train_mode="full", max_train_steps=30, save_every=0,
+                                    batch_size=4, caption_dropout_rate=0.0)])
+    losses = losses_of(final.parent)
+    first, last = sum(losses[:6]) / 6, sum(losses[-6:]) / 6
+    assert last < 0.6 * first, (first, last)
+
+
+@pytest.mark.parametrize("settings", [
+    {"fp8_base": True, "dtype": "bf16"},  # the ResBlocks' emb_layers Linears in fp8 (convolutions stay bf16)
+    {"train_mode": "full", "fused_backward": True, "max_grad_norm": 0.0, "optimizer": "adafactor"},
+], ids=["fp8-base", "full-fused"])
+def test_fp8_base_and_the_fused_step_train(tmp_path, files, settings):
+    final = train.main([config_file(tmp_path, files, 1, max_train_steps=2, save_every=0, **settings)])
+    assert all(torch.isfinite(torch.tensor(losses_of(final.parent))))
+
+
 def test_stage2_trains_validates_samples_and_resumes_identically(tmp_path, files):
     a, b = train_split_and_straight(tmp_path, files, 2, validation_count=2, validate_every=2,
                                     sample_prompts=files["sample_prompts"], sample_every=4, sample_steps=2,
@@ -118,6 +136,14 @@ def test_cascade_runs_stage1_then_stage2_at_a_quarter_size(tmp_path, files):
     again = sample.main(common + ["--base_model", files["if_stage1"], "--sizes", "32", "--out",
                                   str(tmp_path / "again.png")])
     assert np.array_equal(np.asarray(Image.open(again[0])), np.asarray(Image.open(paths[0])))  # seeded
+    # the base stage's output is each conditioning's low_res, a quarter of the sample's size
+    cfg = dict(DEFAULTS, model_family="deepfloyd", resolution=32, dtype="fp32")
+    prompt = replace(FAMILY.prompt_defaults(cfg, FAMILY.read_checkpoint(files["if_stage2"], cfg).config),
+                     width=64, height=32, steps=2, seed=3, cfg_scale=1.0)
+    cond = {"t5": torch.randn(1, 77, 32)}
+    (staged, neg), = FAMILY.base_stage(cfg, files["if_stage1"], [prompt], [(cond, None)], torch.float32, "cpu")
+    assert staged["low_res"].shape == (1, 3, 8, 16) and neg is None and staged["t5"] is cond["t5"]
+    assert staged["low_res"].abs().max() <= 1 and staged["low_res"].std() > 0.05
     with pytest.raises(ValueError, match="stage II UNet upscales an image: give sample.py --base_model"):
         sample.main(common + ["--out", str(tmp_path / "none.png"), "--sizes", "32"])
     with pytest.raises(ValueError, match="is a stage II UNet; give the stage I model"):
@@ -277,8 +303,10 @@ def test_stage2_low_res_is_the_image_shrunk_regrown_and_noised_at_a_drawn_step()
 
 def test_block_swap_gives_the_same_loss_and_gradients():
     params = dict(demo_data.IF_STAGE_I_TINY, image_size=16)
-    cfg = dict(DEFAULTS, model_family="deepfloyd", resolution=16, dtype="fp32", network_dim=4, gradient_checkpointing=True)
-    batch = {"latent": torch.randn(2, 3, 16, 16), "t5": torch.randn(2, 77, 32), "t5_mask": torch.ones(2, 77, dtype=torch.bool)}
+    cfg = dict(DEFAULTS, model_family="deepfloyd", resolution=16, dtype="fp32", network_dim=4,
+               gradient_checkpointing=True)
+    batch = {"latent": torch.randn(2, 3, 16, 16), "t5": torch.randn(2, 77, 32),
+             "t5_mask": torch.ones(2, 77, dtype=torch.bool)}
     results = []
     for swap in (0, 3):
         model = tiny_unet(params)
@@ -286,7 +314,8 @@ def test_block_swap_gives_the_same_loss_and_gradients():
         with torch.no_grad():
             for p in prepared.trainable.values():
                 p.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
-        loss = training.training_loss(FAMILY, FAMILY.objective(cfg), model, batch, cfg, torch.Generator().manual_seed(0))[0]
+        generator = torch.Generator().manual_seed(0)
+        loss = training.training_loss(FAMILY, FAMILY.objective(cfg), model, batch, cfg, generator)[0]
         loss.backward()
         assert (prepared.swap is not None) == bool(swap)
         results.append((loss.item(), [p.grad.clone() for p in prepared.trainable.values()]))
