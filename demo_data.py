@@ -200,6 +200,14 @@ def make_if_unet(folder: Path, params: dict, seed: int = 0) -> Path:
     return folder
 
 
+def make_if_prompts(path: Path) -> Path:
+    """The demo's prompts with IF's own sampling defaults (CFG 7 against the empty caption)."""
+    lines = ["# IF demo prompts: the step-0 samples are noise; the last ones show these colours and shapes.",
+             "a red circle --d 1", "a blue square --d 2", "a green triangle --d 3", "a yellow circle --d 4"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def make_if_demo(root: str | Path = "runs/demo_data") -> dict:
     """Create (once) and return the paths configs/demo_if.py and demo_if_stage2.py point at: the
     shapes, the demo T5, a stage I and a stage II UNet folder, the prompts."""
@@ -210,5 +218,5 @@ def make_if_demo(root: str | Path = "runs/demo_data") -> dict:
         t5_path=str(make_t5(root / "t5")),
         if_stage1=str(make_if_unet(root / "if_stage1_tiny", IF_STAGE_I_TINY, seed=3)),
         if_stage2=str(make_if_unet(root / "if_stage2_tiny", IF_STAGE_II_TINY, seed=4)),
-        sample_prompts=str(make_prompts(root / "prompts.txt")),
+        sample_prompts=str(make_if_prompts(root / "if_prompts.txt")),
     )

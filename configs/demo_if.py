@@ -8,7 +8,7 @@
 #   python train.py configs/demo_if.py            # stage I
 #   python train.py configs/demo_if_stage2.py     # then stage II, 32 -> 128 px
 #   python sample.py --config configs/demo_if_stage2.py --model runs/demo_if_stage2/demo_if_stage2.safetensors \
-#       --base_model runs/demo_if/demo_if.safetensors --prompt "a red circle --d 1 --l 3" --out cascade.png
+#       --base_model runs/demo_if/demo_if.safetensors --prompt "a red circle --d 1" --out cascade.png
 #
 # Then look at runs/demo_if/samples/ (step 0 is noise; the last step shows the prompted colours
 # and shapes) and runs/demo_if/loss.png.
@@ -26,14 +26,14 @@ device = "cpu"
 dtype = "fp32"                  # bf16 matmuls are slow on most CPUs
 resolution = 32
 train_mode = "full"             # the random tiny model has everything to learn
-max_train_steps = 1000
+max_train_steps = 1500
 batch_size = 8
-learning_rate = 1e-3
+learning_rate = 2e-3
 lr_scheduler = "cosine_with_warmup"
 lr_warmup_steps = 20
 weight_decay = 0.0
 gradient_checkpointing = False
-caption_dropout_rate = 0.1      # the unconditional prediction that --l (CFG) in the prompts uses
+caption_dropout_rate = 0.1      # the unconditional prediction CFG (IF's 7) samples against
 validation_count = 4
 validate_every = 100
 save_every = 500

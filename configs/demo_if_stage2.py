@@ -5,7 +5,7 @@
 #
 #   python train.py configs/demo_if_stage2.py
 #   python sample.py --config configs/demo_if_stage2.py --model runs/demo_if_stage2/demo_if_stage2.safetensors \
-#       --base_model runs/demo_if/demo_if.safetensors --prompt "a red circle --d 1 --l 3" --out cascade.png
+#       --base_model runs/demo_if/demo_if.safetensors --prompt "a red circle --d 1" --out cascade.png
 #
 # The samples in runs/demo_if_stage2/samples/ upscale the dataset's first image (if_sample_low_res).
 from demo_data import make_if_demo

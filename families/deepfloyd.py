@@ -432,9 +432,10 @@ class DeepFloydIF(Family):
             return T5EncoderModel(T5Config(**dict(T5_XXL, d_model=params.encoder_dim))).to(DTYPES[cfg["dtype"]])
 
         def inputs(device) -> dict:
+            # No attention_mask: transformers reads its values (.all()), which meta tensors lack; the
+            # (B, 1, 77, 77) mask it would build from it is a few KiB.
             shape = (cfg.get("text_batch_size", 8), IF_T5_LENGTH)
-            return {"input_ids": torch.zeros(shape, dtype=torch.long, device=device),
-                    "attention_mask": torch.ones(shape, dtype=torch.long, device=device)}
+            return {"input_ids": torch.zeros(shape, dtype=torch.long, device=device)}
 
         return [("t5", build, inputs)]
 

@@ -349,3 +349,16 @@ def test_plan_reads_the_released_config_from_a_folder_without_weights():
         with torch.device("meta"):
             assert sum(p.numel() for p in FAMILY.build(params).parameters()) == count
         assert FAMILY.variant(params) == folder.removesuffix("-v1.0")
+
+
+def test_plan_hooks_for_the_whole_run():
+    cfg = dict(DEFAULTS, model_family="deepfloyd", resolution=64, dtype="bf16", batch_size=2)
+    params = FAMILY.default_params(cfg)
+    (name, build, inputs), = FAMILY.plan_text_encoders(cfg, params)
+    with torch.device("meta"):
+        t5 = build()
+    assert name == "t5" and sum(p.numel() for p in t5.parameters()) == 4_762_310_656  # T5-XXL's encoder
+    assert t5(**inputs("meta")).last_hidden_state.shape == (8, 77, 4096)
+    assert FAMILY.plan_codec(cfg, params) is None  # pixels
+    batch = FAMILY.plan_batch(cfg, params, "meta")
+    assert batch["t5"].dtype == torch.bfloat16 and batch["latent"].shape == (2, 3, 64, 64)
