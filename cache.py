@@ -106,8 +106,61 @@ def scan_dataset(folder, caption_ext=".txt", instance_prompt=None, repeats=1, de
             f"{list_some(p.name for p in uncaptioned)}",
             stacklevel=2,
         )
+    warn_caption_problems(pairs, caption_ext)
     final = [(path, with_instance_prompt(default_caption if c is None else c, instance_prompt)) for path, c in pairs]
     return [ImageItem(path, caption, repeat=repeat) for repeat in range(repeats) for path, caption in final]
+
+
+def warn_caption_problems(pairs: list[tuple[Path, str | None]], caption_ext: str) -> None:
+    """Warnings for empty caption files and for images that share one caption file
+    (a.jpg and a.png both read a.txt)."""
+    empty = [path for path, caption in pairs if caption is not None and not caption.strip()]
+    if empty:
+        warnings.warn(f"{len(empty)} image(s) have an empty caption: {list_some(p.name for p in empty)}", stacklevel=3)
+    by_caption_file: dict[Path, list[Path]] = {}
+    for path, _ in pairs:
+        by_caption_file.setdefault(path.with_suffix(caption_ext if caption_ext.startswith(".") else "." + caption_ext),
+                                   []).append(path)
+    shared = {f: ps for f, ps in by_caption_file.items() if len(ps) > 1}
+    if shared:
+        examples = [" and ".join(p.name for p in ps) + f" share {f.name}" for f, ps in shared.items()]
+        warnings.warn(f"{len(shared)} caption file(s) serve several images: {list_some(examples, 5)}", stacklevel=3)
+
+
+def check_images(items: list[ImageItem], resolution, on_error: str = "skip") -> tuple[list[ImageItem], list]:
+    """Open every image's header and check its data before any model loads. Returns the
+    readable items and the (path, reason) of the others; on_error="stop" raises instead.
+    Warns about images smaller than the training size (they are upscaled)."""
+    readable, skipped, small = [], [], []
+    height, width = as_height_width(resolution)
+    for item in items:
+        try:
+            with Image.open(item.image_path) as image:
+                size = image.size
+                image.verify()  # the file's structure and checksums, without decoding the pixels
+        except Exception as error:  # PIL raises many kinds; each means "cannot use this file"
+            if on_error == "stop":
+                raise ImageReadError(f"cannot read image {item.image_path}: {type(error).__name__}: {error}") from None
+            skipped.append((item.image_path, f"{type(error).__name__}: {error}"))
+            continue
+        if size[0] < width or size[1] < height:
+            small.append(item.image_path.name)
+        readable.append(item)
+    if skipped:
+        warnings.warn(f"skipping {len(skipped)} unreadable image(s) (on_bad_image='skip'): "
+                      f"{list_some(Path(p).name for p, _ in skipped)}", stacklevel=2)
+    if small:
+        warnings.warn(f"{len(small)} image(s) are smaller than {width}x{height} and will be upscaled: "
+                      f"{list_some(small, 10)}", stacklevel=2)
+    return readable, skipped
+
+
+def dataset_fingerprint(items: list[ImageItem], folder, repeats: int) -> str:
+    """A short hash of what the dataset is (each image's path in the folder, size and caption,
+    and the repeats): resume refuses a run whose dataset changed."""
+    rows = [(str(Path(it.image_path).relative_to(folder)) if Path(it.image_path).is_relative_to(folder)
+             else str(it.image_path), Path(it.image_path).stat().st_size, it.caption) for it in items]
+    return hashlib.sha256(json.dumps([rows, repeats]).encode()).hexdigest()[:16]
 
 
 def read_caption_files(folder: Path, caption_ext: str) -> list[tuple[Path, str | None]]:
@@ -267,8 +320,8 @@ class CacheEntryError(RuntimeError):
         super().__init__(f"cache file {path} {reason}. {hint}")
 
 
-class ImageReadError(RuntimeError):
-    """An image that cannot be read, with on_error="stop"."""
+class ImageReadError(ValueError):
+    """An image that cannot be read, with on_error="stop" (a user error: no traceback)."""
 
 
 def entry_key(fields: dict) -> str:

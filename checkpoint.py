@@ -10,6 +10,7 @@ new one is in place. The last `keep_last` folders are kept.
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -42,17 +43,68 @@ def _recover(root: Path) -> None:
             os.replace(old, final)
 
 
+class RunFolderError(ValueError):
+    """A run folder that cannot be used as asked (an existing run, no state to resume)."""
+
+
+RUN_FILES = ("metrics.jsonl", "config.py", STATE_DIR)  # what shows that a folder holds a run
+
+
+def holds_run(run_dir: Path, run_name: str) -> bool:
+    run_dir = Path(run_dir)
+    return any((run_dir / name).exists() for name in RUN_FILES) or any(run_dir.glob(f"{run_name}*.safetensors"))
+
+
+def claim_run_dir(run_dir: Path, run_name: str, resume: str, overwrite: bool) -> None:
+    """Before anything is written: a fresh run never mixes with an existing one. With
+    overwrite, the old run is moved aside (renamed, not deleted)."""
+    run_dir = Path(run_dir)
+    if resume or not holds_run(run_dir, run_name):
+        return
+    if not overwrite:
+        raise RunFolderError(
+            f"{run_dir} already holds a run. Continue it with --resume=latest, start a new one with "
+            f"--run_name=<another name>, or move it aside with --overwrite=True.")
+    aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(run_dir, aside)
+    print(f"moved the previous run aside to {aside}")
+
+
 def find_resume_dir(run_dir: Path, resume: str) -> Path | None:
-    """resume = "" (fresh start), "latest" (newest in this run) or a state folder path."""
+    """resume = "" (fresh start), "latest" (the newest state of this run; an error if there is
+    none), "auto" (the newest state if there is one, else a fresh start: for job schedulers)
+    or a state folder path."""
     if not resume:
         return None
-    if resume == "latest":
+    if resume in ("latest", "auto"):
         dirs = state_dirs(run_dir)
-        return dirs[-1] if dirs else None
+        if dirs:
+            return dirs[-1]
+        if resume == "auto":
+            return None
+        raise RunFolderError(f"--resume=latest: no saved state in {Path(run_dir) / STATE_DIR}. Check run_name and "
+                             "output_dir, or use --resume=auto to start fresh when there is nothing to resume.")
     path = Path(resume)
     if not (path / "state.json").exists():
-        raise FileNotFoundError(f"resume={resume!r}: no state.json there; pass a folder like {run_dir}/state/step_000100")
+        raise RunFolderError(f"resume={resume!r}: no state.json there; pass a folder like {run_dir}/state/step_000100")
     return path
+
+
+def config_changes(saved: dict, current: dict, frozen: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """(refused, accepted) differences between a state's config and the resuming one: keys in
+    `frozen` cannot change under trained weights; the others may."""
+    refused, accepted = [], []
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key), current.get(key)
+        if _same(old, new):
+            continue
+        (refused if key in frozen else accepted).append(f"{key}: {old!r} -> {new!r}")
+    return refused, accepted
+
+
+def _same(a, b) -> bool:
+    """Equal as JSON stores them (tuples come back as lists)."""
+    return json.loads(json.dumps(a, default=str)) == json.loads(json.dumps(b, default=str))
 
 
 def save_state(run_dir: Path, step: int, trainable: dict, optimizer, scheduler, ema, info: dict, keep_last: int) -> Path:
@@ -108,3 +160,36 @@ def restore_rng(state: dict, generator: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# Settings that cannot change under trained weights (or without changing what the next batches
+# are); everything else may change on resume and takes effect. The family adds its LoRA keys.
+FROZEN_ON_RESUME = ("model_family", "train_mode", "network_dim", "network_alpha", "group_ranks", "optimizer",
+                    "resolution", "batch_size", "repeats", "crop", "seed", "dtype", "caption_ext", "instance_prompt")
+
+
+def run_identity(cfg: dict, dataset_fingerprint: str) -> dict:
+    """What a state records about the run besides its config: the model file and the dataset."""
+    from models.loading import list_weight_files
+
+    files = list_weight_files(cfg["model_path"])
+    return {"model": f"{Path(cfg['model_path']).name} ({sum(f.stat().st_size for f in files)} bytes)",
+            "dataset": dataset_fingerprint}
+
+
+def check_resume(resume_dir: Path, cfg: dict, family_keys: tuple[str, ...], identity: dict) -> None:
+    """Refuse a resume whose config changes what trained (listing each difference); print the
+    changes that take effect."""
+    info = json.loads((resume_dir / "state.json").read_text())
+    saved = {**info.get("config", {}), **info.get("identity", {})}
+    current = {**cfg, **identity}
+    frozen = FROZEN_ON_RESUME + family_keys + ("model", "dataset")
+    ignore = ("resume", "overwrite", "model_path", "dataset_dir", "cache_dir", "output_dir")  # where, not what
+    refused, accepted = config_changes({k: v for k, v in saved.items() if k not in ignore},
+                                                  {k: v for k, v in current.items() if k not in ignore}, frozen)
+    if refused:
+        raise RunFolderError(
+            f"cannot resume {resume_dir}: these settings differ from the run's and cannot change under trained "
+            "weights:\n  " + "\n  ".join(refused) + "\nStart a new run (--run_name=...) or put them back.")
+    if accepted:
+        print("resuming with changed settings (they take effect now):\n  " + "\n  ".join(accepted))

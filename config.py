@@ -40,6 +40,12 @@ DEFAULTS = dict(
     t5_max_length=0,              # 0 -> 512 for dev, 256 for schnell
     apply_t5_attn_mask=False,     # mask T5 padding in the encoder and in attention
     validation_count=0,           # hold out this many images for validation loss (0 = off)
+    vae_batch_size=1,             # images per autoencoder pass while caching latents
+    text_batch_size=8,            # captions per text-encoder pass while caching
+    text_encoder_placement="device",  # while caching: "device", "stream" (layers through 2 device slots), "cpu"
+    text_encoder_fp8=False,       # text encoders' layer weights in fp8 while caching (a released fp8 T5 stays fp8)
+    vae_tile_size=-1,             # sample decode: -1 tiles when the whole decode would raise the run's peak,
+                                  # 0 never, N tiles of N latent pixels
     # --- run ---
     output_dir="runs",
     run_name="flux_lora",
@@ -90,7 +96,8 @@ DEFAULTS = dict(
     # --- checkpoints, samples, validation ---
     save_every=250,               # steps between LoRA files + resumable state
     keep_last=3,                  # resumable states kept
-    resume="",                    # "" (fresh), "latest", or a state folder
+    resume="",                    # "" (fresh), "latest" (error if none), "auto" (latest if any), or a state folder
+    overwrite=False,              # a fresh run into a folder holding a run moves the old run aside (else: an error)
     sample_every=250,             # 0 disables
     sample_at_start=True,
     sample_prompts="",            # file in kohya syntax (--n --w --h --d --l --g --s), or "" for none
@@ -151,6 +158,7 @@ def _choices() -> dict[str, tuple]:
         train_mode=("lora", "full"),
         save_dtype=("bf16", "fp16", "fp32"),
         swap_mode=("exchange", "h2d_only"),
+        text_encoder_placement=("device", "stream", "cpu"),
     )
 
 
@@ -221,7 +229,8 @@ def validate(cfg: dict, check_files: bool = True) -> None:
         check_type(key, value, DEFAULTS[key])
         if key in choices and value not in choices[key]:
             raise ConfigError(f"{key}={value!r}: choose one of {', '.join(map(repr, choices[key]))}")
-    for key in ("max_train_steps", "batch_size", "gradient_accumulation_steps", "repeats", "resolution", "ema_every"):
+    for key in ("max_train_steps", "batch_size", "gradient_accumulation_steps", "repeats", "resolution", "ema_every",
+                "vae_batch_size", "text_batch_size"):
         if cfg[key] < 1:
             raise ConfigError(f"{key} must be at least 1, got {cfg[key]}")
     if cfg["train_mode"] == "lora" and cfg["network_dim"] < 1:
@@ -232,6 +241,8 @@ def validate(cfg: dict, check_files: bool = True) -> None:
         raise ConfigError(f"ema_decay must be in [0, 1), got {cfg['ema_decay']}")
     if not math.isfinite(cfg["learning_rate"]) or cfg["learning_rate"] <= 0:
         raise ConfigError(f"learning_rate must be a positive number, got {cfg['learning_rate']}")
+    check_optimizer_settings(cfg)
+    check_training_settings(cfg)
     check_memory_settings(cfg)
     check_sample_sizes(cfg["sample_sizes"])
     family = resolve_family(cfg, check_files)
@@ -274,7 +285,11 @@ def check_family_keys(cfg: dict, family) -> None:
 
 
 def check_paths(cfg: dict, family) -> None:
-    """The model, data and prompt files are named and exist."""
+    """The model, data and prompt files are named and exist (and triton, when asked for)."""
+    from models.layers import triton_installed
+
+    if cfg["kernels"] == "triton" and not triton_installed():
+        raise ConfigError("kernels='triton' needs the triton package (pip install triton); use 'auto' or 'torch'")
     if not cfg["model_path"]:
         raise ConfigError(f"model_path is empty: set it to the {family.title} checkpoint")
     if not cfg["dataset_dir"]:
@@ -295,6 +310,41 @@ def check_sample_sizes(sizes: str) -> None:
         sample.at_sizes([], sizes)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+
+
+def check_optimizer_settings(cfg: dict) -> None:
+    """Values the optimizer and schedule would refuse (or misread) later."""
+    betas = cfg["betas"]
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        raise ConfigError(f"betas={betas!r}: two numbers in [0, 1), e.g. (0.9, 0.999)")
+    if cfg["weight_decay"] < 0:
+        raise ConfigError(f"weight_decay must be >= 0, got {cfg['weight_decay']}")
+    if cfg["lr_warmup_steps"] < 0 or cfg["lr_warmup_steps"] > cfg["max_train_steps"]:
+        raise ConfigError(f"lr_warmup_steps={cfg['lr_warmup_steps']} must be between 0 and max_train_steps "
+                          f"({cfg['max_train_steps']})")
+    if cfg["eps"] <= 0:
+        raise ConfigError(f"eps must be > 0, got {cfg['eps']}")
+
+
+LORA_ONLY_KEYS = ("network_dim", "network_alpha", "network_dropout", "group_ranks")
+
+
+def check_training_settings(cfg: dict) -> None:
+    """What trains and how it is checked: LoRA keys mean nothing for full fine-tuning."""
+    if cfg["validation_count"] < 0:
+        raise ConfigError(f"validation_count must be >= 0, got {cfg['validation_count']}")
+    if not 0 <= cfg["network_dropout"] < 1:
+        raise ConfigError(f"network_dropout must be in [0, 1), got {cfg['network_dropout']}")
+    if cfg["network_alpha"] < 0:
+        raise ConfigError(f"network_alpha must be >= 0 (0 means alpha = rank), got {cfg['network_alpha']}")
+    if cfg["train_mode"] == "full":
+        import families
+
+        family_keys = {k for f in families.FAMILIES.values() for k in f.lora_config_keys}
+        set_keys = sorted(k for k in LORA_ONLY_KEYS + tuple(family_keys) if cfg[k] != DEFAULTS[k])
+        if set_keys:
+            raise ConfigError(f"{', '.join(set_keys)}: LoRA settings, but train_mode='full' trains every weight; "
+                              "remove them or set train_mode='lora'")
 
 
 def check_memory_settings(cfg: dict) -> None:

@@ -111,26 +111,26 @@ def make_t5_tokenizer(folder: Path) -> int:
     return tokenizer.get_vocab_size()
 
 
-def make_clip(folder: Path, seed: int = 1) -> Path:
+def make_clip(folder: Path, seed: int = 1, layers: int = 2) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if not (folder / "config.json").exists():
         vocab_size = make_clip_tokenizer(folder)
         torch.manual_seed(seed)
-        config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                                 num_attention_heads=2, max_position_embeddings=77, projection_dim=32,
                                 bos_token_id=0, eos_token_id=1, pad_token_id=1)  # ids of the special tokens above
         CLIPTextModel(config).save_pretrained(folder)
     return folder
 
 
-def make_t5(folder: Path, seed: int = 2) -> Path:
+def make_t5(folder: Path, seed: int = 2, layers: int = 2) -> Path:
     from transformers import T5Config, T5EncoderModel
 
     if not (folder / "config.json").exists():
         vocab_size = make_t5_tokenizer(folder)
         torch.manual_seed(seed)
-        config = T5Config(vocab_size=vocab_size, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+        config = T5Config(vocab_size=vocab_size, d_model=32, d_kv=16, d_ff=64, num_layers=layers, num_heads=2,
                           feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
         T5EncoderModel(config).save_pretrained(folder)
     return folder

@@ -42,8 +42,14 @@ MARKER = "scaled_fp8"
 
 
 def quantize_weight(weight: Tensor, per_row: bool = False) -> tuple[Tensor, Tensor]:
-    """(out, in) weight -> (fp8 weight, fp32 scale () or (out, 1)) with weight ~= fp8 * scale."""
+    """(out, in) weight -> (fp8 weight, fp32 scale () or (out, 1)) with weight ~= fp8 * scale.
+    A weight whose every value is already an fp8 number (a released fp8 file, upcast on load)
+    is stored as those fp8 numbers with scale 1: it round-trips exactly."""
     w = weight.detach().float()
+    if not w.is_meta:
+        as_fp8 = w.clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        if torch.equal(as_fp8.float(), w):  # exactly representable: keep the file's fp8 values
+            return as_fp8, torch.ones((w.shape[0], 1) if per_row else (), device=w.device)
     amax = w.abs().amax(dim=1, keepdim=True) if per_row else w.abs().amax()
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))  # an all-zero row keeps scale 1
     return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale

@@ -25,11 +25,13 @@ Without triton installed this file still imports and every function runs its tor
 On CPU the kernels run only under the Triton interpreter (TRITON_INTERPRET=1, set before import).
 """
 import os
+import warnings
 from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 try:
     import triton
@@ -109,9 +111,16 @@ def geglu_reference(x: Tensor) -> Tensor:
 # =================================================================================================
 
 
+def _launchable(x: Tensor) -> bool:
+    """Whether the custom op can run: with triton installed, or on meta tensors (the memory plan),
+    where only its fake (shape) implementation runs, so the plan of the Triton path does not
+    depend on triton being installed where it is made."""
+    return HAVE_TRITON or x.is_meta
+
+
 def norm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
     """x (B, L, H); shift, scale broadcastable to (B, 1, H)."""
-    if not HAVE_TRITON:
+    if not _launchable(x):
         return norm_modulate_reference(x, shift, scale, eps)
     B, L, H = _check_tokens(x, "x")
     return _norm_modulate(x, shift.expand(B, 1, H), scale.expand(B, 1, H), eps)
@@ -119,7 +128,7 @@ def norm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) ->
 
 def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
     """x, y (B, L, H); gate broadcastable to (B, 1, H)."""
-    if not HAVE_TRITON:
+    if not _launchable(x):
         return gated_residual_reference(x, gate, y)
     B, L, H = _check_tokens(x, "x")
     return _gated_residual(x, gate.expand(B, 1, H), y.expand(B, L, H))
@@ -127,7 +136,7 @@ def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
 
 def gated_residual_norm_modulate(x, gate, y, shift, scale, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
     """(h, (1 + scale) * LN(h) + shift) for h = x + gate * y; one read of x and y, no LN copy saved."""
-    if not HAVE_TRITON:
+    if not _launchable(x):
         return gated_residual_norm_modulate_reference(x, gate, y, shift, scale, eps)
     B, L, H = _check_tokens(x, "x")
     per_sample = (B, 1, H)
@@ -138,7 +147,7 @@ def gated_residual_norm_modulate(x, gate, y, shift, scale, eps: float = 1e-6) ->
 
 def qk_norm_rope(q: Tensor, k: Tensor, q_scale: Tensor, k_scale: Tensor, pe: Tensor, eps: float = 1e-6):
     """q, k (B, heads, L, D), any strides; scales (D,); pe (B or 1, 1, L, D/2, 2, 2)."""
-    if not HAVE_TRITON:
+    if not _launchable(q):
         return qk_norm_rope_reference(q, k, q_scale, k_scale, pe, eps)
     if q.ndim != 4 or q.shape != k.shape or q.shape[-1] % 2:
         raise ValueError(f"q and k must both be (B, heads, L, D) with D even, got {tuple(q.shape)}, {tuple(k.shape)}")
@@ -147,14 +156,14 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_scale: Tensor, k_scale: Tensor, pe: Ten
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
-    return _gelu_tanh(x) if HAVE_TRITON else gelu_tanh_reference(x)
+    return _gelu_tanh(x) if _launchable(x) else gelu_tanh_reference(x)
 
 
 def geglu(x: Tensor) -> Tensor:
     """x (..., 2N) -> (..., N): first half times exact GELU of the second half."""
     if x.shape[-1] % 2:
         raise ValueError(f"geglu needs an even last dimension, got {tuple(x.shape)}")
-    return _geglu(x) if HAVE_TRITON else geglu_reference(x)
+    return _geglu(x) if _launchable(x) else geglu_reference(x)
 
 
 # =================================================================================================
@@ -1019,3 +1028,171 @@ def _(dout, x):
 
 
 _geglu.register_autograd(lambda ctx, dout: _geglu_backward(dout, ctx.saved_tensors[0]), setup_context=_save_input)
+
+
+# =================================================================================================
+# Self-check: before "auto" mode (models/layers.py) lets a kernel run, the kernel is compiled and
+# run forward and backward once on small random inputs on the target device and dtype, and
+# compared with its reference. A kernel that raises (compile or launch) or differs beyond
+# SELF_CHECK_TOLERANCE is replaced by its reference, with one KernelSelfCheckWarning naming it.
+# Results are cached per process for each (kernel, device, dtype). The device is a parameter:
+# the tests run the same code on CPU under TRITON_INTERPRET=1.
+# =================================================================================================
+
+
+class KernelSelfCheckWarning(RuntimeWarning):
+    """A fused kernel failed its self-check and is replaced by its torch reference."""
+
+
+class KernelMismatch(AssertionError):
+    """A kernel's result differs from its reference beyond the self-check tolerance."""
+
+
+# |result - reference| <= tol * (max(1, max|reference|) + |reference|), element-wise: a few ulps of
+# the dtype with room for GPU approximations (rsqrt, exp) and summation order. A broken kernel
+# is off by O(1), far beyond these.
+SELF_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+_self_check_results: dict[tuple[str, str, torch.dtype], str | None] = {}  # None: passed, else why not
+
+
+def assert_matches(result: Tensor, reference: Tensor, dtype: torch.dtype, what: str) -> None:
+    """Raise KernelMismatch when result is off from the (fp32) reference beyond the tolerance of dtype."""
+    tol = SELF_CHECK_TOLERANCE.get(dtype, SELF_CHECK_TOLERANCE[torch.float32])
+    if result.shape != reference.shape:
+        raise KernelMismatch(f"{what}: shape {tuple(result.shape)}, expected {tuple(reference.shape)}")
+    reference = reference.float()
+    error = (result.float() - reference).abs()
+    allowed = tol * (max(1.0, reference.abs().max().item()) + reference.abs())
+    if not bool((error <= allowed).all()):  # NaN fails too
+        raise KernelMismatch(f"{what} differs from the reference by up to {error.max().item():.3g} (tolerance {tol:g})")
+
+
+def compare_with_reference(fused, reference, inputs: list[Tensor], dtype: torch.dtype, constants=()) -> None:
+    """Run `fused` on the inputs in dtype and `reference` on fp32 copies of the same rounded values;
+    compare the outputs and the gradients w.r.t. every input for random upstream gradients."""
+    test_inputs = [t.to(dtype).requires_grad_() for t in inputs]
+    fp32_inputs = [t.detach().float().requires_grad_() for t in test_inputs]
+    outputs, expected = fused(*test_inputs, *constants), reference(*fp32_inputs, *constants)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    generator = torch.Generator().manual_seed(1)
+    upstream = [torch.randn(o.shape, generator=generator).to(o.device, dtype) for o in outputs]
+    grads = torch.autograd.grad(outputs, test_inputs, upstream)
+    expected_grads = torch.autograd.grad(expected, fp32_inputs, [u.float() for u in upstream])
+    for i, (out, exp) in enumerate(zip(outputs, expected)):
+        assert_matches(out, exp, dtype, f"output {i}")
+    for i, (grad, exp) in enumerate(zip(grads, expected_grads)):
+        assert_matches(grad, exp, dtype, f"gradient of input {i}")
+
+
+def _random(generator: torch.Generator, device, *shape) -> Tensor:
+    """Normal values drawn on the CPU (the check never touches the global or a CUDA RNG)."""
+    return torch.randn(shape, generator=generator).to(device)
+
+
+def _token_check(fused, reference, shapes: str, spread: float = 1.0):
+    """The check of a kernel on token inputs, one letter of `shapes` per input: t tokens (2, 19, 40),
+    s per-sample vectors (2, 1, 40), w wide tokens (2, 19, 80). 19 and 40 are no block multiples."""
+    sizes = {"t": (2, 19, 40), "s": (2, 1, 40), "w": (2, 19, 80)}
+
+    def check(device, dtype) -> None:
+        g = torch.Generator().manual_seed(0)
+        compare_with_reference(fused, reference, [spread * _random(g, device, *sizes[c]) for c in shapes], dtype)
+
+    return check
+
+
+def _check_qk_norm_rope(device, dtype) -> None:
+    """q, k as views into one (B, L, 3 * heads * D) projection, as in the model; a random rotation per pair."""
+    g = torch.Generator().manual_seed(0)
+    B, heads, L, D = 2, 2, 19, 16
+    q, k, _ = _random(g, device, B, L, 3, heads, D).permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, L, D) views
+    angle = _random(g, device, B, 1, L, D // 2)
+    pe = torch.stack([angle.cos(), -angle.sin(), angle.sin(), angle.cos()], -1).unflatten(-1, (2, 2))
+    scales = [1 + 0.1 * _random(g, device, D) for _ in range(2)]
+    compare_with_reference(qk_norm_rope, qk_norm_rope_reference, [q, k, *scales], dtype, constants=(pe,))
+
+
+SELF_CHECKS = {
+    "norm_modulate": _token_check(norm_modulate, norm_modulate_reference, "tss"),
+    "gated_residual": _token_check(gated_residual, gated_residual_reference, "tst"),
+    "gated_residual_norm_modulate": _token_check(
+        gated_residual_norm_modulate, gated_residual_norm_modulate_reference, "tstss"
+    ),
+    "qk_norm_rope": _check_qk_norm_rope,
+    "gelu_tanh": _token_check(gelu_tanh, gelu_tanh_reference, "t", spread=3.0),  # both tails of the tanh
+    "geglu": _token_check(geglu, geglu_reference, "w", spread=3.0),
+}
+
+
+def _all_checks() -> dict:
+    """These kernels' checks and the optimizer kernels' (kernels_optim.SELF_CHECKS)."""
+    import kernels_optim
+
+    return {**SELF_CHECKS, **kernels_optim.SELF_CHECKS}
+
+
+def _device_key(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
+
+
+def _run_check(check, device, dtype) -> str | None:
+    """None if the check passes, else one line saying why not. Autograd on, autocast off, whatever
+    context the first kernel call happened in."""
+    device_type = torch.device(device).type
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device_type, enabled=False):
+            with warnings.catch_warnings():  # e.g. the interpreter's numpy overflow in exp: not a failure
+                warnings.simplefilter("ignore")
+                check(device, dtype)
+        return None
+    except Exception as error:  # any failure to compile, launch or match replaces the kernel
+        message = str(error).strip().splitlines()
+        return f"{type(error).__name__}: {message[0] if message else ''}"[:300]
+
+
+def self_check(device, names=None, dtype: torch.dtype = torch.bfloat16) -> dict[str, str | None]:
+    """Check the named kernels (default: all, this file's and kernels_optim.py's) on `device` in
+    `dtype`, each once per process. Returns {name: None if it is kept, else why it was replaced};
+    each replaced kernel is reported by one KernelSelfCheckWarning when it is first checked."""
+    checks = _all_checks()
+    names = list(checks) if names is None else list(names)
+    unknown = [n for n in names if n not in checks]
+    if unknown:
+        raise ValueError(f"no self-check for kernels {unknown}; known: {sorted(checks)}")
+    results = {}
+    for name in names:
+        key = (name, _device_key(device), dtype)
+        if key not in _self_check_results:
+            reason = _run_check(checks[name], device, dtype) if HAVE_TRITON else "triton is not installed"
+            _self_check_results[key] = reason
+            if reason is not None:
+                warnings.warn(
+                    f"fused kernel {name!r} failed its self-check on {key[1]} ({str(dtype).removeprefix('torch.')}) "
+                    f"and is replaced by its torch reference: {reason}",
+                    KernelSelfCheckWarning,
+                    stacklevel=3,
+                )
+        results[name] = _self_check_results[key]
+    return results
+
+
+def passes_self_check(name: str, device, dtype: torch.dtype) -> bool:
+    """Whether kernel `name` may run on device in dtype (models/layers.py asks this in "auto" mode).
+    While torch.compile traces or a dispatch mode (FakeTensorMode, a memory tracker) is active, an
+    unchecked kernel is not checked but answered False (the reference runs), and nothing is cached."""
+    key = (name, _device_key(device), dtype)
+    if key in _self_check_results:
+        return _self_check_results[key] is None
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    return self_check(device, [name], dtype)[name] is None
+
+
+def forget_self_checks() -> None:
+    """Drop the cached results, so the next use checks again (tests; after swapping a kernel)."""
+    _self_check_results.clear()

@@ -28,6 +28,8 @@ Conventions inside every kernel:
 Without triton installed this file still imports; optim.py then never calls it.
 On CPU the kernels run only under the Triton interpreter (TRITON_INTERPRET=1, set before import).
 """
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor
 
@@ -58,8 +60,8 @@ def can_update_with_triton(p: Tensor, grad: Tensor, moments: list[Tensor], stoch
     moments_ok = all(m.dtype == torch.float32 and m.is_contiguous() for m in moments)
     same_device = all(t.device == p.device for t in [grad, *moments])
     size_ok = 0 < p.numel() < 2**31 and (not factored or p.numel() // (p.shape[-2] * p.shape[-1]) < 65536)
-    return (HAVE_TRITON and weight_ok and grad_ok and moments_ok and same_device and size_ok
-            and p.is_contiguous() and grad.is_contiguous())
+    return ((HAVE_TRITON or p.is_meta) and weight_ok and grad_ok and moments_ok and same_device and size_ok
+            and p.is_contiguous() and grad.is_contiguous())  # on meta: the plan, launches skipped
 
 
 def _check(p: Tensor, grad: Tensor, moments: list[Tensor], factored: bool = False) -> None:
@@ -74,9 +76,36 @@ def _check(p: Tensor, grad: Tensor, moments: list[Tensor], factored: bool = Fals
 
 
 
-
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+# =================================================================================================
+# Launching, or not: the memory plan runs the optimizer step on meta tensors, where the host code
+# (checks, the buffers it allocates, the torch work between launches) must run but no kernel can.
+# =================================================================================================
+
+_launches_are_skipped = False
+
+
+@contextmanager
+def launches_skipped():
+    """While active, the update functions below run all their host code but launch no kernel."""
+    global _launches_are_skipped
+    previous, _launches_are_skipped = _launches_are_skipped, True
+    try:
+        yield
+    finally:
+        _launches_are_skipped = previous
+
+
+def _no_launch(*args, **kwargs) -> None:
+    return None
+
+
+def _launch(kernel, grid):
+    """kernel[grid], to be called with the kernel's arguments; a no-op inside launches_skipped()."""
+    return _no_launch if _launches_are_skipped else kernel[grid]
 
 
 # =================================================================================================
@@ -156,7 +185,7 @@ def adamw_update_triton_(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: T
     bias_correction2 = 1 - beta2**step
     n = p.numel()
     with launching_on(p):
-        _adamw_kernel[(_cdiv(n, BLOCK),)](
+        _launch(_adamw_kernel, (_cdiv(n, BLOCK),))(
             p, grad, exp_avg, exp_avg_sq, n,
             1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, lr / bias_correction1, bias_correction2**0.5, eps,
             seed,
@@ -322,8 +351,8 @@ def _factored_second_moment_(grad: Tensor, row: Tensor, col: Tensor, beta2: floa
     grid = (_cdiv(C, TILE_COLS), _cdiv(R, TILE_ROWS), B)
     row_partial = grad.new_empty((B, R, grid[0]), dtype=torch.float32)
     col_partial = grad.new_empty((B, grid[1], C), dtype=torch.float32)
-    _factored_grad_sq_sums_kernel[grid](grad, row_partial, col_partial, R, C, eps1,
-                                        BLOCK_R=TILE_ROWS, BLOCK_C=TILE_COLS, num_warps=8)
+    _launch(_factored_grad_sq_sums_kernel, grid)(grad, row_partial, col_partial, R, C, eps1,
+                                                 BLOCK_R=TILE_ROWS, BLOCK_C=TILE_COLS, num_warps=8)
     row, col = row.view(B, R), col.view(B, C)
     row.mul_(beta2).add_(row_partial.sum(-1) / C, alpha=1.0 - beta2)  # EMA of the mean over columns
     col.mul_(beta2).add_(col_partial.sum(-2) / R, alpha=1.0 - beta2)  # EMA of the mean over rows
@@ -361,14 +390,122 @@ def adafactor_update_triton_(p: Tensor, grad: Tensor, *, exp_avg_sq_row: Tensor 
             row_factor, col_factor, grid = _factored_second_moment_(grad, exp_avg_sq_row, exp_avg_sq_col, beta2, eps1)
             partials = grad.new_empty(grid[0] * grid[1] * grid[2], dtype=torch.float32)
             tiles = dict(BLOCK_R=TILE_ROWS, BLOCK_C=TILE_COLS, num_warps=8)
-            _factored_update_sq_sums_kernel[grid](grad, row_factor, col_factor, partials, R, C, **tiles)
+            _launch(_factored_update_sq_sums_kernel, grid)(grad, row_factor, col_factor, partials, R, C, **tiles)
             clip_divisor = _clip_divisor(partials, n, clip_threshold)
-            _factored_apply_kernel[grid](p, grad, exp_avg, row_factor, col_factor, clip_divisor, R, C,
-                                         **finish, **tiles)
+            _launch(_factored_apply_kernel, grid)(p, grad, exp_avg, row_factor, col_factor, clip_divisor, R, C,
+                                                  **finish, **tiles)
         else:
             grid = (_cdiv(n, BLOCK),)
             partials = grad.new_empty(grid[0], dtype=torch.float32)
-            _unfactored_second_moment_kernel[grid](grad, exp_avg_sq, partials, n, beta2, 1.0 - beta2, eps1,
-                                                   BLOCK=BLOCK)
+            _launch(_unfactored_second_moment_kernel, grid)(grad, exp_avg_sq, partials, n, beta2, 1.0 - beta2,
+                                                            eps1, BLOCK=BLOCK)
             clip_divisor = _clip_divisor(partials, n, clip_threshold)
-            _unfactored_apply_kernel[grid](p, grad, exp_avg_sq, exp_avg, clip_divisor, n, **finish, BLOCK=BLOCK)
+            _launch(_unfactored_apply_kernel, grid)(p, grad, exp_avg_sq, exp_avg, clip_divisor, n, **finish,
+                                                    BLOCK=BLOCK)
+
+
+# =================================================================================================
+# Self-checks (kernels.self_check runs them, once per process, device and dtype, before "auto"
+# mode lets optim.py use these kernels). fp32 weights are updated without rounding and must match
+# the reference: torch.optim.AdamW, optim.adafactor_step_'s torch code. bf16 weights are rounded
+# stochastically, so that is checked statistically: every result is one of the two bf16
+# neighbours of the fp32 result, and over 4096 weights their mean is the fp32 result.
+# =================================================================================================
+
+ADAMW_CHECK = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+ADAFACTOR_CHECK = dict(lr=1e-2, beta1=0.9, weight_decay=0.1)
+
+
+def _reference_adamw(p: Tensor, grads: list[Tensor]) -> Tensor:
+    """torch.optim.AdamW (single-tensor code) from p through the given gradients."""
+    weight = p.detach().clone().requires_grad_()
+    c = ADAMW_CHECK
+    optimizer = torch.optim.AdamW([weight], lr=c["lr"], betas=(c["beta1"], c["beta2"]), eps=c["eps"],
+                                  weight_decay=c["weight_decay"], foreach=False)
+    for grad in grads:
+        weight.grad = grad.clone()
+        optimizer.step()
+    return weight.detach()
+
+
+def _reference_adafactor(p: Tensor, grads: list[Tensor]) -> Tensor:
+    """optim.adafactor_step_'s torch code (transformers' arithmetic) from p through the gradients."""
+    import optim
+    from models.layers import using_kernels
+
+    weight, state = p.clone(), {}
+    with using_kernels("torch"):
+        for grad in grads:
+            optim.adafactor_step_(weight, grad, state, **ADAFACTOR_CHECK)
+    return weight
+
+
+def _adamw_steps(p: Tensor, grads: list[Tensor], seed: int) -> None:
+    exp_avg, exp_avg_sq = torch.zeros_like(p, dtype=torch.float32), torch.zeros_like(p, dtype=torch.float32)
+    for step, grad in enumerate(grads, start=1):
+        adamw_update_triton_(p, grad, exp_avg, exp_avg_sq, step=step, seed=seed + step, **ADAMW_CHECK)
+
+
+def _adafactor_steps(p: Tensor, grads: list[Tensor], seed: int) -> None:
+    """The same steps as optim.adafactor_step_ with ADAFACTOR_CHECK (its default eps, clip and
+    decay rate: beta2 = 1 - step^-0.8)."""
+    fp32 = dict(dtype=torch.float32, device=p.device)
+    if p.ndim >= 2:
+        moments = dict(exp_avg_sq_row=torch.zeros(p.shape[:-1], **fp32),
+                       exp_avg_sq_col=torch.zeros(p.shape[:-2] + p.shape[-1:], **fp32))
+    else:
+        moments = dict(exp_avg_sq=torch.zeros(p.shape, **fp32))
+    exp_avg = torch.zeros(p.shape, **fp32)
+    for step, grad in enumerate(grads, start=1):
+        adafactor_update_triton_(p, grad, **moments, exp_avg=exp_avg, beta2=1.0 - step**-0.8, eps1=1e-30,
+                                 clip_threshold=1.0, seed=seed + step, **ADAFACTOR_CHECK)
+
+
+def _check_fp32(steps, reference, device) -> None:
+    """Two steps on a (19, 45) matrix and on a (45,) vector from random weights and gradients."""
+    from kernels import assert_matches
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(19, 45), (45,)]:
+        start = torch.randn(shape, generator=g).to(device)
+        grads = [torch.randn(shape, generator=g).to(device) for _ in range(2)]
+        weight = start.clone()
+        steps(weight, grads, seed=0)
+        assert_matches(weight, reference(start, grads), torch.float32, f"fp32 weight {shape} after two steps")
+
+
+def _check_bf16_rounding(steps, reference, device) -> None:
+    """4096 weights at 1.0 with gradient 1: one step moves every weight to the same fp32 value v
+    (0.989 for AdamW, 0.998 for Adafactor) between two bf16 values. Nearest rounding or truncation
+    put every weight on one of them, off from v by 7e-4 or more; stochastic rounding gives a mix
+    whose mean is v (standard deviation 3e-5; the check allows 2e-4)."""
+    from kernels import KernelMismatch
+
+    start, grads = torch.ones(64, 64, device=device), [torch.ones(64, 64, device=device)]
+    exact = reference(start, grads)
+    weight = start.bfloat16()
+    steps(weight, grads, seed=12345)
+    below = (exact.view(torch.int32) & -65536).view(torch.float32)  # bf16 is fp32's upper half
+    above = (below.view(torch.int32) + 65536).view(torch.float32)
+    result = weight.float()
+    if not bool(((result == below) | (result == above)).all()):
+        raise KernelMismatch("bf16 weights are not a bf16 neighbour of the fp32 result")
+    bias = (result.double().mean() - exact.double().mean()).abs().item()
+    if bias > 2e-4:
+        raise KernelMismatch(f"bf16 stochastic rounding is biased: mean off by {bias:.2g} (tolerance 2e-4)")
+
+
+def _self_check_of(steps, reference):
+    def check(device, dtype) -> None:
+        if dtype == torch.bfloat16:
+            _check_bf16_rounding(steps, reference, device)
+        else:  # fp32 (what else reaches the kernels: can_update_with_triton)
+            _check_fp32(steps, reference, device)
+
+    return check
+
+
+SELF_CHECKS = {
+    "adamw": _self_check_of(_adamw_steps, _reference_adamw),
+    "adafactor": _self_check_of(_adafactor_steps, _reference_adafactor),
+}

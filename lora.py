@@ -13,7 +13,7 @@ The model is wrapped from outside, as kohya-ss/sd-scripts does: each target Line
 as it was. So the model's state dict keys, `model.to()`, gradient checkpointing and block
 swapping see only base weights, and the LoRA weights live in one LoRANetwork (an
 nn.Module of its own: move it with `network.to(device)`, train it with
-`network.parameters()`, switch dropout with `network.train()` / `network.eval()`).
+`network.parameters()`; dropout follows the model's train() / eval(), as the base layer's does).
 
 File format (kohya, read by ComfyUI, Forge/A1111 and diffusers): per module
 `<name>.lora_down.weight` (rank, in), `<name>.lora_up.weight` (out, rank) and `<name>.alpha`
@@ -143,7 +143,7 @@ class LoRAModule(nn.Module):
         # autocast would: backward then saves the same bf16 x the base layer saves, not an
         # fp32 copy per layer, and the gradients still reach the fp32 weights through the cast.
         h = self._apply(self.lora_down, x)  # (..., rank) or (B, rank, ...) for a convolution
-        if self.training and self.dropout > 0:
+        if self.base.training and self.dropout > 0:  # the model's mode: off in validation and sampling
             h = F.dropout(h, p=self.dropout)
         h = h * (self.scale() * self.multiplier).to(h.dtype)  # scaled at rank width: cheaper than at out width
         h = self._apply(self.lora_up, h)
@@ -600,94 +600,104 @@ def _merge_state_dict(model: nn.Module, sd: dict, targets: dict[str, int], multi
 
 
 # --- metadata ------------------------------------------------------------------------------------
+# The safetensors header as kohya-ss/sd-scripts writes it (train_network.py at 48d368fa: the
+# metadata dict of NetworkTrainer.train, the single-dataset update, the model name, then
+# ss_training_finished_at / ss_steps / ss_epoch at each save; flux_train_network.py
+# update_metadata; library/sai_model_spec.py for modelspec.*). Every value is a string, made
+# as kohya makes it: str() of the Python value ("True", "None", "0.0001", "(1024, 1024)").
 
-# kohya ss_* key -> the config keys it is read from (first present wins).
+# kohya ss_* key -> the config key it is read from.
 CONFIG_METADATA = {
-    "ss_seed": ("seed",),
-    "ss_learning_rate": ("learning_rate",),
-    "ss_unet_lr": ("learning_rate",),
-    "ss_optimizer": ("optimizer",),
-    "ss_lr_scheduler": ("lr_scheduler",),
-    "ss_lr_warmup_steps": ("lr_warmup_steps",),
-    "ss_mixed_precision": ("dtype",),
-    "ss_max_train_steps": ("max_train_steps",),
-    "ss_gradient_checkpointing": ("gradient_checkpointing",),
-    "ss_gradient_accumulation_steps": ("gradient_accumulation_steps",),
-    "ss_batch_size_per_device": ("batch_size",),
-    "ss_max_grad_norm": ("max_grad_norm",),
-    "ss_loss_type": ("loss_type",),
-    "ss_huber_c": ("huber_c",),
-    "ss_huber_schedule": ("huber_schedule",),
-    "ss_output_name": ("run_name",),
+    "ss_output_name": "run_name",
+    "ss_learning_rate": "learning_rate",
+    "ss_unet_lr": "learning_rate",
+    "ss_gradient_checkpointing": "gradient_checkpointing",
+    "ss_gradient_accumulation_steps": "gradient_accumulation_steps",
+    "ss_max_train_steps": "max_train_steps",
+    "ss_lr_warmup_steps": "lr_warmup_steps",
+    "ss_lr_scheduler": "lr_scheduler",
+    "ss_network_dropout": "network_dropout",
+    "ss_seed": "seed",
+    "ss_max_grad_norm": "max_grad_norm",
+    "ss_caption_dropout_rate": "caption_dropout_rate",
+    "ss_loss_type": "loss_type",
+    "ss_huber_schedule": "huber_schedule",
+    "ss_huber_c": "huber_c",
+    "ss_fp8_base": "fp8_base",
+    "ss_batch_size_per_device": "batch_size",
 }
-# network_args recorded in ss_network_args when the caller passes none: these config keys.
-# (a family adds its own: Family.lora_config_keys)
+# What this trainer never does, written as kohya writes it in that case.
+FIXED_METADATA = {
+    "ss_v2": "False", "ss_full_fp16": "False", "ss_cache_latents": "True", "ss_num_reg_images": "0",
+    "ss_text_encoder_lr": "None", "ss_color_aug": "False", "ss_flip_aug": "False", "ss_shuffle_caption": "False",
+    "ss_keep_tokens": "0", "ss_enable_bucket": "False", "ss_bucket_no_upscale": "False",
+    "ss_reg_dataset_dirs": "{}", "ss_prior_loss_weight": "1.0",
+}
+MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}  # kohya's --mixed_precision names
+# network_args recorded in ss_network_args: these config keys (a family adds Family.lora_config_keys)
 NETWORK_CONFIG_KEYS = ("network_dim", "network_alpha", "network_dropout", "group_ranks")
-TRAINER_CONFIG_KEY = "trainer_config"  # the whole resolved config, JSON
+TRAINER_CONFIG_KEY = "trainer_config"  # the whole resolved config, JSON (paths as base names)
 
 
 def _metadata_string(value) -> str:
     if isinstance(value, str):
         return value
-    if isinstance(value, (list, tuple, dict)):
+    if isinstance(value, dict):
         return json.dumps(value, default=str)
     return str(value)
 
 
-def kohya_metadata(
-    config: dict,
-    model_params,
-    family_metadata: dict[str, str],
-    network_args: dict | None = None,
-    *,
-    step: int = 0,
-    epoch: int = 0,
-    num_images: int | None = None,
-    training_started_at: float | None = None,
-    title: str | None = None,
-) -> dict[str, str]:
+def kohya_metadata(config: dict, model_params, family_metadata: dict[str, str], network_args: dict | None = None,
+                   *, step: int = 0, epoch: int = 0, run: dict | None = None, title: str | None = None) -> dict[str, str]:
     """Header metadata as kohya writes it (ss_* and modelspec.*), all strings.
 
-    config: the resolved training config; its known keys fill ss_* (CONFIG_METADATA) and all of
-    it goes, as JSON, under "trainer_config". family_metadata: what the family adds and
-    overrides (ss_base_model_version, ss_network_module, modelspec.architecture, ...).
-    network_args (default: the config's LoRA keys, NETWORK_CONFIG_KEYS) go to ss_network_args."""
-    if network_args is None:
-        network_args = {k: config[k] for k in NETWORK_CONFIG_KEYS if k in config}
+    config: the resolved training config (paths already cut to base names); its keys fill ss_*
+    (CONFIG_METADATA) and all of it goes, as JSON, under "trainer_config". family_metadata:
+    what the family adds and overrides (ss_base_model_version, ss_network_module,
+    modelspec.architecture, its training keys). network_args (default: NETWORK_CONFIG_KEYS of
+    the config) go to ss_network_args. run: facts of the run kohya records (session id, start
+    time, image and batch counts, dataset folders, optimizer class, model file name)."""
+    run = dict(run or {})
+    network_args = network_args if network_args is not None else {k: config[k] for k in NETWORK_CONFIG_KEYS
+                                                                     if k in config}
     now = time.time()
     rank = network_args.get("network_dim", config.get("network_dim"))
     alpha = network_args.get("network_alpha", config.get("network_alpha")) or rank  # 0 / None: alpha = rank
-    meta = {
+    meta = dict(FIXED_METADATA)
+    meta.update({key: _metadata_string(config[name]) for key, name in CONFIG_METADATA.items() if name in config})
+    meta.update({
         "ss_network_dim": _metadata_string(rank),
-        "ss_network_alpha": _metadata_string(alpha),
+        "ss_network_alpha": _metadata_string(float(alpha)),
         "ss_network_args": json.dumps(network_args, default=str),
-        "ss_network_dropout": _metadata_string(network_args.get("network_dropout", config.get("network_dropout", 0.0))),
-        "ss_training_started_at": _metadata_string(training_started_at if training_started_at is not None else now),
-        "ss_training_finished_at": _metadata_string(now),
+        "ss_mixed_precision": MIXED_PRECISION.get(config.get("dtype"), str(config.get("dtype"))),
+        "ss_random_crop": str(config.get("crop") == "random"),
+        "ss_training_finished_at": str(now),
         "ss_steps": str(step),
         "ss_epoch": str(epoch),
-        "ss_v2": "False",
-    }
-    if num_images is not None:
-        meta["ss_num_train_images"] = str(num_images)
-    for key, names in CONFIG_METADATA.items():
-        value = next((config[n] for n in names if config.get(n) is not None), None)
-        if value is not None:
-            meta[key] = _metadata_string(value)
+    })
     if config.get("resolution"):
         size = config["resolution"]
         width, height = (size, size) if isinstance(size, int) else size
         meta["ss_resolution"] = f"({width}, {height})"  # kohya writes the tuple
         meta["modelspec.resolution"] = f"{width}x{height}"
+    meta.update({f"ss_{k}": _metadata_string(v) for k, v in run.items()})
+    meta.update(modelspec(config, model_params, now, title))
+    meta.update(family_metadata)
+    return meta
+
+
+def modelspec(config: dict, model_params, now: float, title: str | None) -> dict[str, str]:
+    """modelspec.* as library/sai_model_spec.py writes it (the family adds architecture and
+    implementation); the trainer's own settings go beside it."""
+    meta = {
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.title": title or str(config.get("run_name") or "LoRA"),
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(int(now))),
+        "modelspec.implementation_version": "diffusion-fine-tuning",
+    }
     if config.get("instance_prompt"):
         meta["modelspec.trigger_phrase"] = str(config["instance_prompt"])
     params = asdict(model_params) if is_dataclass(model_params) else dict(model_params or {})
-    meta.update({
-        "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.title": title or str(config.get("run_name") or "lora"),
-        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)),
-        "trainer_model_params": json.dumps(params, default=str),
-        TRAINER_CONFIG_KEY: json.dumps(config, default=str, sort_keys=True),
-    })
-    meta.update(family_metadata)
+    meta["trainer_model_params"] = json.dumps(params, default=str)
+    meta[TRAINER_CONFIG_KEY] = json.dumps(config, default=str, sort_keys=True)
     return meta

@@ -30,7 +30,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from models.layers import _use_triton
+from models.layers import use_fused_optimizer as _use_triton  # the public kernel switch (models/layers.py)
 
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine_with_warmup", "polynomial")
@@ -117,16 +117,7 @@ def adafactor_step_(p: Tensor, grad: Tensor, state: dict, lr: float | None, eps:
     """
     factored = grad.ndim >= 2
     if not state:
-        fp32 = dict(dtype=torch.float32, device=grad.device)
-        state["step"] = 0
-        if beta1 is not None:
-            state["exp_avg"] = torch.zeros(grad.shape, **fp32)
-        if factored:
-            state["exp_avg_sq_row"] = torch.zeros(grad.shape[:-1], **fp32)
-            state["exp_avg_sq_col"] = torch.zeros(grad.shape[:-2] + grad.shape[-1:], **fp32)
-        else:
-            state["exp_avg_sq"] = torch.zeros(grad.shape, **fp32)
-
+        _adafactor_state(state, grad, factored, beta1)
     state["step"] += 1
     step = state["step"]
     lr = _adafactor_lr(lr, step, p, eps[1], scale_parameter, relative_step, warmup_init)
@@ -166,6 +157,20 @@ def adafactor_step_(p: Tensor, grad: Tensor, state: dict, lr: float | None, eps:
         weight.add_(weight, alpha=-weight_decay * lr)
     weight.add_(-update)
     _write_back_(p, weight, stochastic_rounding, generator)
+
+
+def _adafactor_state(state: dict, grad: Tensor, factored: bool, beta1: float | None) -> None:
+    """A new parameter's fp32 state: the factored (or full) second moment, and the first moment
+    when beta1 is set."""
+    fp32 = dict(dtype=torch.float32, device=grad.device)
+    state["step"] = 0
+    if beta1 is not None:
+        state["exp_avg"] = torch.zeros(grad.shape, **fp32)
+    if factored:
+        state["exp_avg_sq_row"] = torch.zeros(grad.shape[:-1], **fp32)
+        state["exp_avg_sq_col"] = torch.zeros(grad.shape[:-2] + grad.shape[-1:], **fp32)
+    else:
+        state["exp_avg_sq"] = torch.zeros(grad.shape, **fp32)
 
 
 class Adafactor(torch.optim.Optimizer):

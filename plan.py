@@ -54,7 +54,6 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from unittest import mock
 
 import torch
 from einops import rearrange
@@ -64,10 +63,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import blockswap
 import families
 import fp8
+import kernels_optim
+import sample
 import training
 from activations import offload_activations
 from config import DTYPES
 from models import layers
+from models.vae import decode_tiled
 
 GiB = 2**30
 MiB = 2**20
@@ -79,7 +81,9 @@ TRAINABLE = "trainable weights"
 GRADIENTS = "gradients"
 OPTIMIZER = "optimizer state"
 ACTIVATIONS = "activations and temporaries"
-DEVICE_CATEGORIES = (FROZEN, SLOTS, TRAINABLE, GRADIENTS, OPTIMIZER, ACTIVATIONS)
+TEXT = "text encoders"  # caching
+CODEC = "autoencoder"  # caching (encode) and sampling (decode)
+DEVICE_CATEGORIES = (FROZEN, SLOTS, TRAINABLE, GRADIENTS, OPTIMIZER, ACTIVATIONS, TEXT, CODEC)
 # Host categories.
 SWAPPED = "swapped block weights"
 SWAP_SPARE = "other host copies of swapped blocks"
@@ -340,7 +344,7 @@ def flash_attention(tracker: "MemoryTracker", q: Tensor, k: Tensor, v: Tensor, m
     tracker.longest_sequence = max(tracker.longest_sequence, q.shape[2])
     if q.device.type == "cpu":  # real CPU tensors (the plan's own test): CPU flash saves the same
         if mask is not None:
-            return layers.sdpa(q, k, v, mask)
+            return layers.attention(q, k, v, mask)  # plain SDPA inside attention_impl
         out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[0]
     elif mask is None:
         out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[0]
@@ -511,35 +515,9 @@ def _label_blocks(setup: Setup) -> list:
 
 
 def triton_like_cuda(cfg: dict) -> bool:
-    """Whether training on CUDA would run the Triton kernels (element-wise chains, optimizer updates)."""
-    import kernels
-
-    return cfg["kernels"] in ("auto", "triton") and kernels.HAVE_TRITON
-
-
-class _SkippedLaunch:
-    """A Triton kernel under the plan: a launch allocates nothing (its buffers are made by the
-    torch calls around it, which are counted), so on meta tensors it is skipped."""
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
-
-
-@contextmanager
-def triton_launches_skipped():
-    """The optimizer's Triton updates (kernels_optim.py) run their host code without launching.
-    (The element-wise kernels in kernels.py are custom ops whose fake versions run on meta.)"""
-    import kernels_optim
-
-    if not kernels_optim.HAVE_TRITON:
-        yield
-        return
-    from triton.runtime.jit import KernelInterface
-
-    launches = {name: _SkippedLaunch() for name, value in vars(kernels_optim).items()
-                if isinstance(value, KernelInterface)}
-    with mock.patch.multiple(kernels_optim, **launches):
-        yield
+    """Whether training on CUDA runs the Triton kernels (element-wise chains, optimizer updates):
+    kernels="auto" or "triton", whether or not triton is installed where the plan is made."""
+    return cfg["kernels"] in ("auto", "triton")
 
 
 def walk(setup: Setup, measure=nullcontext) -> None:
@@ -548,12 +526,13 @@ def walk(setup: Setup, measure=nullcontext) -> None:
     device = next(model.parameters()).device
     objective = family.objective(cfg)
     triton = device.type == "meta" and triton_like_cuda(cfg)
-    kernel_mode = layers._kernel_mode
     handles = _label_blocks(setup)
     try:
-        layers.set_kernels("triton" if triton else "torch")
-        with tracker, layers.attention_impl(partial(flash_attention, tracker)), \
-                triton_launches_skipped() if triton else nullcontext():
+        # On meta, Triton's element-wise kernels run their fake (shape) versions and the optimizer
+        # kernels their host code without launching: what a CUDA run allocates, counted.
+        with tracker, layers.using_kernels("triton" if triton else "torch"), \
+                layers.attention_impl(partial(flash_attention, tracker)), \
+                kernels_optim.launches_skipped() if triton else nullcontext():
             prime_optimizer(setup)
             tracker.reset_peak()
             with measure():
@@ -568,7 +547,6 @@ def walk(setup: Setup, measure=nullcontext) -> None:
                 with tracker.doing("optimizer step"):
                     finish_step(setup)
     finally:
-        layers.set_kernels(kernel_mode)
         for handle in handles:
             handle.remove()
 
@@ -577,14 +555,133 @@ def walk(setup: Setup, measure=nullcontext) -> None:
 
 
 def plan(cfg: dict, params=None) -> dict:
-    """Walk one training step of `cfg` on the meta device. Returns the numbers, in bytes:
-    device (category -> bytes at the peak), peak_bytes, peak_where, device_high_water
-    (category -> the most it held at any moment), allocator_rounding_bytes, host (category ->
-    bytes), host_bytes, swap (group -> swapped blocks and bytes per block), and a description."""
+    """Plan a whole run of `cfg` on the meta device: caching (the autoencoder and the text
+    encoders, each within the config's placement), one training step, and sampling (a no-grad
+    forward with the training state resident, then the decode). Returns the numbers, in bytes:
+    the training step's breakdown (device: category -> bytes at its peak, peak_bytes, peak_where,
+    device_high_water, allocator_rounding_bytes, host, host_bytes, swap), `stages` (each
+    Stage of each phase) and `phases` (phase -> peak bytes, "whole run" their maximum)."""
     start = time.perf_counter()
     setup = build(cfg, "meta", params)
     walk(setup)
-    return summarize(setup, time.perf_counter() - start)
+    result = summarize(setup)
+    training_stage = Stage("training", "one step", result["peak_bytes"], result["peak_bytes"] - setup.tracker.start_bytes)
+    stages = plan_caching(cfg, setup.family, setup.params) + [training_stage] + plan_sampling(setup, result["peak_bytes"])
+    result["stages"] = stages
+    result["phases"] = {phase: max(s.peak for s in stages if s.phase == phase)
+                        for phase in ("caching", "training", "sampling")}
+    result["phases"]["whole run"] = max(result["phases"].values())
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+# --- the phases around the training step --------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    phase: str  # "caching", "training" or "sampling"
+    what: str
+    peak: int  # bytes on the device at the stage's highest point
+    increase: int  # of which the stage itself added (the rest was there before it began)
+
+
+@contextmanager
+def counted_as_cuda(tracker: MemoryTracker, cfg: dict):
+    """The walk's conventions: kernels and attention as CUDA runs them, launches skipped."""
+    triton = tracker.device_type == "meta" and triton_like_cuda(cfg)
+    with tracker, layers.using_kernels("triton" if triton else "torch"), \
+            layers.attention_impl(partial(flash_attention, tracker)), \
+            kernels_optim.launches_skipped() if triton else nullcontext():
+        yield
+
+
+@contextmanager
+def stage(tracker: MemoryTracker, phase: str, what: str, out: list, measure=nullcontext):
+    """Run a block without gradients as one stage: its peak is appended to `out` as a Stage.
+    `measure()` wraps the block (tests put the CPU allocator's profiler there)."""
+    tracker.reset_peak()
+    with tracker.doing(f"{phase}: {what}"), torch.no_grad(), measure():
+        yield
+    out.append(Stage(phase, what, tracker.peak_bytes, tracker.peak_bytes - tracker.start_bytes))
+
+
+def plan_sampling(setup: Setup, training_peak: int, measure=nullcontext) -> list[Stage]:
+    """Samples between steps: the training state stays (weights, trainable weights, optimizer
+    state, EMA; the gradients are gone), the denoiser runs without gradients at the sample size,
+    then the autoencoder comes to the device and decodes, whole or in tiles (vae_tile_size: -1
+    tiles when a whole decode would raise the training peak)."""
+    cfg, family, tracker, model = setup.cfg, setup.family, setup.tracker, setup.model
+    device, stages = next(model.parameters()).device, []
+    model.eval()
+    with counted_as_cuda(tracker, cfg):
+        with stage(tracker, "sampling", "the denoiser, no gradients", stages, measure):
+            batch = family.plan_batch(dict(cfg, batch_size=1), setup.params, device)
+            x0 = batch["latent"].float()
+            noised = family.objective(cfg).noised(x0, None, family.seq_len(x0))
+            latent = family.predict(model, noised.x_t, noised.t, family.conditioning(batch, cfg)).float()
+            del batch, x0, noised
+        stages += plan_decode(setup, latent, training_peak, measure)
+    model.train()
+    return stages
+
+
+def plan_decode(setup: Setup, latent: Tensor, training_peak: int, measure=nullcontext) -> list[Stage]:
+    """The decode of one sample with the autoencoder on the device (nothing for pixel models)."""
+    cfg, tracker = setup.cfg, setup.tracker
+    with tracker.allocating(CODEC), _ops_through(setup.tracker.run_op), torch.device(latent.device):
+        codec = setup.family.plan_codec(cfg, setup.params)
+        if codec is None:
+            return []
+        codec = codec.to(DTYPES[cfg["dtype"]])
+    z = latent.to(DTYPES[cfg["dtype"]])
+    tiles = [cfg["vae_tile_size"]] if cfg["vae_tile_size"] >= 0 else [0, sample.AUTO_TILE]
+    for tile in tiles:
+        stages = []
+        with stage(tracker, "sampling", f"the decode ({f'tiles of {tile} latent px' if tile else 'whole'})", stages,
+                   measure):
+            pixels = decode_tiled(codec, z, tile, max(1, tile // 8)) if tile else codec.decode(z)
+            del pixels
+        if stages[0].peak <= training_peak or tile == tiles[-1]:
+            return stages
+    raise AssertionError("unreachable")
+
+
+def plan_caching(cfg: dict, family, params, device="meta", measure=nullcontext) -> list[Stage]:
+    """Before the denoiser loads: the autoencoder encodes vae_batch_size images, then the text
+    encoders, placed as text_encoder_placement / text_encoder_fp8 say, encode text_batch_size
+    captions. Each stage on a fresh device (the previous one has left it)."""
+    dtype, stages = DTYPES[cfg["dtype"]], []
+    tracker = MemoryTracker(str(device), SHARED_OP_CACHE if str(device) == "meta" else None)
+    with tracker, tracker.allocating(CODEC), _ops_through(tracker.run_op), torch.device(device):
+        codec = family.plan_codec(cfg, params)
+        codec = codec.to(dtype) if codec is not None else None
+    if codec is not None:
+        with counted_as_cuda(tracker, cfg), stage(tracker, "caching", f"the autoencoder encodes "
+                                                   f"{cfg['vae_batch_size']} image(s)", stages, measure):
+            size = cfg["resolution"]
+            codec.encode(torch.randn(cfg["vae_batch_size"], 3, size, size, device=device, dtype=dtype))
+    del codec
+    return stages + plan_text_encoding(cfg, family, params, device, measure)
+
+
+def plan_text_encoding(cfg: dict, family, params, device="meta", measure=nullcontext) -> list[Stage]:
+    """The text encoders as caching holds them (all at once, placed), each running in turn."""
+    tracker = MemoryTracker(str(device), SHARED_OP_CACHE if str(device) == "meta" else None)
+    encoders = family.plan_text_encoders(cfg, params)
+    with tracker, tracker.allocating(TEXT), _ops_through(tracker.run_op), torch.device(device):
+        networks = {name: build() for name, build, _ in encoders}
+        swaps = training.place_text_encoders(networks, cfg, device, host_device=device,
+                                             allocate=swap_allocator(tracker, device))
+    how = {"device": "on the device", "stream": "layers streamed", "cpu": "on the CPU"}[cfg["text_encoder_placement"]]
+    what = f"the text encoders ({', '.join(networks)}; {how}{', fp8' if cfg['text_encoder_fp8'] else ''})"
+    stages = []
+    with counted_as_cuda(tracker, cfg), stage(tracker, "caching", what, stages, measure):
+        if cfg["text_encoder_placement"] != "cpu":
+            for name, _, inputs in encoders:
+                networks[name](**inputs(device))
+    del swaps, networks
+    return stages
 
 
 def swap_summary(setup: Setup) -> dict:
@@ -644,9 +741,9 @@ def format_plan(result: dict, cfg: dict) -> str:
         f"  attention counted as flash (no L x L matrix); element-wise chains and optimizer updates as "
         f"{result['kernels']} code",
         "",
-        f"device memory at the peak ({result['peak_where']})".ljust(60) + "GiB",
+        f"the training step: device memory at its peak ({result['peak_where']})".ljust(60) + "GiB",
     ]
-    lines += [_row(name, gib(n)) for name, n in result["device"].items()]
+    lines += [_row(name, gib(n)) for name, n in result["device"].items() if n or name not in (TEXT, CODEC)]
     lines += ["  " + "-" * 61, _row("planned peak (bytes torch allocates)", gib(result["peak_bytes"]))]
     most = result["device_high_water"]
     lines.append(f"  (the most at any moment: gradients {gib(most[GRADIENTS])}, activations and temporaries "
@@ -660,7 +757,7 @@ def format_plan(result: dict, cfg: dict) -> str:
              f"{rounded * FRAGMENTATION[0] / GiB:.2f}-{rounded * FRAGMENTATION[1] / GiB:.2f}"),
         _row("cuBLAS workspace, flash backward's fp32 dq buffer", gib(result["workspace_bytes"])),
         _row("CUDA context (nvidia-smi only)", f"{CUDA_CONTEXT_GIB[0]:.1f}-{CUDA_CONTEXT_GIB[1]:.1f}"),
-        _row("so nvidia-smi should show about", f"{low / GiB:.1f}-{high / GiB:.1f}"),
+        _row("so nvidia-smi should show about (whole run)", f"{low / GiB:.1f}-{high / GiB:.1f}"),
         "",
         "host memory".ljust(60) + "GiB",
     ]
@@ -672,12 +769,21 @@ def format_plan(result: dict, cfg: dict) -> str:
         "  of the memory-mapped checkpoint while it loads",
         "",
     ]
-    return "\n".join(lines + format_swap(result))
+    return "\n".join(lines + format_swap(result) + [""] + format_phases(result))
+
+
+def format_phases(result: dict) -> list[str]:
+    """Each phase's stages, then the summary lines scripts read (their wording is fixed)."""
+    lines = ["the whole run: peak device memory of each stage (planned)".ljust(60) + "GiB"]
+    lines += [_row(f"{s.phase}: {s.what}", f"{s.peak / GiB:.2f}") for s in result["stages"]]
+    lines += [f"planned peak, {name}: {peak / GiB:.2f} GiB" for name, peak in result["phases"].items()]
+    return lines
 
 
 def expected_nvidia_smi(result: dict) -> tuple[float, float]:
-    """The planned peak with the margins added, low and high, in bytes."""
-    rounded = result["peak_bytes"] + result["allocator_rounding_bytes"] + result["workspace_bytes"]
+    """The planned peak of the whole run with the margins added, low and high, in bytes."""
+    peak = result.get("phases", {}).get("whole run", result["peak_bytes"])
+    rounded = peak + result["allocator_rounding_bytes"] + result["workspace_bytes"]
     low = rounded * (1 + FRAGMENTATION[0]) + CUDA_CONTEXT_GIB[0] * GiB
     high = rounded * (1 + FRAGMENTATION[1]) + CUDA_CONTEXT_GIB[1] * GiB
     return low, high

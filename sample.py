@@ -95,15 +95,47 @@ def initial_noise(prompt: SamplePrompt, channels: int, downscale: int, multiple:
     return torch.randn(shape, generator=generator).to(device)
 
 
-def generate(family, model, codec, prompt: SamplePrompt, cond: dict, neg_cond: dict | None = None) -> Image.Image:
-    """One image for one prompt. `codec` turns latents into pixels (the VAE, or identity);
-    `cond`/`neg_cond` are the family's sampling conditioning (family.sample_conditioning)."""
+def generate_latent(family, model, codec, prompt: SamplePrompt, cond: dict, neg_cond: dict | None = None) -> Tensor:
+    """The latent of one prompt (the decoder is not needed yet). `cond`/`neg_cond` are the
+    family's sampling conditioning (family.sample_conditioning)."""
     device = next(model.parameters()).device
     multiple = family.latent_multiple * codec.downscale
     noise = initial_noise(prompt, codec.channels, codec.downscale, multiple, device)
     use_cfg = neg_cond is not None and prompt.cfg_scale != 1.0
-    latent = family.sample(model, prompt, cond, neg_cond if use_cfg else None, noise)
-    return to_pil(codec.decode(latent))
+    return family.sample(model, prompt, cond, neg_cond if use_cfg else None, noise)
+
+
+def decode_images(codec, latents: list[Tensor], device, tile_setting: int = -1, headroom=None) -> list[Image.Image]:
+    """The latents as images: the decoder visits the device only for this. tile_setting is the
+    config's vae_tile_size (-1: tile when a whole decode does not fit the headroom, headroom()
+    giving the bytes it may take; 0: never; N: tiles of N latent pixels)."""
+    codec.to(device)
+    try:
+        return [to_pil(codec.decode(z, tile=decode_tile(codec, z, device, tile_setting, headroom))) for z in latents]
+    finally:
+        codec.to("cpu")
+
+
+AUTO_TILE = 64  # latent pixels per tile side when tiling is chosen automatically (512 image pixels)
+
+
+def decode_tile(codec, latent: Tensor, device, setting: int, headroom=None) -> int:
+    """The tile size for one decode: the setting, or with -1 on CUDA AUTO_TILE when the whole
+    decode's activations exceed the headroom (default: the device's free memory)."""
+    if setting >= 0:
+        return setting
+    if torch.device(device).type != "cuda":
+        return 0
+    available = headroom() if headroom is not None else torch.cuda.mem_get_info(device)[0]
+    return AUTO_TILE if codec.decode_bytes(latent) > available else 0
+
+
+def generate(family, model, codec, prompt: SamplePrompt, cond: dict, neg_cond: dict | None = None,
+             tile_setting: int = -1) -> Image.Image:
+    """One image for one prompt: its latent, then the decode (see decode_images)."""
+    device = next(model.parameters()).device
+    latent = generate_latent(family, model, codec, prompt, cond, neg_cond)
+    return decode_images(codec, [latent], device, tile_setting)[0]
 
 
 def to_pil(pixels: Tensor) -> Image.Image:
@@ -212,14 +244,17 @@ def sampling_config(args) -> dict:
 def encode_prompts(family, cfg: dict, params, prompts: list[SamplePrompt], dtype, device) -> list:
     """Every prompt's conditioning, computed before the denoiser loads; the text encoders then
     leave the device."""
-    text = family.text_encoder(cfg, params, dtype, device)
+    import training
+
+    text = family.text_encoder(cfg, params, dtype, training.text_encoder_load_device(cfg, device))
+    swaps = training.place_text_encoders(text.networks(), cfg, device)
     encoded = []
     for prompt in prompts:
         cond = family.sample_conditioning(text.encode([prompt.prompt]), prompt, device)
         neg = family.sample_conditioning(text.encode([prompt.negative]), prompt, device) \
             if prompt.cfg_scale != 1.0 else None
         encoded.append((cond, neg))
-    del text
+    del text, swaps
     return encoded
 
 
@@ -248,14 +283,16 @@ def run_cli(args) -> list[Path]:
     for path, strength in loras:
         lora.apply_lora_file(model, path, family, multiplier=strength, merge=not args.lora_on_the_fly)
     training.place(model, family, cfg, device, mode="h2d_only")
-    codec = family.codec(cfg, dtype, device)
+    codec = family.codec(cfg, dtype, "cpu")  # on the device only while it decodes
     return write_samples(args, family, model, codec, prompts, encoded, cfg)
 
 
 def write_samples(args, family, model, codec, prompts, encoded, cfg) -> list[Path]:
     out, paths = Path(args.out), []
-    for i, (prompt, (cond, neg)) in enumerate(zip(prompts, encoded)):
-        image = generate(family, model, codec, prompt, cond, neg)
+    device = next(model.parameters()).device
+    latents = [generate_latent(family, model, codec, p, cond, neg) for p, (cond, neg) in zip(prompts, encoded)]
+    images = decode_images(codec, latents, device, cfg["vae_tile_size"])
+    for i, (prompt, image) in enumerate(zip(prompts, images)):
         single = len(prompts) == 1 and out.suffix.lower() in IMAGE_FORMATS
         path = out if single else out / f"{i:03d}.png"
         save_image(image, path, prompt, {"loras": args.lora, "model": Path(cfg["model_path"]).name})

@@ -14,6 +14,7 @@ Read `train()` top to bottom; it runs named phases:
   7. finish: the final file
 """
 import json
+import random
 import signal
 import sys
 import time
@@ -26,6 +27,7 @@ from tqdm import tqdm
 import atomic
 import cache
 import checkpoint
+import data
 import families
 import lora
 import losses
@@ -116,49 +118,78 @@ def validation_loss(run: "Run", indices: list[int]) -> tuple[float, dict]:
 
 def sample_images(run: "Run", step: int) -> list[Path]:
     """Samples through the model as it is being trained (LoRA active), saved as PNGs. The
-    decoder visits the device only for this."""
+    latents first, then the decoder visits the device for the decodes (tiled when a whole
+    decode would raise the run's peak, vae_tile_size=-1)."""
     model, codec = run.prepared.model, run.data.codec
     was_training = model.training
     model.eval()
-    codec.to(run.device)
-    paths = []
-    for i, prompt in enumerate(run.data.prompts):
+    latents = []
+    for prompt in run.data.prompts:
         cond = run.family.sample_conditioning(batch_text(run.data.text_cache, prompt.prompt), prompt, run.device)
         neg = None
         if prompt.cfg_scale != 1.0:
             neg = run.family.sample_conditioning(batch_text(run.data.text_cache, prompt.negative), prompt, run.device)
-        image = sample.generate(run.family, model, codec, prompt, cond, neg)
+        latents.append(sample.generate_latent(run.family, model, codec, prompt, cond, neg))
+    images = sample.decode_images(codec, latents, run.device, run.cfg["vae_tile_size"], headroom(run.device))
+    paths = []
+    for i, (prompt, image) in enumerate(zip(run.data.prompts, images)):
         path = run.run_dir / "samples" / f"step{step:06d}_{i:02d}.png"
         sample.save_image(image, path, prompt, {"step": step})
         paths.append(path)
-    codec.to("cpu")
     model.train(was_training)
     return paths
+
+
+def headroom(device):
+    """Bytes a decode may take without raising the run's peak so far (CUDA)."""
+    if device.type != "cuda":
+        return None
+    return lambda: max(torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device), 0)
 
 
 def batch_text(text_cache, caption: str) -> dict:
     return {k: v.unsqueeze(0) for k, v in text_cache.load(caption).items()}
 
 
-def install_stop_handler() -> dict:
-    """Ctrl-C or SIGTERM asks the loop to save at the next step boundary and exit.
-    The previous handlers are kept in the returned dict for `restore_stop_handler`."""
-    flag = {"stop": False, "previous": {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}}
+class RunStopped(Exception):
+    """Ctrl-C or SIGTERM ended the run (after saving, when it came during the loop). `code` is
+    the exit status schedulers expect: 130 for SIGINT, 143 for SIGTERM."""
 
-    def handler(signum, frame):
-        if flag["stop"]:  # a second Ctrl-C exits at once
-            raise KeyboardInterrupt
-        flag["stop"] = True
-        print(f"\n{signal.Signals(signum).name}: saving at the end of this step, then exiting")
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    return flag
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.code = 128 + signum
 
 
-def restore_stop_handler(flag: dict) -> None:
-    for signum, previous in flag["previous"].items():
-        signal.signal(signum, previous)
+class StopRequests:
+    """Ctrl-C and SIGTERM: before the loop (caching, loading) they stop at once; in the loop
+    they ask it to save at the next step boundary and end (a second Ctrl-C stops at once).
+    Used as a context manager; the previous handlers come back on exit."""
+
+    def __init__(self):
+        self.signum: int | None = None  # the signal that asked the loop to stop
+        self.in_loop = False
+        self.previous = {}
+
+    def __enter__(self) -> "StopRequests":
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if not self.in_loop or self.signum is not None:
+            raise RunStopped(signum, f"{name}: stopped before the first training step; nothing was trained")
+        self.signum = signum
+        print(f"\n{name}: saving at the end of this step, then exiting")
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
 
 def pick_device(name: str) -> torch.device:
@@ -176,36 +207,52 @@ def peak_memory_gb(device) -> float:
 # --- main --------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> Path:
-    argv = list(sys.argv[1:] if argv is None else argv)
+USAGE = """usage: python train.py CONFIG [--key=value ...] [--plan] [--debug]
+
+  CONFIG         a config file: Python assignments that differ from config.py's defaults
+  --key=value    override one setting (every key and its default is in config.py)
+  --plan         print where GPU memory goes, without loading a weight or needing a GPU
+  --debug        show the traceback of an error
+
+  python train.py configs/demo.py                        a tiny model on CPU, no downloads
+  python train.py configs/flux_12gb.py --dataset_dir=data/me --instance_prompt=ohwx
+  python train.py configs/flux_12gb.py --resume=latest   continue after a stop
+"""
+
+
+def parse_args(argv: list[str]) -> tuple[str | None, list[str], bool]:
+    """(config path or None, --key=value overrides, --plan). The config path comes first;
+    anything else that is not --key=value is an error."""
     plan_only = "--plan" in argv
-    argv = [a for a in argv if a != "--plan"]
+    argv = [a for a in argv if a not in ("--plan", "--debug")]
     config_path = argv[0] if argv and not argv[0].startswith("--") else None
+    rest = argv[1:] if config_path is not None else argv
+    stray = [a for a in rest if not a.startswith("--")]
+    if stray:
+        where = "put the config file first" if config_path is None or rest.index(stray[0]) else ""
+        raise ConfigError(f"unexpected argument {stray[0]!r}: overrides look like --key=value"
+                          + (f"; {where}" if where else "") + " (python train.py --help)")
+    return config_path, rest, plan_only
+
+
+def main(argv=None) -> Path:
+    """Train (or plan, with --plan) from a command line; returns the final file (the plan's
+    numbers). A stop request raises RunStopped after saving."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in argv or "-h" in argv:
+        print(USAGE, end="")
+        raise SystemExit(0)
+    config_path, overrides, plan_only = parse_args(argv)
     # all config errors surface here; the plan reads no files, so they need not exist yet
-    cfg = load_config(config_path, [a for a in argv if a.startswith("--")], check_files=not plan_only)
+    cfg = load_config(config_path, overrides, check_files=not plan_only)
     if plan_only:
         import plan
 
         return plan.main(cfg)
-    stop = install_stop_handler()
-    try:
-        return train(cfg, stop)
-    finally:
-        restore_stop_handler(stop)
+    return train(cfg)
 
 
 # --- the phases --------------------------------------------------------------------------------
-
-
-@dataclass
-class Data:
-    train: cache.CachedDataset
-    val: cache.CachedDataset | None
-    text_cache: cache.TextCache
-    empty_caption: dict  # the text tensors of "", on the device (caption dropout)
-    prompts: list  # sample.SamplePrompt
-    codec: object  # models.VAECodec or PixelCodec, in host memory between samples
-    skipped: list  # (image path, reason)
 
 
 @dataclass
@@ -217,7 +264,7 @@ class Run:
     params: object
     device: torch.device
     run_dir: Path
-    data: Data
+    data: data.Data
     prepared: training.Prepared
     opt: training.Optimization
     objective: object
@@ -225,70 +272,27 @@ class Run:
     generator: torch.Generator
     metrics: MetricsLog | None = None
     step: int = 0
-    started_at: float = 0.0
+    started_at: float = 0.0  # when training began (kept across resumes)
+    session_id: int = 0  # kohya's ss_session_id: a random number per process
+    identity: dict | None = None  # model file and dataset fingerprint (run_identity)
 
 
-def split_items(cfg: dict) -> tuple[list, list]:
-    """The dataset's items, with `validation_count` of them held out (seeded)."""
-    items = cache.scan_dataset(cfg["dataset_dir"], caption_ext=cfg["caption_ext"],
-                               instance_prompt=cfg["instance_prompt"] or None, repeats=1)
-    val_count = cfg["validation_count"]
-    if val_count >= len(items):
-        raise ConfigError(f"validation_count={val_count} leaves no training images (found {len(items)})")
-    split = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg["seed"])).tolist()
-    return [items[i] for i in sorted(split[val_count:])], [items[i] for i in split[:val_count]]
+def check_model_settings(family, params, cfg: dict) -> None:
+    """Swap counts and LoRA targets (block lists, group ranks), checked on a meta skeleton of
+    the model (no memory) before anything loads."""
+    import blockswap
 
-
-def check_batch(cfg: dict, num_images: int) -> None:
-    epoch_size = num_images * cfg["repeats"]
-    if cfg["batch_size"] > epoch_size:
-        raise ConfigError(f"batch_size={cfg['batch_size']} is larger than the dataset ({num_images} images x "
-                          f"{cfg['repeats']} repeats = {epoch_size}); lower batch_size or raise repeats")
-
-
-def check_swap(family, params, cfg: dict) -> None:
-    """Blocks to swap per group, checked against the model's depth before anything loads."""
-    with torch.device("meta"):  # no memory: only the block lists are needed
+    with torch.device("meta"):
         skeleton = family.build(params)
     try:
-        import blockswap
-
         blockswap.check_counts(family.blocks(skeleton), family.swap_counts(skeleton, cfg))
+        if cfg["train_mode"] == "lora":
+            family.lora_targets(skeleton, cfg)
     except ValueError as error:
         raise ConfigError(str(error)) from None
 
 
-def load_data(cfg: dict, family, params, device, dtype) -> Data:
-    """Phase 2: every image encoded once by the codec and every caption by the text encoders,
-    written to disk, keyed by everything that changes them; the encoders leave the device."""
-    train_items, val_items = split_items(cfg)
-    check_batch(cfg, len(train_items))
-    prompts = sample.read_prompt_file(cfg["sample_prompts"], family.prompt_defaults(cfg, params)) \
-        if cfg["sample_prompts"] else []
-    prompts = sample.at_sizes(prompts, cfg["sample_sizes"])
-    cache_dir = Path(cfg["cache_dir"] or Path(cfg["dataset_dir"]) / ".cache")
-    codec = family.codec(cfg, dtype, device)
-    latent_cache = cache.LatentCache(cache_dir / "latents", codec.identity, cfg["resolution"], cfg["crop"],
-                                     dtype=torch.float32, hash_content=cfg["hash_images"], recache=cfg["recache"],
-                                     on_error=cfg["on_bad_image"], seed=cfg["seed"])
-    kept_train = latent_cache.build(train_items, codec.encode)
-    skipped = list(latent_cache.skipped)
-    kept_val = latent_cache.build(val_items, codec.encode) if val_items else []
-    skipped += latent_cache.skipped if val_items else []
-    codec.to("cpu")  # the decoder comes back for samples only
-    text = family.text_encoder(cfg, params, dtype, device)
-    text_cache = cache.TextCache(cache_dir / "text", text.identity, family.text_length(cfg, params),
-                                 family.text_mask(cfg), recache=cfg["recache"])
-    captions = [it.caption for it in kept_train + kept_val] + [p.prompt for p in prompts] + [p.negative for p in prompts]
-    text_cache.build(sorted(set(captions + [""])), text.encode)  # "" for caption dropout and empty negatives
-    del text  # T5-XXL is 9 GB in bf16: gone before the denoiser loads
-    empty = {k: v.to(device) for k, v in text_cache.load("").items()}
-    val = cache.CachedDataset(kept_val, latent_cache, text_cache) if kept_val else None
-    return Data(cache.CachedDataset(kept_train, latent_cache, text_cache), val, text_cache, empty, prompts, codec,
-                skipped)
-
-
-def build_run(cfg: dict, family, sd: dict, params, device, run_dir: Path, data: Data) -> Run:
+def build_run(cfg: dict, family, sd: dict, params, device, run_dir: Path, cached: data.Data) -> Run:
     """Phases 3 and 4: the denoiser in host memory (the file memory-mapped), what trains, swap
     placement, then the optimizer, schedule, fused step and EMA."""
     model = training.load_network(family, cfg, sd, DTYPES[cfg["dtype"]])
@@ -297,14 +301,15 @@ def build_run(cfg: dict, family, sd: dict, params, device, run_dir: Path, data: 
         print(prepared.swap.describe())
     opt = training.build_optimization(prepared.trainable, cfg, seed=cfg["seed"],
                                       lr_multipliers=family.lr_multipliers(cfg, prepared.trainable))
-    order = DataOrder(len(data.train) * cfg["repeats"], cfg["batch_size"], cfg["seed"])  # index % images
-    return Run(cfg, family, params, device, run_dir, data, prepared, opt, family.objective(cfg), order,
+    images = len({entry.item.image_path for entry in cached.train.entries})
+    order = DataOrder(images * cfg["repeats"], cfg["batch_size"], cfg["seed"])  # entry = index % entries
+    return Run(cfg, family, params, device, run_dir, cached, prepared, opt, family.objective(cfg), order,
                torch.Generator().manual_seed(cfg["seed"]))
 
 
-def resume(run: Run) -> None:
-    """Phase 5: trainable weights, optimizer, schedule, EMA, RNG and data position from a state."""
-    resume_dir = checkpoint.find_resume_dir(run.run_dir, run.cfg["resume"])
+def resume(run: Run, resume_dir: Path | None) -> None:
+    """Phase 5: trainable weights, optimizer, schedule, EMA, RNG and data position from a state.
+    The learning rate and schedule length come from the current config."""
     if resume_dir is None:
         return
     saved, extra, info = checkpoint.load_state(resume_dir)
@@ -317,12 +322,20 @@ def resume(run: Run) -> None:
         import optim
 
         optim.restore_state_dtypes_(run.opt.optimizer, extra["optimizer"])
-    run.opt.scheduler.load_state_dict(extra["scheduler"])
+    scheduler = run.opt.scheduler
+    base_lrs = list(scheduler.base_lrs)  # this config's learning rates, per group
+    scheduler.load_state_dict(extra["scheduler"])  # the step count (and the saved base rates) come back
+    scheduler.base_lrs = base_lrs
+    rates = [base * factor(scheduler.last_epoch) for base, factor in zip(base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(run.opt.optimizer.param_groups, rates):  # the rate of the next step
+        group["lr"] = lr
+    scheduler._last_lr = [group["lr"] for group in run.opt.optimizer.param_groups]
     if run.opt.ema is not None and extra["ema"] is not None:
         run.opt.ema.load_state_dict(extra["ema"])
     checkpoint.restore_rng(extra["rng"], run.generator)
     run.order.load(info["data_order"])
     run.step = info["step"]
+    run.started_at = info.get("training_started_at", run.started_at)
     print(f"resumed from {resume_dir} at step {run.step}")
 
 
@@ -349,9 +362,40 @@ def print_arithmetic(run: Run) -> None:
 def lora_metadata(run: Run) -> dict[str, str]:
     cfg, family = run.cfg, run.family
     network_args = {k: cfg[k] for k in lora.NETWORK_CONFIG_KEYS + family.lora_config_keys}
-    return lora.kohya_metadata(cfg, run.params, family.lora_metadata(cfg, run.params), network_args, step=run.step,
-                               epoch=run.order.epoch, num_images=len(run.data.train),
-                               training_started_at=run.started_at)
+    # kohya counts epochs from 1
+    return lora.kohya_metadata(public_config(cfg), run.params, family.lora_metadata(cfg, run.params), network_args,
+                               step=run.step, epoch=run.order.epoch + 1, run=run_facts(run))
+
+
+def run_facts(run: Run) -> dict:
+    """What kohya records about a run besides its settings (train_network.py's metadata)."""
+    cfg, order = run.cfg, run.order
+    updates_per_epoch = max(1, -(-order.batches_per_epoch // cfg["gradient_accumulation_steps"]))
+    captions = [e.item.caption for e in run.data.train.entries]
+    tags: dict[str, int] = {}
+    for caption in captions:
+        for tag in (t.strip() for t in caption.split(",")):
+            if tag:
+                tags[tag] = tags.get(tag, 0) + 1
+    folder = Path(cfg["dataset_dir"]).name
+    optimizer = type(run.opt.optimizer)
+    facts = {
+        "session_id": run.session_id,
+        "training_started_at": run.started_at,
+        "num_train_images": order.num_items,  # images x repeats, as kohya counts them
+        "num_validation_images": len(run.data.val) if run.data.val is not None else 0,
+        "num_batches_per_epoch": order.batches_per_epoch,
+        "num_epochs": -(-cfg["max_train_steps"] // updates_per_epoch),
+        "total_batch_size": cfg["batch_size"] * cfg["gradient_accumulation_steps"],
+        "dataset_dirs": {folder: {"n_repeats": cfg["repeats"],
+                                  "img_count": len({e.item.image_path for e in run.data.train.entries})}},
+        "tag_frequency": {folder: tags},
+        "optimizer": f"{optimizer.__module__}.{optimizer.__name__}",
+        "sd_model_name": Path(cfg["model_path"]).name,
+    }
+    if cfg["ae_path"]:
+        facts["vae_name"] = Path(cfg["ae_path"]).name
+    return facts
 
 
 def save(run: Run) -> None:
@@ -367,9 +411,15 @@ def save(run: Run) -> None:
         if ema is not None:
             with ema.swapped(run.opt.params):
                 network.save(run.run_dir / f"{cfg['run_name']}_step{step:06d}_ema.safetensors", meta, dtype=save_dtype)
-    info = {"data_order": run.order.state(), "rng": checkpoint.rng_state(run.generator), "config": cfg}
+    info = {"data_order": run.order.state(), "rng": checkpoint.rng_state(run.generator), "config": cfg,
+            "identity": run.identity, "training_started_at": run.started_at}
     checkpoint.save_state(run.run_dir, step, run.prepared.trainable, run.opt.fused or run.opt.optimizer,
                           run.opt.scheduler, ema, info, cfg["keep_last"])
+
+
+def last_good_state(run: Run) -> str:
+    dirs = checkpoint.state_dirs(run.run_dir)
+    return f"the last good state is {dirs[-1]}" if dirs else "no state had been saved yet"
 
 
 def train_step(run: Run, bins: losses.LossBins) -> dict:
@@ -386,40 +436,40 @@ def train_step(run: Run, bins: losses.LossBins) -> dict:
         if not torch.isfinite(loss):  # a host sync, once per micro-batch
             raise TrainingError(
                 f"loss is {loss.item()} at step {run.step + 1} (images {batch['caption']}, noise levels "
-                f"{noised.level.tolist()}). Nothing was saved; the last good state is in {run.run_dir / 'state'}. "
+                f"{noised.level.tolist()}). Nothing was saved; {last_good_state(run)}. "
                 "Lower learning_rate, use dtype='bf16' rather than fp16, or check the data.")
         (loss / cfg["gradient_accumulation_steps"]).backward()  # fused: the weights update in here
         step_loss += loss.item() / cfg["gradient_accumulation_steps"]
         bins.add(per_sample.detach(), noised.level)  # stays on the device: no extra sync
     grad_norm = training.close_gradients(run.opt, cfg)
     if not torch.isfinite(grad_norm):
-        raise TrainingError(f"gradient norm is {grad_norm.item()} at step {run.step + 1}; nothing was saved. "
-                            "Lower learning_rate or check the data.")
+        raise TrainingError(f"gradient norm is {grad_norm.item()} at step {run.step + 1}; nothing was saved; "
+                            f"{last_good_state(run)}. Lower learning_rate or check the data.")
     lr = run.opt.scheduler.get_last_lr()[0]
     training.apply_step(run.opt, run.step + 1)
     run.step += 1
     return {"step": run.step, "epoch": run.order.epoch, "loss": step_loss, "lr": lr, "grad_norm": grad_norm.item()}
 
 
-def after_step(run: Run, record: dict, bins: losses.LossBins, stop: dict) -> None:
+def after_step(run: Run, record: dict, bins: losses.LossBins, stop: StopRequests) -> None:
     """Validation, metrics, samples and checkpoints of the step just done."""
     cfg, step = run.cfg, run.step
     last = step == cfg["max_train_steps"]
     if run.data.val is not None and cfg["validate_every"] and step % cfg["validate_every"] == 0:
         record["val_loss"], record["val_loss_by_sigma"] = validation_loss(run, list(range(len(run.data.val))))
-    if step % 10 == 0 or last:
+    if step % 10 == 0 or last or stop.requested:
         record["loss_by_sigma"] = bins.summary()
         bins.reset()
-    if step % cfg["log_every"] == 0 or "val_loss" in record or last:
+    if step % cfg["log_every"] == 0 or last or stop.requested or "val_loss" in record or "loss_by_sigma" in record:
         run.metrics.log(record)
     if run.data.prompts and cfg["sample_every"] and (step % cfg["sample_every"] == 0 or last):
         sample_images(run, step)
-    if (cfg["save_every"] and step % cfg["save_every"] == 0) or last or stop["stop"]:
+    if (cfg["save_every"] and step % cfg["save_every"] == 0) or last or stop.requested:
         save(run)
         run.metrics.plot()
 
 
-def loop(run: Run, stop: dict) -> None:
+def loop(run: Run, stop: StopRequests) -> None:
     """Phase 6: steps until max_train_steps or a stop request."""
     cfg = run.cfg
     if run.data.prompts and cfg["sample_at_start"] and run.step == 0:
@@ -427,77 +477,117 @@ def loop(run: Run, stop: dict) -> None:
     bins = losses.LossBins()
     bar = tqdm(total=cfg["max_train_steps"], initial=run.step, dynamic_ncols=True)
     start, first = time.perf_counter(), run.step
-    while run.step < cfg["max_train_steps"]:
+    stop.in_loop = True
+    while run.step < cfg["max_train_steps"] and not stop.requested:
         record = train_step(run, bins)
         record["s_per_it"] = (time.perf_counter() - start) / max(run.step - first, 1)
         record["peak_mem_gb"] = peak_memory_gb(run.device)
         after_step(run, record, bins, stop)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", mem=f"{record['peak_mem_gb']:.1f}G")
         bar.update(1)
-        if stop["stop"]:
-            print(f"stopped at step {run.step}; resume with --resume=latest")
-            break
+    stop.in_loop = False
     bar.close()
 
 
-def train(cfg: dict, stop: dict | None = None) -> Path:
-    """The whole run. `stop["stop"]` turning True (Ctrl-C, SIGTERM) saves and ends it at the
-    next step boundary."""
-    stop = stop if stop is not None else {"stop": False}
+def train(cfg: dict) -> Path:
+    """The whole run, in phases. Ctrl-C or SIGTERM during the loop saves at the step boundary
+    and raises RunStopped (exit status 130 / 143); before the loop it stops at once."""
     family = families.get(cfg["model_family"])
     device = pick_device(cfg["device"])
-    dtype = DTYPES[cfg["dtype"]]
     set_kernels(cfg["kernels"])
     torch.manual_seed(cfg["seed"])
     run_dir = Path(cfg["output_dir"]) / cfg["run_name"]
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-    # 1. checks that need files but no model
-    sd = family.read_checkpoint(cfg["model_path"], cfg)  # memory-mapped: no data read yet
-    params = family.params(sd, cfg)
-    check_swap(family, params, cfg)
-    # 2. data and caches
-    data = load_data(cfg, family, params, device, dtype)
-    # 3, 4. the denoiser, what trains, the optimizer
-    run = build_run(cfg, family, sd, params, device, run_dir, data)
-    del sd
-    # 5. resume
-    resume(run)
-    atomic.write_text(run_dir / "config.py", format_config(cfg))
-    run.metrics = MetricsLog(run_dir, resume_step=run.step)
-    run.started_at = time.time()
-    print_arithmetic(run)
-    # 6. the loop
-    loop(run, stop)
-    # 7. finish
-    final = finish(run)
+    checkpoint.claim_run_dir(run_dir, cfg["run_name"], cfg["resume"], cfg["overwrite"])  # before anything is written
+    resume_dir = checkpoint.find_resume_dir(run_dir, cfg["resume"])
+    with StopRequests() as stop:
+        # 1. checks that need files but no model
+        sd = family.read_checkpoint(cfg["model_path"], cfg)  # memory-mapped: no data read yet
+        params = family.params(sd, cfg)
+        check_model_settings(family, params, cfg)
+        items = data.dataset_items(cfg)
+        identity = checkpoint.run_identity(cfg, items.fingerprint)
+        if resume_dir is not None:
+            checkpoint.check_resume(resume_dir, cfg, family.lora_config_keys, identity)
+        # 2. data and caches
+        cached = data.load_data(cfg, family, params, device, DTYPES[cfg["dtype"]], items)
+        # 3, 4. the denoiser, what trains, the optimizer
+        run = build_run(cfg, family, sd, params, device, run_dir, cached)
+        run.identity, run.session_id = identity, random.randint(0, 2**32)
+        del sd
+        # 5. resume
+        run.started_at = time.time()
+        resume(run, resume_dir)
+        atomic.write_text(run_dir / "config.py", format_config(cfg))
+        run.metrics = MetricsLog(run_dir, resume_step=run.step)
+        print_arithmetic(run)
+        # 6. the loop
+        loop(run, stop)
     run.metrics.plot()
-    return final
+    if stop.requested:
+        raise RunStopped(stop.signum, f"stopped at step {run.step} ({signal.Signals(stop.signum).name}); the state "
+                                      f"is saved: continue with --resume=latest")
+    # 7. finish
+    return finish(run)
 
 
 def finish(run: Run) -> Path:
-    """The final file next to the step files, and how to use it."""
+    """The final file next to the step files (and its EMA twin), and how to use it."""
     cfg = run.cfg
-    save_dtype = DTYPES[cfg["save_dtype"]]
     path = run.run_dir / f"{cfg['run_name']}.safetensors"
+    if run.prepared.swap is not None:
+        run.prepared.swap.synchronize()  # swapped weights are read on the host below
+    write_final(run, path)
+    if run.opt.ema is not None:
+        with run.opt.ema.swapped(run.opt.params):
+            write_final(run, path.with_name(f"{cfg['run_name']}_ema.safetensors"))
     if run.prepared.network is not None:
-        run.prepared.network.save(path, lora_metadata(run), dtype=save_dtype)
         print(f"LoRA saved: {path} ({run.family.lora_usage(path)})")
         for note in run.family.lora_loader_notes(run.prepared.targets):
             print(f"  note: {note}")
     else:
-        if run.prepared.swap is not None:
-            run.prepared.swap.synchronize()
-        model = run.prepared.model
-        tensors = {k: v.detach().to(save_dtype).contiguous().cpu() for k, v in model.state_dict().items()}
-        atomic.write_safetensors(tensors, path, {"trainer_config": json.dumps(cfg, default=str)})
         print(f"model saved: {path} (original {run.family.title} keys; loads wherever the original file does)")
     return path
 
 
-if __name__ == "__main__":
+def write_final(run: Run, path: Path) -> None:
+    """The LoRA file, or for full fine-tuning the model in the original layout."""
+    save_dtype = DTYPES[run.cfg["save_dtype"]]
+    if run.prepared.network is not None:
+        run.prepared.network.save(path, lora_metadata(run), dtype=save_dtype)
+        return
+    model = run.prepared.model
+    tensors = {k: v.detach().to(save_dtype).contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic.write_safetensors(tensors, path, {"trainer_config": json.dumps(public_config(run.cfg), default=str)})
+
+
+def public_config(cfg: dict) -> dict:
+    """The config as it goes into files others may read: paths cut to their base names (kohya
+    writes no local paths either)."""
+    from config import PATH_KEYS
+
+    keys = PATH_KEYS + ("cache_dir", "output_dir", "sample_prompts", "clip_tokenizer", "t5_tokenizer", "resume")
+    return {k: (Path(v).name if k in keys and isinstance(v, str) and v else v) for k, v in cfg.items()}
+
+
+USER_ERRORS = (ConfigError, checkpoint.RunFolderError, TrainingError, FileNotFoundError, ValueError, OSError)
+
+
+def run_cli() -> int:
+    """The command line: errors a user can cause are one or two lines (--debug: the traceback)."""
+    debug = "--debug" in sys.argv
     try:
         main()
-    except (ConfigError, FileNotFoundError, TrainingError) as error:
+    except RunStopped as stopped:
+        print(stopped, file=sys.stderr)
+        return stopped.code
+    except USER_ERRORS as error:
+        if debug:
+            raise
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        print("(--debug shows the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli())

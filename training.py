@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 import activations
 import blockswap
+import fp8
 import lora
 import optim
 
@@ -86,6 +87,43 @@ def place(model: nn.Module, family, cfg: dict, device, mode: str, host_device="c
         return None
     return blockswap.BlockSwap(model, family.blocks(model), counts, device, mode=mode, pin_memory=cfg["pin_memory"],
                                host_device=host_device, allocate=allocate)
+
+
+# --- the text encoders during caching ----------------------------------------------------------------
+
+TEXT_PLACEMENTS = ("device", "stream", "cpu")
+
+
+def place_text_encoders(networks: dict[str, nn.Module], cfg: dict, device, host_device="cpu",
+                        allocate=None) -> list[blockswap.BlockSwap]:
+    """Put the text encoders where the config says while captions are encoded, within the
+    device budget: text_encoder_fp8 stores their layers' Linear weights in fp8 (a released fp8
+    T5 file stays its fp8 numbers); text_encoder_placement "device" moves them whole, "stream"
+    keeps each encoder's layers in host memory and streams them through two device slots
+    (blockswap, one way), "cpu" leaves them on the CPU. Returns the swaps (keep them alive)."""
+    from models.text import encoder_blocks, fp8_linears
+
+    placement, swaps = cfg["text_encoder_placement"], []
+    for net in networks.values():
+        blocks = encoder_blocks(net)
+        if cfg["text_encoder_fp8"]:
+            fp8.quantize_linears_(net, fp8_linears(net))
+        if placement == "cpu":
+            continue
+        if placement == "stream" and len(blocks) > blockswap.MIN_RESIDENT:
+            counts = {"layers": len(blocks) - blockswap.MIN_RESIDENT}
+            swaps.append(blockswap.BlockSwap(net, {"layers": blocks}, counts, device, mode="h2d_only",
+                                             pin_memory=cfg["pin_memory"], host_device=host_device, allocate=allocate))
+        else:
+            net.to(device)
+    return swaps
+
+
+def text_encoder_load_device(cfg: dict, device):
+    """Where a family loads its text encoders: straight onto the device when they run there in
+    their own dtype, else into host memory (placed by place_text_encoders)."""
+    whole_on_device = cfg["text_encoder_placement"] == "device" and not cfg["text_encoder_fp8"]
+    return device if whole_on_device else "cpu"
 
 
 # --- optimizer, schedule, fused step, EMA ------------------------------------------------------------

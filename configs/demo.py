@@ -14,7 +14,7 @@ from demo_data import make_demo
 
 _files = make_demo("runs/demo_data")
 dataset_dir = _files["dataset_dir"]
-flux_path = _files["flux_path"]
+model_path = _files["flux_path"]
 clip_l_path = _files["clip_l_path"]
 t5_path = _files["t5_path"]
 sample_prompts = _files["sample_prompts"]

@@ -1,15 +1,18 @@
 # FLUX.1-dev LoRA on a 24 GB GPU (RTX 3090 / 4090, A5000): rank 16, 1024 px, batch 1,
-# latents and text embeddings cached (the VAE and T5 leave the GPU before training),
-# gradient checkpointing, bf16 weights. The bf16 base alone is 22.2 GiB, so 10 blocks
-# (5 double + 10 single) live in host memory: planned peak 19.53 GiB on the GPU (nvidia-smi
-# about 21-23 GiB), 6.7 GiB host memory. With --fp8_base=True --blocks_to_swap=0 instead:
-# 14.34 GiB and no swapping, at the cost of an fp8-rounded base.
+# gradient checkpointing, bf16 weights; latents and text embeddings cached (the VAE, CLIP and
+# T5 leave the GPU before training). The bf16 base alone is 22.2 GiB, so 10 blocks
+# (5 double + 10 single) live in host memory. With --fp8_base=True --blocks_to_swap=0
+# instead: 14.48 GiB whole run (plain torch) and no swapping, at the cost of an fp8-rounded base.
+#
+# Planned peaks, python train.py configs/flux_24gb.py --plan (plans: not yet measured on a GPU):
+#   plain torch (--kernels=torch): caching 10.60, training 19.59, sampling 19.38, whole run 19.59 GiB
+#   Triton kernels (the default):  caching 10.60, training 19.45, sampling 19.38, whole run 19.45 GiB
+#   nvidia-smi about 21-23 GiB; 6.7 GiB of host memory for tensors.
 #
 #   python train.py configs/flux_24gb.py --dataset_dir=/path/to/images
-#   python train.py configs/flux_24gb.py --plan      # where device memory goes
 #
 # Files: see README "Where the files come from". Put them under models/ or edit the paths.
-flux_path = "models/flux1-dev.safetensors"
+model_path = "models/flux1-dev.safetensors"
 ae_path = "models/ae.safetensors"
 clip_l_path = "models/clip_l.safetensors"
 t5_path = "models/t5xxl_fp16.safetensors"

@@ -2,13 +2,18 @@
 # The leanest recipe: fp8 base; 29 blocks (14 double + 30 single) stream from host memory
 # one way only (swap_mode="h2d_only": the frozen host copy is the master, nothing is copied
 # back); checkpointed block inputs in host memory; Adafactor (factored state, a few MB)
-# stepping inside backward, so the LoRA gradients never exist all at once.
+# stepping inside backward, so the LoRA gradients never exist all at once; text encoders
+# streamed while caching; sample decodes tiled.
 #
-#   python train.py configs/flux_6gb.py --plan       # planned peak 4.04 GiB on the GPU, 12.8 GiB host memory
+# Planned peaks, python train.py configs/flux_6gb.py --plan (plans: not yet measured on a GPU):
+#   plain torch (--kernels=torch): caching 2.56, training 4.20, sampling 3.90, whole run 4.20 GiB
+#   Triton kernels (the default):  caching 2.56, training 4.04, sampling 3.90, whole run 4.04 GiB
+#   nvidia-smi about 5.0-5.7 GiB; 12.8 GiB of host memory for tensors while training.
+#
 #   python train.py configs/flux_6gb.py --dataset_dir=/path/to/images
 #
 # Files: see README "Where the files come from". Put them under models/ or edit the paths.
-flux_path = "models/flux1-dev.safetensors"
+model_path = "models/flux1-dev.safetensors"
 ae_path = "models/ae.safetensors"
 clip_l_path = "models/clip_l.safetensors"
 t5_path = "models/t5xxl_fp16.safetensors"
@@ -30,3 +35,4 @@ offload_activations = True      # each block's checkpointed inputs wait in host 
 optimizer = "adafactor"         # factored second moments: a few MB of state instead of 0.6 GiB
 fused_backward = True           # each LoRA weight steps as soon as its gradient is ready
 max_grad_norm = 0.0             # no global-norm clipping with the fused step
+text_encoder_placement = "stream"  # caching: T5 and CLIP layers pass through the GPU two at a time

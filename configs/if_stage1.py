@@ -1,11 +1,15 @@
 # DeepFloyd IF stage I LoRA, IF-I-XL (4.3 B) at 64 px, on a 4 GB GPU (GTX 1650, RTX 3050 4 GB
-# laptop): rank 32, batch 4, lr 4e-5 -> 4e-6 polynomial (SimpleTuner's DeepFloyd guide, which
-# needs 22-24 GB). The bf16 UNet is 8 GiB, so it streams: 28 of its blocks per group swap to host
-# memory one-way (h2d_only: the frozen base is never copied back), through 2 + 3 device slots.
-# Swapping 27 plans 3.82 GiB (the fewest under 4); 28 leaves room for the caching and sampling
-# phases, which the whole-run plan will count. T5 states cached in bf16 (616 KiB a caption).
+# laptop): rank 32, batch 2 x 2 accumulation steps, lr 4e-5 -> 4e-6 polynomial (SimpleTuner's
+# DeepFloyd guide, which needs 22-24 GB). The bf16 UNet is 8 GiB, so it streams: 29 blocks per
+# group (25 of 27 down, 29 of 31 up) live in host memory and pass one way (h2d_only: the frozen
+# base is never copied back) through 2 device slots each; T5-XXL streams its layers while
+# caching; T5 states cached in bf16 (616 KiB a caption).
 #
-#   python train.py configs/if_stage1.py --plan      # planned peak 3.37 GiB (training), 7.9 GiB host memory
+# Planned peaks, python train.py configs/if_stage1.py --plan (plans: not yet measured on a GPU):
+#   plain torch (--kernels=torch): caching 1.07, training 2.51, sampling 2.01, whole run 2.51 GiB
+#   Triton kernels (the default):  caching 1.07, training 2.51, sampling 2.01, whole run 2.51 GiB
+#   nvidia-smi about 3.2-3.8 GiB; 7.9 GiB of host memory for tensors while training.
+#
 #   python train.py configs/if_stage1.py --dataset_dir=/path/to/images
 #   python sample.py --config configs/if_stage1.py --lora runs/if_stage1_lora/if_stage1_lora.safetensors \
 #       --prompt "ohwx, a photo --d 1" --sizes 64,96,64x96 --out samples
@@ -23,7 +27,8 @@ instance_prompt = "ohwx"
 
 run_name = "if_stage1_lora"
 resolution = 64
-batch_size = 4
+batch_size = 2
+gradient_accumulation_steps = 2
 network_dim = 32
 network_alpha = 32.0
 max_train_steps = 2000
@@ -34,5 +39,6 @@ lr_warmup_steps = 50
 caption_dropout_rate = 0.1      # keeps the unconditional prediction CFG (7) samples against
 sample_sizes = "64,96,64x96"    # each sample prompt square, larger, and portrait (seed 003)
 
-blocks_to_swap = 28             # 25 of 27 down and 28 of 31 up blocks live in host memory
+blocks_to_swap = 29             # the most: 2 blocks of each group stay on the device
 swap_mode = "h2d_only"
+text_encoder_placement = "stream"  # while caching, T5-XXL (9 GiB in bf16) streams layer by layer

@@ -6,7 +6,7 @@ Network    models/deepfloyd.py (deep-floyd/IF module names). Stage I (IF-I-M/L/X
            6 channels: epsilon, then the learned variance range. A checkpoint is a FOLDER: the
            original (config.yml + pytorch_model.bin / .safetensors) or the diffusers unet/ one
            (the IF repositories hold both; a .bin is read only with allow_pickle). A full
-           fine-tune's .safetensors from this trainer names its base folder in its header.
+           fine-tune's .safetensors from this trainer takes its shapes from the run folder's config.
 Text       T5-XXL v1.1, encoder only (4.76 B; the IF repositories' text_encoder/), 77 tokens, run
            with its padding mask, IF's caption clean-up, the released unconditional embedding
            for "" when given (models/text.py IFPromptEncoder). Cached in bf16: 77 x 4096 x 2
@@ -48,7 +48,7 @@ import fp8
 import losses
 import sample
 import samplers
-from config import DTYPES, ConfigError
+from config import DTYPES, ConfigError, read_config_file
 from lora import LORA_BASES, kohya_name
 from models import PixelCodec
 from models import deepfloyd as network
@@ -59,8 +59,6 @@ from . import Family
 
 LOW_RES_FACTOR = 4  # stage II: 64 px -> 256 px
 MIN_RESIDENT = 2  # blockswap.MIN_RESIDENT
-T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-              feed_forward_proj="gated-gelu")  # t5-v1_1-xxl's encoder: 4,762,310,656 parameters
 TEXT_CACHE_DTYPE = torch.bfloat16
 ABAR = samplers.if_alphas_cumprod()  # the cosine schedule q_sample noises the low-res image on
 
@@ -426,16 +424,18 @@ class DeepFloydIF(Family):
         }
 
     def plan_text_encoders(self, cfg: dict, params: network.IFConfig) -> list:
-        from transformers import T5Config, T5EncoderModel
+        from models import text
+
+        config = text.text_config("t5", cfg["t5_path"])  # the file's, or T5-XXL v1.1's: 4.76 B
 
         def build() -> nn.Module:
-            return T5EncoderModel(T5Config(**dict(T5_XXL, d_model=params.encoder_dim))).to(DTYPES[cfg["dtype"]])
+            return text.build_text_model("t5", config).to(DTYPES[cfg["dtype"]])
 
         def inputs(device) -> dict:
             # No attention_mask: transformers reads its values (.all()), which meta tensors lack; the
             # (B, 1, 77, 77) mask it would build from it is a few KiB.
-            shape = (cfg.get("text_batch_size", 8), IF_T5_LENGTH)
-            return {"input_ids": torch.zeros(shape, dtype=torch.long, device=device)}
+            ids = torch.zeros(cfg["text_batch_size"], IF_T5_LENGTH, dtype=torch.long, device=device)
+            return {"input_ids": ids}
 
         return [("t5", build, inputs)]
 
@@ -471,18 +471,19 @@ def model_folder(folder: Path, allow_pickle: bool) -> IFCheckpoint:
 
 def trained_file(path: Path, cfg: dict) -> IFCheckpoint:
     """A single .safetensors in the original keys (a full fine-tune from this trainer): its shapes
-    from a config.yml beside it, or from the model folder its header's trainer_config names."""
+    from a config.yml beside it, or from the model folder that the run folder's config.py (the
+    resolved config, written beside the file) names."""
     with safe_open(str(path), framework="pt") as f:
-        trainer_config = json.loads((f.metadata() or {}).get("trainer_config", "{}"))
         if not all(k in f.keys() for k in network.ORIGINAL_REQUIRED):
             raise ConfigError(f"{path} is not a DeepFloyd IF UNet in the original keys (a LoRA file? give it to "
                               "sample.py --lora); pass the model folder")
     if (path.parent / "config.yml").is_file():
         return IFCheckpoint(network.read_config(path.parent), path, "original", str(path))
-    base = trainer_config.get("model_path")
+    base = read_config_file(path.parent / "config.py").get("model_path") if (path.parent / "config.py").is_file() \
+        else None
     if not base or not Path(base).is_dir():
-        raise ConfigError(f"{path}: a DeepFloyd IF UNet file needs its shapes: put a config.yml beside it, or pass "
-                          "the model folder")
+        raise ConfigError(f"{path}: a DeepFloyd IF UNet file needs its shapes: put the model's config.yml beside it, "
+                          "or pass the model folder")
     return IFCheckpoint(model_folder(Path(base), cfg["allow_pickle"]).config, path, "original", str(path))
 
 
@@ -562,6 +563,12 @@ class IFTextEncoder:
     def encode(self, prompts: list[str]) -> dict[str, Tensor]:
         out = self.encoder.encode(prompts)
         return {"t5": out["t5"].to(TEXT_CACHE_DTYPE), "t5_mask": out["t5_mask"]}
+
+    def networks(self) -> dict[str, nn.Module]:
+        return self.encoder.networks()
+
+    def tokens_lost(self, caption: str) -> dict[str, int]:
+        return self.encoder.tokens_lost(caption)
 
     def to(self, device) -> "IFTextEncoder":
         self.encoder.to(device)

@@ -32,7 +32,7 @@ from lora import parse_block_indices
 from config import ConfigError
 from models import flux as network
 from models import load_text_encoder
-from models.loading import load_state_dict
+from models.loading import strip_prefix
 
 from . import Family
 
@@ -57,7 +57,7 @@ class Flux(Family):
     # --- the checkpoint ----------------------------------------------------------------------------
 
     def detect(self, sd: dict) -> bool:
-        sd = network.strip_prefix(sd)
+        sd = strip_prefix(sd, network.PREFIXES)[0]
         return "img_in.weight" in sd and any(k.startswith(("double_blocks.", "single_blocks.")) for k in sd)
 
     def params(self, sd: dict, cfg: dict) -> network.FluxParams:
@@ -72,7 +72,7 @@ class Flux(Family):
     def load(self, sd: dict, cfg: dict, dtype: torch.dtype, device="cpu") -> nn.Module:
         if not cfg["fp8_base"]:
             return network.Flux.from_state_dict(sd, dtype=dtype, device=device, **cfg["model_overrides"])
-        sd = network.strip_prefix(sd)
+        sd = strip_prefix(sd, network.PREFIXES)[0]
         with torch.device("meta"):
             model = network.Flux(self.params(sd, cfg))
         blocks = [b for group in self.blocks(model).values() for b in group]
@@ -122,6 +122,33 @@ class Flux(Family):
         return load_text_encoder(cfg["clip_l_path"], cfg["t5_path"], cfg["clip_tokenizer"], cfg["t5_tokenizer"],
                                  max_length=self.text_length(cfg, params), apply_mask=cfg["apply_t5_attn_mask"],
                                  dtype=dtype, device=device)
+
+    def plan_text_encoders(self, cfg: dict, params) -> list:
+        from config import DTYPES
+        from models import text
+
+        b, dtype = cfg["text_batch_size"], DTYPES[cfg["dtype"]]
+        tokens = {"clip_l": text.CLIP_MAX_LENGTH, "t5": self.text_length(cfg, params)}
+        paths = {"clip_l": cfg["clip_l_path"], "t5": cfg["t5_path"]}
+        out = []
+        for kind in ("clip_l", "t5"):
+            config = text.text_config(kind, paths[kind])
+
+            def build(kind=kind, config=config):
+                return text.build_text_model(kind, config).to(dtype)
+
+            def inputs(device, kind=kind):
+                ids = torch.zeros(b, tokens[kind], dtype=torch.long, device=device)
+                mask = torch.ones_like(ids) if kind == "t5" and cfg["apply_t5_attn_mask"] else None
+                return {"input_ids": ids, "attention_mask": mask}
+
+            out.append((kind, build, inputs))
+        return out
+
+    def plan_codec(self, cfg: dict, params) -> nn.Module | None:
+        from models.vae import autoencoder_skeleton
+
+        return autoencoder_skeleton(cfg["ae_path"], "flux") if cfg["ae_path"] else None
 
     def text_length(self, cfg: dict, params) -> int:
         """T5 tokens: 512 for dev, 256 for schnell (black-forest-labs/flux: cli.py), or the config's."""

@@ -30,9 +30,21 @@ class VAECodec:
         return self.vae.encode(pixels.to(device, self.dtype)).float()
 
     @torch.no_grad()
-    def decode(self, latent: Tensor) -> Tensor:
+    def decode(self, latent: Tensor, tile: int = 0) -> Tensor:
+        """Pixels of a latent; with tile > 0 the decoder's upsampling half runs in overlapping
+        tiles of tile x tile latent pixels (models/vae.py decode_tiled), seams blended."""
+        from .vae import decode_tiled
+
         device = next(self.vae.parameters()).device
-        return self.vae.decode(latent.to(device, self.dtype)).float()
+        z = latent.to(device, self.dtype)
+        pixels = decode_tiled(self.vae, z, tile, max(1, tile // 8)) if tile else self.vae.decode(z)
+        return pixels.float()
+
+    def decode_bytes(self, latent: Tensor) -> int:
+        """Activation bytes of a whole (untiled) decode of this latent."""
+        from .vae import decoder_peak_bytes
+
+        return decoder_peak_bytes(self.vae.params, latent.shape[-2], latent.shape[-1], latent.shape[0], self.dtype)
 
     def to(self, device) -> "VAECodec":
         self.vae.to(device)
@@ -49,8 +61,11 @@ class PixelCodec:
     def encode(self, pixels: Tensor) -> Tensor:
         return pixels.float()
 
-    def decode(self, latent: Tensor) -> Tensor:
+    def decode(self, latent: Tensor, tile: int = 0) -> Tensor:
         return latent.float()
+
+    def decode_bytes(self, latent: Tensor) -> int:
+        return 0
 
     def to(self, device) -> "PixelCodec":
         return self
@@ -67,6 +82,12 @@ class FluxPromptEncoder:
     def __init__(self, encoder):
         self.encoder = encoder
         self.identity = encoder.identity
+
+    def tokens_lost(self, caption: str) -> dict[str, int]:
+        return self.encoder.tokens_lost(caption)
+
+    def networks(self) -> dict:
+        return self.encoder.networks()
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> dict[str, Tensor]:

@@ -25,7 +25,7 @@ from .layers import (
     qk_norm_rope,
     timestep_embedding,
 )
-from .loading import check_family, load_into, load_state_dict
+from .loading import check_family, load_into, load_state_dict, strip_prefix
 
 
 @dataclass
@@ -223,7 +223,7 @@ class Flux(nn.Module):
         The model is built on the meta device and the tensors are assigned, not copied, so a
         memory-mapped 24 GB file never exists twice. `dtype` converts on the way in (None keeps
         the file's dtype; fp8 files are upcast to bf16 unless a dtype is given)."""
-        sd = strip_prefix(sd)
+        sd = strip_prefix(sd, PREFIXES)[0]
         params = infer_params(sd, **overrides)
         with torch.device("meta"):
             model = cls(params)
@@ -239,13 +239,6 @@ def load(path, dtype: torch.dtype | None = None, device=None, allow_pickle: bool
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 
-def strip_prefix(sd: dict) -> dict:
-    for prefix in PREFIXES:
-        if any(k.startswith(prefix) for k in sd):
-            return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-    return sd
-
-
 def _count_blocks(sd: dict, kind: str) -> int:
     pattern = re.compile(rf"^{kind}\.(\d+)\.")
     indices = {int(m.group(1)) for k in sd if (m := pattern.match(k))}
@@ -256,7 +249,7 @@ def _count_blocks(sd: dict, kind: str) -> int:
 
 def infer_params(sd: dict, **overrides) -> FluxParams:
     """FluxParams from the keys and shapes of an original checkpoint."""
-    sd = strip_prefix(sd)
+    sd = strip_prefix(sd, PREFIXES)[0]
     check_family(sd, "flux", required=("img_in.weight", "txt_in.weight", "final_layer.linear.weight"))
     hidden, in_channels = sd["img_in.weight"].shape
     depth = _count_blocks(sd, "double_blocks")

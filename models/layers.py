@@ -174,65 +174,113 @@ def apply_rope(xq: Tensor, xk: Tensor, freqs_cis: Tensor) -> tuple[Tensor, Tenso
     return rotate(xq), rotate(xk)
 
 
-_attention_override = None  # see attention_impl
-
-
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-    """SDPA over (B, H, L, D) -> (B, L, H*D). `mask` is a boolean (B, L) key mask or None."""
-    if _attention_override is not None:
-        return _attention_override(q, k, v, mask)
-    return sdpa(q, k, v, mask)
-
-
-def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-    """torch's scaled_dot_product_attention with a (B, L) key mask, heads merged."""
+    """SDPA over (B, H, L, D) -> (B, L, H*D). `mask` is a boolean (B, L) key mask or None.
+    Inside `with attention_impl(fn):` (below) the call goes to fn instead."""
+    if _attention_route is not None:
+        return _routed_attention(q, k, v, mask)
     if mask is not None:
         mask = mask[:, None, None, :]  # broadcast over heads and queries
     x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return rearrange(x, "B H L D -> B L (H D)")
 
 
+# --- routing attention -------------------------------------------------------------------------
+# The memory plan runs a model on meta tensors with attention through the operators CUDA's SDPA
+# would pick; `attention_impl` lets it do that without patching any model module.
+
+_attention_route = None  # the function every `attention` call goes to, or None
+
+
 @contextmanager
 def attention_impl(fn):
-    """Route every `attention` call through fn(q, k, v, mask) while active (the memory plan counts
-    attention as the CUDA flash kernel would run it)."""
-    global _attention_override
-    saved, _attention_override = _attention_override, fn
+    """While active, every `attention(q, k, v, mask)` call (so every model's attention) returns
+    fn(q, k, v, mask) instead. Inside fn, `attention` is plain SDPA again, so fn may call it.
+    `attention_impl(None)` restores plain SDPA for the duration; contexts nest."""
+    global _attention_route
+    previous, _attention_route = _attention_route, fn
     try:
         yield
     finally:
-        _attention_override = saved
+        _attention_route = previous
+
+
+def _routed_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    route = _attention_route
+    with attention_impl(None):
+        return route(q, k, v, mask)
 
 
 # --- fused-op entry points -----------------------------------------------------------------------
 # Each function below is a chain of element-wise passes in eager torch. kernels.py provides a
-# Triton version of each with the same signature; `set_kernels` chooses which one runs.
+# Triton version of each with the same signature; the kernel mode chooses which one runs:
+#   "torch"   the torch code below (the default);
+#   "triton"  every fused kernel, unchecked (tests, the memory plan on meta tensors);
+#   "auto"    on CUDA, each fused kernel that passed its self-check (kernels.self_check: compiled
+#             and run forward and backward once per process, device and dtype, against its torch
+#             reference); a kernel that fails is replaced by its reference with one warning.
+# Per kernel, not all or nothing: each entry point asks `use_fused(its name, x)`.
+
+KERNEL_MODES = ("auto", "torch", "triton")
+# Device types on which "auto" considers the fused kernels. The tests add "cpu" to run the same
+# selection through the Triton interpreter (TRITON_INTERPRET=1).
+AUTO_DEVICE_TYPES = ("cuda",)
+OPTIMIZER_KERNELS = ("adamw", "adafactor")  # kernels_optim.py, for optim.py
 
 _kernel_mode = "torch"
 
 
 def set_kernels(mode: str) -> None:
-    """'torch' (reference), 'triton' (kernels.py), or 'auto' (Triton on CUDA when installed)."""
+    """'torch' (reference), 'triton' (kernels.py, unchecked), or 'auto' (self-checked Triton on CUDA).
+    'triton' without the triton package runs the references on real tensors (config.py refuses it
+    for training) and the custom ops' shape functions on meta tensors (the memory plan)."""
     global _kernel_mode
-    if mode not in ("auto", "torch", "triton"):
+    if mode not in KERNEL_MODES:
         raise ValueError(f"kernels must be 'auto', 'torch' or 'triton', got {mode!r}")
-    if mode == "triton" and not _triton_installed():
-        raise ValueError("kernels='triton' needs the triton package (pip install triton); use 'auto' or 'torch'")
     _kernel_mode = mode
 
 
-def _triton_installed() -> bool:
+def kernel_mode() -> str:
+    """The mode set_kernels last set."""
+    return _kernel_mode
+
+
+@contextmanager
+def using_kernels(mode: str):
+    """set_kernels(mode) for the duration of the context, then the previous mode again."""
+    previous = _kernel_mode
+    set_kernels(mode)
+    try:
+        yield
+    finally:
+        set_kernels(previous)
+
+
+def triton_installed() -> bool:
     from importlib.util import find_spec
 
     return find_spec("triton") is not None
 
 
-def _use_triton(x: Tensor) -> bool:
+def use_fused(name: str, x: Tensor) -> bool:
+    """Whether the fused kernel `name` runs for inputs like x (its device and dtype); names are
+    kernels.SELF_CHECKS's and kernels_optim.SELF_CHECKS's ("norm_modulate", ..., "adamw")."""
     if _kernel_mode == "torch":
         return False
     if _kernel_mode == "triton":
         return True
-    return x.is_cuda and _triton_installed()
+    if x.device.type not in AUTO_DEVICE_TYPES or not triton_installed():
+        return False
+    import kernels
+
+    return kernels.passes_self_check(name, x.device, x.dtype)
+
+
+def use_fused_optimizer(p: Tensor) -> bool:
+    """Whether optim.py may run the Triton updates of kernels_optim.py for parameter p: both
+    (AdamW and Adafactor) passed their self-check on p's device in "auto". optim.py calls one switch
+    for both, so a failing one switches off the other too; `use_fused("adamw", p)` asks for one."""
+    return all(use_fused(name, p) for name in OPTIMIZER_KERNELS)
 
 
 def layer_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
@@ -242,7 +290,7 @@ def layer_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
 
 def norm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
     """(1 + scale) * LN(x) + shift, with shift and scale (B, 1, H) broadcast over tokens."""
-    if _use_triton(x):
+    if use_fused("norm_modulate", x):
         from kernels import norm_modulate as fused
 
         return fused(x, shift, scale, eps)
@@ -251,7 +299,7 @@ def norm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) ->
 
 def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
     """x + gate * y, gate (B, 1, H)."""
-    if _use_triton(x):
+    if use_fused("gated_residual", x):
         from kernels import gated_residual as fused
 
         return fused(x, gate, y)
@@ -263,7 +311,7 @@ def gated_residual_norm_modulate(
 ) -> tuple[Tensor, Tensor]:
     """h = x + gate * y, and h's modulated norm (1 + scale) * LN(h) + shift: the residual update
     that is followed directly by the next sub-block's input norm. Returns (h, normed)."""
-    if _use_triton(x):
+    if use_fused("gated_residual_norm_modulate", x):
         from kernels import gated_residual_norm_modulate as fused
 
         return fused(x, gate, y, shift, scale, eps)
@@ -272,7 +320,7 @@ def gated_residual_norm_modulate(
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
-    if _use_triton(x):
+    if use_fused("gelu_tanh", x):
         from kernels import gelu_tanh as fused
 
         return fused(x)
@@ -282,7 +330,7 @@ def gelu_tanh(x: Tensor) -> Tensor:
 def qk_norm_rope(q: Tensor, k: Tensor, q_scale: Tensor, k_scale: Tensor, pe: Tensor | None) -> tuple[Tensor, Tensor]:
     """RMSNorm q and k (B, H, L, D) with their learned scales, then RoPE on adjacent pairs.
     Returns q, k in the input dtype. pe=None skips the rotation (SD3)."""
-    if _use_triton(q) and pe is not None:
+    if pe is not None and use_fused("qk_norm_rope", q):
         from kernels import qk_norm_rope as fused
 
         return fused(q, k, q_scale, k_scale, pe)
@@ -294,7 +342,7 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_scale: Tensor, k_scale: Tensor, pe: Ten
 
 def geglu(x: Tensor) -> Tensor:
     """[a | b] = x split in halves on the last dim -> a * GELU(b), exact erf GELU (SDXL GEGLU)."""
-    if _use_triton(x):
+    if use_fused("geglu", x):
         from kernels import geglu as fused
 
         return fused(x)

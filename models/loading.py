@@ -1,7 +1,8 @@
 """Reading checkpoint files and loading them into meta-built models.
 
 One code path for real and test files: safetensors memory-mapped (a single file, a
-sharded set with a `*.safetensors.index.json`, or a folder of shards), then
+sharded set with a `*.safetensors.index.json`, or a folder of shards; `.sft` is the same
+format under another name, as ComfyUI and some repositories ship it), then
 `load_state_dict(strict=True, assign=True)` into a model built on the meta device, so
 that the tensors are used where they lie and a 24 GB file never exists twice.
 """
@@ -9,9 +10,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 
 
@@ -24,17 +26,17 @@ def list_weight_files(path: str | Path) -> list[Path]:
         index = sorted(path.glob("*.safetensors.index.json"))
         if index:
             return list_weight_files(index[0])
-        files = sorted(path.glob("*.safetensors"))
+        files = sorted(f for suffix in SAFETENSORS_SUFFIXES for f in path.glob(f"*{suffix}"))
         if not files:
-            raise FileNotFoundError(f"no .safetensors files in folder {path}")
+            raise FileNotFoundError(f"no .safetensors (or .sft) files in folder {path}")
         return files
     if path.name.endswith(".index.json"):
         weight_map = json.loads(path.read_text())["weight_map"]
         return [path.parent / name for name in sorted(set(weight_map.values()))]
     if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
         return [path]
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: expected a .safetensors file, a sharded index or a folder")
+    if path.suffix not in SAFETENSORS_SUFFIXES:
+        raise ValueError(f"{path}: expected a .safetensors (or .sft) file, a sharded index or a folder")
     return [path]
 
 
@@ -55,7 +57,7 @@ def load_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, t
     allow_pickle=True, and even then are read with torch.load(weights_only=True)."""
     sd, source = {}, {}
     for file in list_weight_files(path):
-        if file.suffix != ".safetensors":
+        if file.suffix not in SAFETENSORS_SUFFIXES:
             if not allow_pickle:
                 raise ValueError(
                     f"{file} is a pickle checkpoint, which can execute code when loaded. Convert it to "
@@ -64,14 +66,13 @@ def load_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, t
             obj = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
             sd.update(obj.get("state_dict", obj))
             continue
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                if key in source:  # e.g. a folder holding two whole checkpoints
-                    raise ValueError(
-                        f"{key} is in both {source[key].name} and {file.name}: {path} holds more than one "
-                        "checkpoint. Pass the one file you mean, or a sharded index."
-                    )
-                sd[key], source[key] = f.get_tensor(key), file
+        for key, tensor in read_safetensors(file).items():
+            if key in source:  # e.g. a folder holding two whole checkpoints
+                raise ValueError(
+                    f"{key} is in both {source[key].name} and {file.name}: {path} holds more than one "
+                    "checkpoint. Pass the one file you mean, or a sharded index."
+                )
+            sd[key], source[key] = tensor, file
     return sd
 
 
@@ -83,6 +84,25 @@ def strip_prefix(sd: dict, prefixes: tuple[str, ...]) -> tuple[dict, str]:
         if any(k.startswith(prefix) for k in sd):
             return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}, prefix
     return sd, ""
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint file that exists but cannot be read (truncated, damaged, or not safetensors)."""
+
+
+def read_safetensors(file: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file (.safetensors or .sft), memory-mapped. A file that is
+    not valid safetensors gives a CheckpointReadError naming it, not the library's traceback."""
+    file = Path(file)
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except SafetensorError as error:
+        size = file.stat().st_size
+        raise CheckpointReadError(
+            f"{file} ({size:,} bytes) is not a readable safetensors file: {error}. It may be truncated "
+            "(an interrupted download or copy) or not a checkpoint at all; download or copy it again."
+        ) from None
 
 
 def detect_family(sd: dict) -> str:

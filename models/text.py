@@ -53,7 +53,7 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from .loading import check_family, file_identity, load_into, load_state_dict
+from .loading import check_family, file_identity, load_into, load_state_dict, strip_prefix
 
 T5_MAX_LENGTH = {"dev": 512, "schnell": 256}  # flux/util.py: max_length per variant
 CLIP_MAX_LENGTH = 77
@@ -131,14 +131,6 @@ TOKENIZER_MODEL_TYPE = {"clip": "BPE", "clip_g": "BPE", "t5": "Unigram"}  # "mod
 # ----------------------------------------------------------------------------- state dicts
 
 
-def strip_known_prefix(sd: dict, prefixes: tuple[str, ...]) -> dict:
-    """Keep only the keys under the first prefix found, without it; otherwise return sd as is."""
-    for prefix in prefixes:
-        if any(k.startswith(prefix) for k in sd):
-            return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-    return sd
-
-
 def drop_keys(sd: dict, prefixes: tuple[str, ...]) -> dict:
     return {k: v for k, v in sd.items() if not k.startswith(prefixes)}
 
@@ -167,7 +159,7 @@ def dequantize_scaled_fp8(sd: dict, dtype: torch.dtype | None = None) -> dict:
 
 def clip_state_dict(sd: dict) -> dict:
     """A CLIP text state dict in the released layout (`text_model.*`), extras dropped."""
-    sd = strip_known_prefix(sd, CLIP_PREFIXES)
+    sd = strip_prefix(sd, CLIP_PREFIXES)[0]
     sd = drop_keys(sd, CLIP_EXTRA_PREFIXES)
     # Old LDM checkpoints and transformers>=5 saves lack the `text_model.` level.
     if not any(k.startswith("text_model.") for k in sd) and any(k.startswith("embeddings.") for k in sd):
@@ -210,11 +202,11 @@ def clip_g_state_dict(sd: dict) -> dict:
     """A CLIP-G text state dict in the HF CLIPTextModelWithProjection layout, from any of the
     layouts above (an SDXL file's OpenCLIP keys, an SD3 all-in-one file, a separate file)."""
     if any(k.startswith(OPENCLIP_PREFIXES) for k in sd):
-        sd = openclip_text_state_dict(strip_known_prefix(sd, OPENCLIP_PREFIXES))
+        sd = openclip_text_state_dict(strip_prefix(sd, OPENCLIP_PREFIXES)[0])
     elif "transformer.resblocks.0.attn.in_proj_weight" in sd:  # a bare OpenCLIP model file
         sd = openclip_text_state_dict(sd)
     else:
-        sd = drop_keys(strip_known_prefix(sd, CLIP_G_PREFIXES), CLIP_G_EXTRA_PREFIXES)
+        sd = drop_keys(strip_prefix(sd, CLIP_G_PREFIXES)[0], CLIP_G_EXTRA_PREFIXES)
         if not any(k.startswith("text_model.") for k in sd) and any(k.startswith("embeddings.") for k in sd):
             sd = {k if k == "text_projection.weight" else f"text_model.{k}": v for k, v in sd.items()}
     return {k: v for k, v in sd.items() if not k.endswith("position_ids")}
@@ -222,7 +214,7 @@ def clip_g_state_dict(sd: dict) -> dict:
 
 def t5_state_dict(sd: dict, dtype: torch.dtype | None = None) -> dict:
     """A T5 encoder state dict in the HF layout with `shared.weight` as the token embedding."""
-    sd = strip_known_prefix(sd, T5_PREFIXES)
+    sd = strip_prefix(sd, T5_PREFIXES)[0]
     sd = drop_keys(sd, T5_EXTRA_PREFIXES)
     sd = dequantize_scaled_fp8(sd, dtype)
     # T5EncoderModel ties encoder.embed_tokens to shared; files carry one or both copies.
@@ -566,6 +558,9 @@ class FluxTextEncoder:
         self.t5.to(device)
         return self
 
+    def networks(self) -> dict[str, torch.nn.Module]:
+        return {"clip_l": self.clip.model, "t5": self.t5.model}
+
     def encode_t5(self, prompts: list[str]) -> tuple[Tensor, Tensor | None]:
         ids, mask = self.t5.tokenize(prompts)
         mask = mask if self.apply_t5_attn_mask else None
@@ -749,6 +744,10 @@ class SD3PromptEncoder:
             raise ValueError("SD3PromptEncoder(clip_l, clip_g, t5): CLIP-L, CLIP-G and T5 (or None) encoders, in order")
         self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
 
+    def networks(self) -> dict[str, torch.nn.Module]:
+        encoders = {"clip_l": self.clip_l, "clip_g": self.clip_g, "t5": self.t5}
+        return {name: e.model for name, e in encoders.items() if e is not None}
+
     @classmethod
     def load(cls, clip_l: str | Path, clip_g: str | Path, t5: str | Path | None = None,
              clip_l_tokenizer: str | Path | None = None, clip_g_tokenizer: str | Path | None = None,
@@ -822,6 +821,9 @@ class SDXLPromptEncoder:
         join_windows(torch.zeros(1, 1, 3, 1), join)  # rejects an unknown join now, not at the first batch
         self.clip_l, self.clip_g = clip_l, clip_g
         self.windows, self.join = max_token_length // CLIP_WINDOW, join
+
+    def networks(self) -> dict[str, torch.nn.Module]:
+        return {"clip_l": self.clip_l.model, "clip_g": self.clip_g.model}
 
     @classmethod
     def load(cls, clip_l: str | Path, clip_g: str | Path, clip_l_tokenizer: str | Path | None = None,
@@ -1009,6 +1011,9 @@ class IFPromptEncoder:
                     f"gives {expected} (IF's zero_t5-v1_1-xxl_vector.npy is (77, 4096))"
                 )
 
+    def networks(self) -> dict[str, torch.nn.Module]:
+        return {"t5": self.t5.model}
+
     @classmethod
     def load(cls, t5: str | Path, tokenizer: str | Path | None = None, unconditional_path: str | Path | None = None,
              clean_captions: bool = True, dtype: torch.dtype | None = None,
@@ -1044,3 +1049,60 @@ class IFPromptEncoder:
 
     def tokens_lost(self, caption: str) -> dict[str, int]:
         return {"t5": truncated_token_count(self.t5.tokenizer, self.preprocess(caption), self.t5.max_length)}
+
+
+# ----------------------------------------------------------------------------- memory plan and placement
+
+# The released encoders' shapes (for a memory plan made without the files): CLIP-L of OpenAI's
+# ViT-L/14, OpenCLIP's bigG (its text tower), and T5-XXL v1.1's encoder.
+RELEASED_CONFIGS = {
+    "clip_l": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                   num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768),
+    "clip_g": dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                   num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280),
+    "t5": dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+               relative_attention_num_buckets=32, relative_attention_max_distance=128,
+               feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0),
+}
+MODEL_CLASSES = {"clip_l": CLIPTextModel, "clip_g": CLIPTextModelWithProjection, "t5": T5EncoderModel}
+
+
+def text_config(kind: str, path: str | Path = ""):
+    """The config of a text encoder: from its file or folder when it exists (shapes only are
+    read), else the released model's. kind: "clip_l", "clip_g" or "t5"."""
+    path = Path(path) if path else None
+    if path is not None and path.exists():
+        if path.is_dir() and (path / "config.json").exists():
+            fields = read_hf_config(path)
+            return (T5Config if kind == "t5" else CLIPTextConfig)(**fields)
+        sd = load_state_dict(path)  # memory-mapped: the header is read, no weight
+        if kind == "t5":
+            return infer_t5_config(t5_state_dict(sd))
+        sd = clip_state_dict(sd) if kind == "clip_l" else clip_g_state_dict(sd)
+        extra = {} if kind == "clip_l" else {"hidden_act": "gelu", "projection_dim": sd["text_projection.weight"].shape[0]}
+        return infer_clip_config(sd, **extra)
+    return (T5Config if kind == "t5" else CLIPTextConfig)(**RELEASED_CONFIGS[kind])
+
+
+def build_text_model(kind: str, config) -> torch.nn.Module:
+    """The encoder network on the current default device (meta for a plan), frozen."""
+    return MODEL_CLASSES[kind](config).eval().requires_grad_(False)
+
+
+def encoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """A text encoder's repeated layers (what streams through the device and goes to fp8)."""
+    if isinstance(model, T5EncoderModel):
+        return list(model.encoder.block)
+    text_model = model.text_model if hasattr(model, "text_model") else model
+    return list(text_model.encoder.layers)
+
+
+def fp8_linears(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The Linear layers of an encoder's layers that can be stored in fp8. T5's feed-forward
+    output `wo` stays in the compute dtype: transformers casts its input to wo's weight dtype
+    (T5DenseGatedActDense.forward, for 8-bit weights kept in float32), which fp8 cannot take."""
+    layers = [m for block in encoder_blocks(model) for m in block.modules() if isinstance(m, torch.nn.Linear)]
+    if isinstance(model, T5EncoderModel):
+        keep = {id(block.layer[-1].DenseReluDense.wo) for block in model.encoder.block}
+        layers = [m for m in layers if id(m) not in keep]
+    return layers

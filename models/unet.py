@@ -25,7 +25,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .layers import attention, geglu, timestep_embedding
-from .loading import check_family, load_into, load_state_dict
+from .loading import check_family, load_into, load_state_dict, strip_prefix
 
 
 @dataclass
@@ -310,7 +310,7 @@ class UNet(nn.Module):
 
         Built on the meta device, the tensors assigned, not copied. `dtype` converts on the way in
         (None keeps the file's dtype); `overrides` set UNetParams fields, e.g. num_head_channels."""
-        sd = strip_prefix(sd)
+        sd = strip_prefix(sd, PREFIXES)[0]
         params = infer_params(sd, **overrides)
         with torch.device("meta"):
             model = cls(params)
@@ -337,14 +337,6 @@ def load(path, dtype: torch.dtype | None = None, device=None, allow_pickle: bool
 
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-
-
-def strip_prefix(sd: dict) -> dict:
-    """The UNet's keys without their prefix; the rest of a full checkpoint is dropped."""
-    for prefix in PREFIXES:
-        if any(k.startswith(prefix) for k in sd):
-            return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-    return sd
 
 
 def _indices(sd: dict, pattern: str) -> list[int]:
@@ -382,7 +374,7 @@ def _levels(sd: dict, model_channels: int) -> tuple[list[int], list[int], list[i
 def infer_params(sd: dict, **overrides) -> UNetParams:
     """UNetParams from the keys and shapes of an SDXL-layout UNet state dict (prefix optional).
     The head width is not in the shapes: num_head_channels stays 64 unless overridden."""
-    sd = strip_prefix(sd)
+    sd = strip_prefix(sd, PREFIXES)[0]
     check_family(sd, "sdxl", required=("input_blocks.0.0.weight", "time_embed.0.weight", "label_emb.0.0.weight"))
     model_channels, in_channels = sd["input_blocks.0.0.weight"].shape[:2]
     channel_mult, num_res_blocks, transformer_depth = _levels(sd, model_channels)

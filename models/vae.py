@@ -12,6 +12,7 @@ Pixels are in [-1, 1]. `encode` returns the *scaled* latent that the denoiser se
 scale * (z - shift); `decode` undoes the scaling and returns pixels.
 """
 import re
+from pathlib import Path
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -20,7 +21,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .layers import attention
-from .loading import check_family, load_into
+from .loading import check_family, load_into, strip_prefix
 
 
 @dataclass
@@ -67,8 +68,10 @@ class AttnBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.norm(x)
         height, width = x.shape[2:]
-        # (B, C, h, w) -> (B, 1 head, h*w tokens, C)
-        q, k, v = (rearrange(proj(h), "B C h w -> B 1 (h w) C") for proj in (self.q, self.k, self.v))
+        # (B, C, h, w) -> (B, 1 head, h*w tokens, C), contiguous: SDPA's fused kernels need the last
+        # dim contiguous, and a strided view sends it to the math path with an (h w)^2 matrix
+        # (1 GiB at 1024 px in bf16)
+        q, k, v = (rearrange(proj(h), "B C h w -> B 1 (h w) C").contiguous() for proj in (self.q, self.k, self.v))
         out = rearrange(attention(q, k, v), "B (h w) C -> B C h w", h=height, w=width)
         return x + self.proj_out(out)
 
@@ -274,7 +277,7 @@ class AutoEncoder(nn.Module):
         (see `infer_params`), and any AutoEncoderParams field can be overridden, e.g.
         `scale_factor=0.18215, shift_factor=0.0` for an SD1.x VAE. The model is built on the
         meta device and the tensors are assigned, not copied."""
-        sd, prefix = strip_prefix(sd)
+        sd, prefix = strip_prefix(sd, PREFIXES)
         if is_diffusers_vae(sd):
             sd = diffusers_vae_to_original(sd)
         sd = select_parts(sd, parts)
@@ -286,14 +289,6 @@ class AutoEncoder(nn.Module):
 
 
 PREFIXES = ("first_stage_model.", "vae.")
-
-
-def strip_prefix(sd: dict) -> tuple[dict, str]:
-    """Keep only the VAE's keys of a full checkpoint, without their prefix; also say which prefix."""
-    for prefix in PREFIXES:
-        if any(k.startswith(prefix) for k in sd):
-            return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}, prefix
-    return sd, ""
 
 
 def select_parts(sd: dict, parts: tuple[str, ...]) -> dict:
@@ -416,3 +411,123 @@ def diffusers_vae_to_original(sd: dict) -> dict:
                 tensor = tensor[:, :, None, None]  # Linear (C, C) -> 1x1 conv (C, C, 1, 1), a view
         converted[key] = tensor
     return converted
+
+
+# --- Decoding a large latent in tiles, and the decoder's memory -----------------------------------
+# The decoder's activations grow with the image: at 1024 px its top level holds several
+# (128..256 channels x 1024 x 1024) tensors at once, about 2 GB in bf16. decode_tiled bounds that by
+# running the upsampling half on overlapping latent tiles. The middle block (whose attention sees
+# every latent position) runs once on the whole latent: it works at latent resolution, where memory
+# is small. Each tile's GroupNorms see only the tile, which is where tiled and whole decodes differ.
+
+
+def decoder_upsampling(decoder: Decoder, h: Tensor) -> Tensor:
+    """The part of Decoder.forward after the middle block (the same modules in the same order):
+    (B, C, h, w) middle-block output -> (B, out_ch, 8h, 8w) pixels for 4 levels."""
+    for up in reversed(decoder.up):  # deepest level first
+        for block in up.block:
+            h = block(h)
+        if hasattr(up, "upsample"):
+            h = up.upsample(h)
+    return decoder.conv_out(swish(decoder.norm_out(h)))
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Starts of tiles of `tile` covering 0..size, neighbours overlapping by at least `overlap`."""
+    if size <= tile:
+        return [0]
+    return [*range(0, size - tile, tile - overlap), size - tile]
+
+
+def blend_ramp(length: int, ramp: int, first: bool, last: bool) -> Tensor:
+    """A tile's weights along one axis: rising linearly over `ramp` pixels at an edge it shares with a
+    neighbour, 1 elsewhere (the weights of overlapping tiles are normalised by their sum)."""
+    weight = torch.ones(length)
+    steps = (torch.arange(ramp) + 0.5) / ramp  # (0, 1) exclusive: every pixel keeps some weight
+    if ramp and not first:
+        weight[:ramp] = steps
+    if ramp and not last:
+        weight[length - ramp :] = steps.flip(0)
+    return weight
+
+
+def decode_tiled(vae: AutoEncoder, z: Tensor, tile_latent: int = 64, overlap_latent: int = 8) -> Tensor:
+    """vae.decode(z) with the upsampling half in overlapping tiles of tile_latent x tile_latent
+    latent pixels, blended with linear ramps over overlap_latent latent pixels (x8 in the image).
+    Peak activation memory follows the tile, not the image (see decoder_peak_bytes)."""
+    if not 0 <= overlap_latent < tile_latent:
+        raise ValueError(f"need 0 <= overlap_latent < tile_latent, got {overlap_latent} and {tile_latent}")
+    decoder = vae._require("decoder")
+    z = z / vae.scale_factor + vae.shift_factor
+    if vae.params.use_quant_conv:
+        z = vae.post_quant_conv(z)
+    h = run_mid(decoder.mid, decoder.conv_in(z))  # whole latent: attention sees every position
+    factor = 2 ** (len(decoder.up) - 1)  # pixels per latent pixel
+    B, _, height, width = h.shape
+    out = torch.zeros(B, vae.params.out_ch, height * factor, width * factor, device=z.device)
+    total = torch.zeros(height * factor, width * factor, device=z.device)
+    rows, cols = tile_starts(height, tile_latent, overlap_latent), tile_starts(width, tile_latent, overlap_latent)
+    for i, top in enumerate(rows):
+        for j, left in enumerate(cols):
+            tile = h[:, :, top : top + tile_latent, left : left + tile_latent].contiguous()
+            piece = decoder_upsampling(decoder, tile)
+            ph, pw = piece.shape[2:]
+            ramp = overlap_latent * factor
+            weight = (blend_ramp(ph, ramp, i == 0, i == len(rows) - 1)[:, None]
+                      * blend_ramp(pw, ramp, j == 0, j == len(cols) - 1)[None, :]).to(z.device)
+            y, x = top * factor, left * factor
+            out[:, :, y : y + ph, x : x + pw] += piece.float() * weight
+            total[y : y + ph, x : x + pw] += weight
+            del piece
+    return (out / total).to(h.dtype)
+
+
+def decoder_peak_bytes(params: AutoEncoderParams, latent_height: int, latent_width: int, batch: int = 1,
+                       dtype: torch.dtype = torch.bfloat16) -> int:
+    """Estimated peak bytes of activations in one eager, no-grad decode of a (batch, z, h, w) latent
+    (weights not included): the most that is live at once, op by op, as Decoder.forward allocates.
+    For decode_tiled, the tile's size plus the whole-latent middle block and the output canvas.
+
+    Per ResnetBlock (c_in -> c_out, n pixels), with its input held by the caller: during
+    swish(norm(x)) the norm output, its sigmoid and their product are live (4 c_in n), and at the
+    second norm x, conv1's output and three more of c_out (c_in n + 4 c_out n). Upsample holds its
+    input, the 4x nearest copy and the conv output (9 c n). The middle block's attention holds
+    about 8 (C x h x w) with fused attention (no L x L matrix: AttnBlock passes contiguous q, k, v,
+    which SDPA's fused kernels need)."""
+    level_widths = [params.ch * m for m in params.ch_mult]
+    n = latent_height * latent_width  # pixels at the current level
+    width = level_widths[-1]
+    peaks = [n * (params.z_channels * 2 + width), 8 * width * n]  # conv_in; the middle block's attention
+    peaks += [n * max(4 * width, 5 * width)] * 2  # middle ResnetBlocks (c_in = c_out)
+    for level in reversed(range(len(level_widths))):
+        for _ in range(params.num_res_blocks + 1):
+            c_in, width = width, level_widths[level]
+            peaks.append(n * max(4 * c_in, c_in + 4 * width))
+        if level:
+            peaks.append(9 * width * n)  # Upsample
+            n *= 4
+    peaks.append(n * max(4 * width, 2 * width + params.out_ch))  # norm_out + swish, conv_out
+    return batch * max(peaks) * torch.finfo(dtype).bits // 8
+
+
+# --- a skeleton for the memory plan -----------------------------------------------------------------
+
+RELEASED_PARAMS = {  # the released autoencoders' shapes, by the family they serve
+    "flux": dict(z_channels=16, scale_factor=0.3611, shift_factor=0.1159),
+    "sd3": dict(z_channels=16, scale_factor=1.5305, shift_factor=0.0609),
+    "sdxl": dict(z_channels=4, scale_factor=0.13025, shift_factor=0.0, use_quant_conv=True),
+}
+
+
+def autoencoder_skeleton(path: str | Path = "", kind: str = "flux") -> AutoEncoder:
+    """The autoencoder on the current default device (meta for a memory plan): shapes from the
+    file's header when it exists (a VAE file or a checkpoint holding first_stage_model.), else
+    the released one of `kind`."""
+    if path and Path(path).exists():
+        from .loading import load_state_dict
+
+        sd, prefix = strip_prefix(load_state_dict(path), PREFIXES)  # memory-mapped: the header only
+        if is_diffusers_vae(sd):
+            sd = diffusers_vae_to_original(sd)
+        return AutoEncoder(infer_params(sd, prefix))
+    return AutoEncoder(AutoEncoderParams(**RELEASED_PARAMS[kind]))

@@ -1,17 +1,25 @@
-"""kernels.py against its plain-torch references, on CPU under the Triton interpreter
-(tests/conftest.py sets TRITON_INTERPRET=1 before kernels.py is imported).
+"""kernels.py on CPU under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before
+kernels.py is imported), against formulations written independently of kernels.py and
+models/layers.py: F.layer_norm with the modulation as its affine weight and bias, torch.addcmul,
+an explicit tanh formula for GELU, the erf formula for GEGLU, F.rms_norm and a complex-number RoPE
+whose angles come from the positions (not from the rotation table the kernel reads).
 
 Every kernel: outputs and gradients w.r.t. every input, fp32 and bf16, sizes that are not
 multiples of the block sizes, strided inputs and upstream gradients, several programs per
-reduction (and, with small tiles, several tiles per program). Then the custom-op plumbing
-(opcheck, FakeTensorMode, torch.compile) and a tiny FLUX model with Triton vs torch.
+reduction (and, with small tiles, several tiles per program). The torch references in kernels.py
+(what "auto" falls back to) are checked against the same formulations and, bit for bit, against the
+torch paths of models/layers.py. Then the custom-op plumbing (opcheck, FakeTensorMode,
+torch.compile) and a tiny FLUX model with Triton vs torch. Without triton only the tests of the
+references run; the rest are skipped with that reason.
 """
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -20,12 +28,12 @@ from models import layers
 from models.flux import Flux, FluxParams, img_ids, txt_ids
 from models.layers import EmbedND
 
-pytestmark = pytest.mark.skipif(not kernels.HAVE_TRITON, reason="triton is not installed")
+needs_triton = pytest.mark.skipif(not kernels.HAVE_TRITON, reason="triton is not installed: no kernel to test")
 
-# Kernel results (in the test dtype) vs the fp32 reference run on the same rounded inputs:
+# Kernel results (in the test dtype) vs the fp32 formulation run on the same rounded inputs:
 # |result - reference| <= atol * max(1, max|reference|) + rtol * |reference|, element-wise.
 # bf16 allows a few bf16 ulps (2**-8 relative each): results are rounded once at the end, and
-# qk_norm_rope rounds where the reference does (after the norm, after the scale). atol scales with
+# qk_norm_rope also after the norm and after the scale (as layers.py). atol scales with
 # the tensor's largest value because token sums (dgate, dscale) cancel: their error follows the size
 # of the summed terms, not of the sum.
 TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
@@ -86,32 +94,91 @@ def compare(fused, reference, inputs, dtype, strided, constants=()):
         assert_close(grad, exp, dtype, f"gradient of input {i}")
 
 
+# --- independent formulations ---------------------------------------------------------------------
+AXES_DIM, THETA = [4, 10, 10], 10_000  # the RoPE axes of HEAD_DIM = 24
+
+
+def layer_norm_affine(x, shift, scale, eps=1e-6):
+    """(1 + scale) * LN(x) + shift as LayerNorm's own affine transform, one sample at a time:
+    F.layer_norm(x[b], weight=1 + scale[b], bias=shift[b])."""
+    width = x.shape[-1:]
+    return torch.stack([F.layer_norm(x[b], width, 1 + scale[b, 0], shift[b, 0], eps) for b in range(len(x))])
+
+
+def residual_addcmul(x, gate, y):
+    return torch.addcmul(x, gate, y)
+
+
+def residual_then_layer_norm_affine(x, gate, y, shift, scale):
+    h = torch.addcmul(x, gate, y)
+    return h, layer_norm_affine(h, shift, scale)
+
+
+def gelu_tanh_formula(x):
+    """GELU's tanh approximation written out (Hendrycks and Gimpel, eq. in section 2)."""
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def geglu_erf_formula(x):
+    """[a | b] -> a * b * Phi(b), Phi the normal CDF through erf."""
+    a, b = x.chunk(2, dim=-1)
+    return a * b * 0.5 * (1 + torch.erf(b / math.sqrt(2)))
+
+
+def complex_rope(x, ids):
+    """Rotate each pair (x[2i], x[2i+1]) as the complex number x[2i] + j x[2i+1] times e^(j angle),
+    the angle of each pair from the positions: axis a, pair i of that axis -> pos_a * THETA^(-2i/dim_a)."""
+    angles = []
+    for axis, dim in enumerate(AXES_DIM):
+        omega = THETA ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        angles.append(ids[..., axis : axis + 1].double() * omega)  # (B, L, dim/2)
+    rotation = torch.polar(torch.ones(()), torch.cat(angles, -1).float())[:, None]  # (B, 1, L, D/2)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(pairs * rotation).flatten(-2)
+
+
+def qk_rms_norm_complex_rope(q, k, q_scale, k_scale, ids):
+    """F.rms_norm with the learned scale as its weight, then the complex rotation."""
+    norm = lambda x, scale: F.rms_norm(x, x.shape[-1:], scale, 1e-6)  # noqa: E731
+    return complex_rope(norm(q, q_scale), ids), complex_rope(norm(k, k_scale), ids)
+
+
+def rope_ids(tokens: int) -> torch.Tensor:
+    """Random 3-axis positions (B, L, 3), as the model's ids (whole numbers)."""
+    return torch.randint(0, 50, (B, tokens, 3)).float()
+
+
+def rope_table(ids: torch.Tensor) -> torch.Tensor:
+    """pe (B, 1, L, D/2, 2, 2), as the model builds it."""
+    return EmbedND(HEAD_DIM, THETA, AXES_DIM)(ids)
+
+
+# --- each kernel -----------------------------------------------------------------------------------
+
+
+@needs_triton
 def test_norm_modulate(variant):
     dtype, strided = variant
     inputs = [tokens(strided, B, L, H), per_sample(strided), per_sample(strided)]
-    compare(kernels.norm_modulate, kernels.norm_modulate_reference, inputs, dtype, strided)
+    compare(kernels.norm_modulate, layer_norm_affine, inputs, dtype, strided)
 
 
+@needs_triton
 def test_gated_residual(variant):
     dtype, strided = variant
     inputs = [tokens(strided, B, L, H), per_sample(strided), tokens(strided, B, L, H)]
-    compare(kernels.gated_residual, kernels.gated_residual_reference, inputs, dtype, strided)
+    compare(kernels.gated_residual, residual_addcmul, inputs, dtype, strided)
 
 
+@needs_triton
 def test_gated_residual_norm_modulate(variant):
     dtype, strided = variant
     x, y = tokens(strided, B, L, H), tokens(strided, B, L, H)
     inputs = [x, per_sample(strided), y, per_sample(strided), per_sample(strided)]
-    fused, reference = kernels.gated_residual_norm_modulate, kernels.gated_residual_norm_modulate_reference
-    compare(fused, reference, inputs, dtype, strided)
+    compare(kernels.gated_residual_norm_modulate, residual_then_layer_norm_affine, inputs, dtype, strided)
 
 
-def rope_table(tokens: int) -> torch.Tensor:
-    """pe (B, 1, L, D/2, 2, 2) from random 3-axis positions, as the model builds it."""
-    ids = torch.randint(0, 50, (B, tokens, 3)).float()
-    return EmbedND(HEAD_DIM, 10_000, [4, 10, 10])(ids)
-
-
+@needs_triton
 def test_qk_norm_rope(variant):
     dtype, strided = variant
     L = 21  # two programs of 16 tokens per sample
@@ -120,25 +187,51 @@ def test_qk_norm_rope(variant):
         q, k, _ = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=HEADS)
     else:
         q, k = torch.randn(2, B, HEADS, L, HEAD_DIM).unbind(0)
-    pe = rope_table(L + 5)[:, :, 5:]  # a token slice of a longer table, as in the double block
+    ids = rope_ids(L + 5)
+    pe = rope_table(ids)[:, :, 5:]  # a token slice of a longer table, as in the double block
     inputs = [q, k, 1 + 0.1 * torch.randn(HEAD_DIM), 1 + 0.1 * torch.randn(HEAD_DIM)]
-    compare(kernels.qk_norm_rope, kernels.qk_norm_rope_reference, inputs, dtype, strided, constants=(pe,))
+    compare(lambda *qk: kernels.qk_norm_rope(*qk, pe), lambda *qk: qk_rms_norm_complex_rope(*qk, ids[:, 5:]),
+            inputs, dtype, strided)
 
 
+@needs_triton
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # sigmoid(-inf) = 0: tanh saturates
 def test_gelu_tanh(variant):
     dtype, strided = variant
     x = 3 * tokens(strided, B, L, 2 * H)  # wide range: both tails of the tanh
-    compare(kernels.gelu_tanh, kernels.gelu_tanh_reference, [x], dtype, strided)
+    compare(kernels.gelu_tanh, gelu_tanh_formula, [x], dtype, strided)
 
 
+@needs_triton
 def test_geglu(variant):
     dtype, strided = variant
     if strided:  # a column slice: rows are strided, the last dim is contiguous
         x = 3 * torch.randn(B, L, 2 * H + 6)[..., 3:-3]
     else:
         x = 3 * torch.randn(B, L, 2 * H)
-    compare(kernels.geglu, kernels.geglu_reference, [x], dtype, strided)
+    compare(kernels.geglu, geglu_erf_formula, [x], dtype, strided)
+
+
+# --- the torch references ("auto" falls back to them; without triton they are all that runs) -------
+
+
+def test_references_match_the_independent_formulations():
+    """fp32, outputs and gradients: kernels.py's references (so models/layers.py's torch paths, next
+    test) against the formulations above. Runs with or without triton."""
+    ids = rope_ids(L)
+    cases = [
+        (kernels.norm_modulate_reference, layer_norm_affine, "tss"),
+        (kernels.gated_residual_reference, residual_addcmul, "tst"),
+        (kernels.gated_residual_norm_modulate_reference, residual_then_layer_norm_affine, "tstss"),
+        (kernels.gelu_tanh_reference, gelu_tanh_formula, "t"),
+        (kernels.geglu_reference, geglu_erf_formula, "t"),
+        (lambda *qk: kernels.qk_norm_rope_reference(*qk, rope_table(ids)),
+         lambda *qk: qk_rms_norm_complex_rope(*qk, ids), "qqdd"),
+    ]  # fmt: skip
+    shapes = {"t": (B, L, H), "s": (B, 1, H), "q": (B, HEADS, L, HEAD_DIM), "d": (HEAD_DIM,)}
+    for reference, independent, letters in cases:
+        inputs = [3 * torch.randn(shapes[c]) for c in letters]
+        compare(reference, independent, inputs, torch.float32, strided=False)
 
 
 def test_references_match_models_layers():
@@ -158,7 +251,7 @@ def test_references_match_models_layers():
     assert torch.equal(layers.geglu(x), kernels.geglu_reference(x))
     q, k = torch.randn(2, B, HEADS, L, HEAD_DIM, **bf16).unbind(0)
     scales = torch.randn(2, HEAD_DIM, **bf16).unbind(0)
-    pe = rope_table(L)
+    pe = rope_table(rope_ids(L))
     for a, b in zip(layers.qk_norm_rope(q, k, *scales, pe), kernels.qk_norm_rope_reference(q, k, *scales, pe)):
         assert torch.equal(a, b)
 
@@ -182,6 +275,7 @@ def op_cases():
     ]
 
 
+@needs_triton
 def test_fake_tensor_mode_runs_every_op_forward_and_backward():
     """The fake implementations of all forward and backward ops agree with the real ones on output
     shapes, dtypes and strides (what torch.compile and memory planning rely on)."""
@@ -202,6 +296,7 @@ def test_fake_tensor_mode_runs_every_op_forward_and_backward():
             assert (real.shape, real.dtype, real.stride()) == (fake.shape, fake.dtype, fake.stride()), op
 
 
+@needs_triton
 def test_fake_tensor_mode_at_flux_shapes():
     """Shapes, dtypes and devices come out right without running anything (fake CUDA tensors
     forward; fake CPU tensors through backward, as autograd needs a device guard for CUDA)."""
@@ -220,6 +315,7 @@ def test_fake_tensor_mode_at_flux_shapes():
         assert q_out.shape == (1, 24, 4096, 128) and qkv.grad.shape == qkv.shape and scale.grad.shape == (128,)
 
 
+@needs_triton
 def test_torch_compile_fullgraph():
     def chain(x, shift, scale, gate, y):
         h, normed = kernels.gated_residual_norm_modulate(x, gate, y, shift, scale)
@@ -233,6 +329,7 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a, b)
 
 
+@needs_triton
 def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(kernels, "INTERPRETED", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
@@ -240,13 +337,16 @@ def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 
 
 def test_importable_without_triton():
-    """Without triton, kernels.py imports and runs its torch references."""
+    """Without triton, kernels.py imports and runs its torch references (checked against LayerNorm's
+    affine form). Runs in a subprocess, so also where triton is installed."""
     code = (
         "import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
         "import torch, kernels\n"
+        "import torch.nn.functional as F\n"
         "assert not kernels.HAVE_TRITON\n"
         "x = torch.randn(2, 3, 8); v = torch.randn(2, 1, 8)\n"
-        "assert torch.equal(kernels.norm_modulate(x, v, v), kernels.norm_modulate_reference(x, v, v))\n"
+        "expected = torch.stack([F.layer_norm(x[b], (8,), 1 + v[b, 0], v[b, 0], 1e-6) for b in range(2)])\n"
+        "torch.testing.assert_close(kernels.norm_modulate(x, v, v), expected)\n"
     )
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
@@ -270,6 +370,7 @@ class OpRecorder(TorchDispatchMode):
 
 
 
+@needs_triton
 def test_tiny_flux_same_loss_and_gradients_with_triton():
     torch.manual_seed(0)
     params = FluxParams(
@@ -310,6 +411,7 @@ def test_tiny_flux_same_loss_and_gradients_with_triton():
 # --- bench/kernels.py's traffic counter ----------------------------------------------------------
 
 
+@needs_triton
 def test_traffic_counter_counts_what_a_fused_op_reads_and_writes():
     from importlib.util import module_from_spec, spec_from_file_location
 

@@ -2,6 +2,8 @@
 a tiny FLUX.1 transformer is written to disk as a single safetensors file, as shards with an
 index, and as a folder, then read back with load_state_dict + Flux.from_state_dict."""
 import json
+import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from models.flux import Flux, FluxParams, img_ids, pack, txt_ids
-from models.loading import load_into, load_state_dict
+from models.loading import CheckpointReadError, load_into, load_state_dict
 
 PARAMS = FluxParams(hidden_size=64, num_heads=2, axes_dim=[4, 14, 14], depth=1, depth_single_blocks=1,
                     context_in_dim=16, vec_in_dim=8, guidance_embed=True)
@@ -198,7 +200,7 @@ def test_pickle_checkpoint_needs_allow_pickle(tmp_path, reference):
     # allow_pickle still reads with weights_only=True: arbitrary objects are not unpickled
     unsafe = tmp_path / "unsafe.ckpt"
     torch.save({**sd, "payload": NotATensor()}, unsafe)
-    with pytest.raises(Exception, match="[Ww]eights only load failed|weights_only"):
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         load_state_dict(unsafe, allow_pickle=True)
 
 
@@ -217,8 +219,34 @@ def test_missing_path_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_state_dict(tmp_path / "nope.safetensors")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no .safetensors files"):
+    with pytest.raises(FileNotFoundError, match=r"no .safetensors \(or .sft\) files"):
         load_state_dict(tmp_path / "empty")
     (tmp_path / "weights.npz").write_bytes(b"")
-    with pytest.raises(ValueError, match="expected a .safetensors file"):
+    with pytest.raises(ValueError, match=r"expected a .safetensors \(or .sft\) file"):
         load_state_dict(tmp_path / "weights.npz")
+
+
+def test_sft_files_load_as_safetensors(tmp_path, reference):
+    """`.sft` (flux1-dev.sft, ae.sft as some repositories name them) is safetensors: the same
+    tensors, memory-mapped, alone or as a folder's file."""
+    sd, expected = reference
+    path = tmp_path / "flux1-dev.sft"
+    save_file(sd, str(path))
+    loaded = load_state_dict(path)
+    assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], sd[k]) for k in sd)
+    assert mapped_file(loaded["img_in.weight"]) == str(path)
+    torch.testing.assert_close(run(Flux.from_state_dict(loaded, axes_dim=PARAMS.axes_dim)), expected, rtol=0, atol=1e-5)
+    assert load_state_dict(tmp_path).keys() == sd.keys()  # a folder holding it
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_damaged_safetensors_file_names_the_file(tmp_path, reference, damage):
+    good = tmp_path / "good.safetensors"
+    save_file(reference[0], str(good))
+    data = good.read_bytes()
+    path = tmp_path / "ae.sft"
+    path.write_bytes({"truncated": data[: len(data) // 2], "garbage": bytes(range(256)) * 8, "empty": b""}[damage])
+    with pytest.raises(CheckpointReadError, match=re.escape(str(path)) + r" \(\d[\d,]* bytes\) is not a readable "
+                       r"safetensors file: .*It may be truncated") as error:
+        load_state_dict(path)
+    assert isinstance(error.value, ValueError) and error.value.__cause__ is None and error.value.__suppress_context__

@@ -1,8 +1,9 @@
 """LoRA: targets and kohya names at full FLUX size, the file as ComfyUI and diffusers read it,
 merge equivalence, save/load round trips and errors.
 
-Oracles: a re-implementation of ComfyUI's FLUX key map (comfy/lora.py model_lora_keys_unet with
-comfy/utils.py flux_to_diffusers) and diffusers' own kohya -> diffusers FLUX LoRA converter."""
+Oracles: diffusers' own kohya -> diffusers FLUX LoRA converter, read through ComfyUI's own
+diffusers -> BFL key table (comfy/utils.py flux_to_diffusers, vendored). ComfyUI's loader itself
+reads our files in tests/test_lora_comfyui.py."""
 import os
 
 import pytest
@@ -81,82 +82,21 @@ def our_deltas(sd: dict) -> dict[str, torch.Tensor]:
     }
 
 
-# ComfyUI's FLUX key map, written out again from comfy/utils.py flux_to_diffusers:
-# diffusers module (in a block) -> (BFL module, row slice index or None); slices are q, k, v (, mlp).
-COMFY_DOUBLE = {
-    "attn.to_q": ("img_attn.qkv", 0), "attn.to_k": ("img_attn.qkv", 1), "attn.to_v": ("img_attn.qkv", 2),
-    "attn.add_q_proj": ("txt_attn.qkv", 0), "attn.add_k_proj": ("txt_attn.qkv", 1),
-    "attn.add_v_proj": ("txt_attn.qkv", 2), "attn.to_out.0": ("img_attn.proj", None),
-    "norm1.linear": ("img_mod.lin", None), "norm1_context.linear": ("txt_mod.lin", None),
-    "attn.to_add_out": ("txt_attn.proj", None), "ff.net.0.proj": ("img_mlp.0", None),
-    "ff.net.2": ("img_mlp.2", None), "ff_context.net.0.proj": ("txt_mlp.0", None),
-    "ff_context.net.2": ("txt_mlp.2", None),
-}
-COMFY_SINGLE = {
-    "attn.to_q": ("linear1", 0), "attn.to_k": ("linear1", 1), "attn.to_v": ("linear1", 2),
-    "proj_mlp": ("linear1", 3), "norm.linear": ("modulation.lin", None), "proj_out": ("linear2", None),
-}
-COMFY_TOP = {
-    "x_embedder": "img_in", "context_embedder": "txt_in",
-    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
-    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
-    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
-    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
-    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
-    "proj_out": "final_layer.linear",
-}
-
-
 def diffusers_to_bfl(params: FluxParams) -> dict[str, tuple[str, tuple[int, int] | None]]:
-    """diffusers module name -> (BFL module path, (row offset, rows) or None)."""
-    h, mlp = params.hidden_size, int(params.hidden_size * params.mlp_ratio)
+    """diffusers module name -> (BFL module path, (row offset, rows) or None), from ComfyUI's own
+    comfy/utils.py flux_to_diffusers (vendored unchanged, tests/oracles/comfyui/)."""
+    from comfy_oracle import comfy
+
+    config = dict(depth=params.depth, depth_single_blocks=params.depth_single_blocks, hidden_size=params.hidden_size)
     out = {}
-    for kind, table, n, sizes in (
-        ("transformer_blocks", COMFY_DOUBLE, params.depth, [h, h, h]),
-        ("single_transformer_blocks", COMFY_SINGLE, params.depth_single_blocks, [h, h, h, mlp]),
-    ):
-        bfl_kind = "double_blocks" if kind == "transformer_blocks" else "single_blocks"
-        for i in range(n):
-            for name, (path, piece) in table.items():
-                rows = None if piece is None else (sum(sizes[:piece]), sizes[piece])
-                out[f"{kind}.{i}.{name}"] = (f"{bfl_kind}.{i}.{path}", rows)
-    out.update({name: (path, None) for name, path in COMFY_TOP.items()})
-    return out
-
-
-def comfy_key_map(model: Flux) -> dict[str, str | tuple]:
-    """LoRA module prefix -> model key (or (key, (dim, offset, size)) for a row slice), as ComfyUI builds it."""
-    weights = [f"diffusion_model.{k}" for k in model.state_dict() if k.endswith(".weight")]
-    key_map = {}
-    for k in weights:
-        path = k[len("diffusion_model.") : -len(".weight")]
-        key_map[f"lora_unet_{path.replace('.', '_')}"] = k  # kohya
-        key_map[k[: -len(".weight")]] = k  # generic: diffusion_model.<path>
-        if ".linear1." in k:
-            key_map[k.replace(".linear1.weight", ".linear1_qkv")] = (k, (0, 0, 3 * model.params.hidden_size))
-    for name, (path, rows) in diffusers_to_bfl(model.params).items():
-        to = f"diffusion_model.{path}.weight"
-        if to not in weights:
+    for name, target in comfy.utils.flux_to_diffusers(config).items():
+        if not name.endswith(".weight"):
             continue
-        to = to if rows is None else (to, (0, *rows))
-        flat = name.replace(".", "_")
-        for key in (f"transformer.{name}", f"lycoris_{flat}", f"lora_transformer_{flat}", name):
-            key_map[key] = to
-    return key_map
-
-
-def comfy_load(lora_sd: dict, key_map: dict) -> tuple[dict, list[str]]:
-    """ComfyUI's load_lora for plain up/down LoRAs: patches by model key, and the keys it would log as
-    'lora key not loaded'."""
-    patches, loaded = {}, set()
-    for prefix, to in key_map.items():
-        for up, down in ((".lora_up.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_A.weight")):
-            if prefix + up in lora_sd:
-                alpha = lora_sd.get(prefix + ".alpha")
-                patches[to if isinstance(to, str) else to[0]] = (lora_sd[prefix + up], lora_sd[prefix + down], alpha)
-                loaded |= {prefix + up, prefix + down} | ({prefix + ".alpha"} if alpha is not None else set())
-    return patches, sorted(set(lora_sd) - loaded)
+        key, rows = (target, None) if isinstance(target, str) else (target[0], target[1])
+        if rows is not None:
+            rows = rows[1:]  # (dim 0, offset, size) -> (offset, size)
+        out[name.removesuffix(".weight")] = (key.removesuffix(".weight"), rows)
+    return out
 
 
 # ---- targets and names at full size -------------------------------------------------------------
@@ -224,25 +164,6 @@ def test_group_ranks_block_selection_and_embedders():
 
 
 # ---- what ComfyUI and diffusers read ------------------------------------------------------------
-
-
-def test_comfyui_key_map_loads_every_key(tmp_path):
-    # full size, names and shapes only (meta)
-    model = meta_model()
-    network = LoRANetwork.inject(model, flux_lora_targets(model, 16, embedders=True))
-    model_weights = {f"diffusion_model.{k}": v for k, v in model.state_dict().items()}
-    patches, not_loaded = comfy_load(network.kohya_state_dict(), comfy_key_map(model))
-    assert not_loaded == [] and len(patches) == 304 + 8
-    for key, (up, down, alpha) in patches.items():
-        assert (up.shape[0], down.shape[1]) == tuple(model_weights[key].shape) and alpha is not None
-
-    # a real file from a tiny model
-    small = tiny_model()
-    small_net = LoRANetwork.inject(small, flux_lora_targets(small, 4, embedders=True), alpha=1.0)
-    small_net.save(tmp_path / "a.safetensors")
-    sd, _ = load_lora_file(tmp_path / "a.safetensors")
-    patches, not_loaded = comfy_load(sd, comfy_key_map(small))
-    assert not_loaded == [] and len(patches) == len(small_net.loras)
 
 
 @pytest.fixture(scope="module")
@@ -384,14 +305,14 @@ def test_only_lora_trains_with_checkpointing_and_dropout():
     network = LoRANetwork.inject(model, flux_lora_targets(model, 4), dropout=0.5)
     randomize(network)
     checkpoint_blocks([b for group in FLUX.blocks(model).values() for b in group])
-    network.train()
+    model.train()  # LoRA dropout follows the model's mode
     model(**x).square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in network.parameters())
     assert all(p.grad is None for p in model.parameters())
     with torch.no_grad():
         torch.manual_seed(0)
         dropped = model(**x)
-        network.eval()
+        model.eval()
         assert (model(**x) - dropped).abs().max() > 1e-4  # dropout acts only in train mode
 
 
@@ -405,7 +326,8 @@ def test_save_load_round_trip_metadata_and_atomic_write(tmp_path, monkeypatch):
     config = {**config, "guidance_scale": 1.0, "timestep_sampling": "shift", "discrete_flow_shift": 3.1582,
               "model_prediction_type": "raw", "sigmoid_scale": 1.0, "logit_mean": 0.0, "logit_std": 1.0,
               "mode_scale": 1.29, "apply_t5_attn_mask": False}
-    meta = kohya_metadata(config, model.params, FLUX.lora_metadata(config, model.params), step=10, num_images=3)
+    meta = kohya_metadata(config, model.params, FLUX.lora_metadata(config, model.params), step=10,
+                          run={"num_train_images": 3})
     path = tmp_path / "lora.safetensors"
     network.save(path, meta, dtype=torch.float32)
     sd, read_meta = load_lora_file(path)

@@ -8,9 +8,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import cache
+import checkpoint
 import demo_data
 import train
 from config import ConfigError
+from models.flux import Flux
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +45,8 @@ def config_file(tmp_path: Path, demo_files: dict, **settings) -> str:
         lr_scheduler="constant",
     )
     base.update(settings)
+    if base.get("train_mode") == "full":  # LoRA settings are refused for full fine-tuning
+        base.pop("network_dim"), base.pop("network_alpha")
     path = tmp_path / "config.py"
     path.write_text("".join(f"{k} = {v!r}\n" for k, v in base.items()))
     return str(path)
@@ -89,7 +94,7 @@ def test_resume_gives_identical_losses_and_weights(tmp_path, demo_files):
 
 
 def test_samples_validation_and_full_finetune(tmp_path, demo_files):
-    cfg = config_file(tmp_path, demo_files, train_mode="full", max_train_steps=2, sample_every=2,
+    cfg = config_file(tmp_path, demo_files, train_mode="full", max_train_steps=2, sample_every=2, save_every=1,
                       sample_at_start=True, sample_steps=2, validation_count=2, validate_every=1, ema_decay=0.9)
     final = train.main([cfg])
     run = final.parent
@@ -98,6 +103,20 @@ def test_samples_validation_and_full_finetune(tmp_path, demo_files):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["val_loss"]) for r in records)
     assert set(load_file(str(final))) >= {"img_in.weight", "double_blocks.0.img_attn.qkv.weight"}
+
+    # the EMA, step by step from the base weights w0: e1 = 0.9 w0 + 0.1 w1, e2 = 0.9 e1 + 0.1 w2
+    base = load_file(demo_files["flux_path"])
+    ema = base_ema = {k: v.float() for k, v in base.items()}
+    # the EMA's shadow list follows the model's parameter order
+    order = [name for name, _ in Flux.from_state_dict(base, axes_dim=[8, 20, 20]).named_parameters()]
+    for step in (1, 2):
+        saved, extra, _ = checkpoint.load_state(run / "state" / f"step_{step:06d}")
+        assert sorted(saved) == sorted(ema) == sorted(order) and extra["ema"]["num_updates"] == step
+        ema = {k: 0.9 * ema[k] + 0.1 * saved[k] for k in saved}
+        for key, shadow in zip(order, extra["ema"]["shadow"], strict=True):
+            torch.testing.assert_close(shadow, ema[key], rtol=1e-6, atol=1e-7, msg=lambda m: f"step {step} {key}: {m}")
+    moved = [k for k in ema if not torch.equal(saved[k], base_ema[k])]
+    assert moved and all((ema[k] - saved[k]).abs().max() > 0 for k in moved)  # an average, not the last weights
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_state(tmp_path, demo_files, monkeypatch):
@@ -153,8 +172,8 @@ def test_corrupt_image_is_skipped_and_listed(tmp_path, demo_files, capsys):
     train.main([config_file(tmp_path, files, max_train_steps=1)])
     out = capsys.readouterr().out
     assert "skipped 1 unreadable image" in out and "broken.png" in out
-    with pytest.raises(Exception, match="broken.png"):
-        train.main([config_file(tmp_path, files, max_train_steps=1, on_bad_image="stop", recache=True)])
+    with pytest.raises(cache.ImageReadError, match=r"cannot read image .*broken\.png"):
+        train.main([config_file(tmp_path, files, max_train_steps=1, on_bad_image="stop", recache=True, run_name="t2")])
 
 
 @pytest.fixture(scope="module")
@@ -193,9 +212,29 @@ def test_fused_backward_full_finetune_equals_the_plain_step(tmp_path, demo_files
     assert plain == fused
 
 
-def test_fp8_base_lora_trains(tmp_path, demo_files):
+def test_fp8_base_lora_trains(tmp_path, demo_files, monkeypatch):
+    """The block Linears are float8_e4m3fn during and after training; every LoRA weight moved."""
+    import fp8
+
+    seen = {}
+    real_choose = train.training.choose_trainable
+
+    def recording_choose(model, family, cfg, device=None):
+        network, trainable, targets = real_choose(model, family, cfg, device)
+        seen.update(model=model, trainable=trainable, start={k: v.detach().clone() for k, v in trainable.items()})
+        return network, trainable, targets
+
+    monkeypatch.setattr(train.training, "choose_trainable", recording_choose)
     losses = run_losses(tmp_path, demo_files, "fp8", max_train_steps=2, fp8_base=True)
     assert all(math.isfinite(x) for x in losses)
+    model = seen["model"]
+    fp8_linears = {name: m for name, m in model.named_modules() if isinstance(m, fp8.Fp8Linear)}
+    assert "double_blocks.0.img_attn.qkv" in fp8_linears and "single_blocks.0.linear1" in fp8_linears
+    assert all(m.weight.dtype == torch.float8_e4m3fn and not m.weight.requires_grad for m in fp8_linears.values())
+    trainable, start = seen["trainable"], seen["start"]
+    assert len(trainable) > 0 and all(p.dtype == torch.float32 for p in trainable.values())
+    unchanged = [name for name, p in trainable.items() if torch.equal(p.detach(), start[name])]
+    assert unchanged == []  # two AdamW steps: the ups leave zero at step 1, the downs follow at step 2
 
 
 def test_impossible_memory_combinations_are_config_errors(tmp_path, demo_files):
@@ -222,10 +261,13 @@ def test_sigterm_saves_at_the_step_boundary_and_resume_continues(tmp_path, demo_
 
     monkeypatch.setattr(train, "load_batch", terminate_during_step_2)
     cfg = config_file(tmp_path, demo_files, max_train_steps=6, save_every=0)
-    train.main([cfg])
+    with pytest.raises(train.RunStopped, match="stopped at step 2.*--resume=latest") as stopped:
+        train.main([cfg])
+    assert stopped.value.code == 143  # 128 + SIGTERM, as schedulers expect of a terminated job
     run = tmp_path / "runs" / "t"
     assert sorted(p.name for p in (run / "state").iterdir()) == ["step_000002"]
-    assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored, no exception leaked
+    assert not (run / "t.safetensors").exists() and (run / "t_step000002.safetensors").exists()
+    assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored
     monkeypatch.setattr(train, "load_batch", real_load_batch)
     train.main([config_file(tmp_path, demo_files, max_train_steps=6, save_every=0, resume="latest")])
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
