@@ -93,6 +93,8 @@ DEFAULTS = dict(
     train_single_blocks="all",
     lora_embedders=False,         # also LoRA on img_in, time_in, vector_in, guidance_in, txt_in
     save_dtype="bf16",            # dtype of saved LoRA / model files
+    lora_format="kohya",          # LoRA file keys: "kohya" (lora_unet_..., ComfyUI), or "diffusers" (transformer.<module>.lora_A/B:
+                                  # diffusers' load_lora_weights and ComfyUI; for SD3, whose kohya names diffusers cannot read)
     # --- checkpoints, samples, validation ---
     save_every=250,               # steps between LoRA files + resumable state
     keep_last=3,                  # resumable states kept
@@ -107,6 +109,34 @@ DEFAULTS = dict(
     validate_every=100,           # 0 disables
     log_every=1,
     # --- SD3 / SD3.5 only (families/sd3.py) ---
+    sd3_variant="",               # "" reads it from model_path (shapes; "turbo" in the file name), or sd3-medium,
+                                  # sd3.5-medium, sd3.5-large, sd3.5-large-turbo (plans without the file; sampling defaults)
+    clip_g_path="",               # clip_g.safetensors or a CLIP-G folder; "" (and clip_l_path, t5_path "") reads the
+                                  # text_encoders.* sections of an all-in-one model_path (sd3_medium_incl_clips_t5xxlfp16)
+    clip_g_tokenizer="",          # folder or tokenizer.json; "" looks next to clip_g_path (tokenizer_2/, tokenizer/)
+    weighting_scheme="none",      # loss weight per sample: none, sigma_sqrt, cosmap (kohya compute_loss_weighting_for_sd3)
+    training_shift=1.0,           # kohya --training_shift: sigma <- shift * sigma / (1 + (shift - 1) sigma) after the draw
+    discrete_timesteps=True,      # sigma = floor(1000 sigma) / 1000, as kohya's SD3
+    clip_l_dropout_rate=0.0,      # per-sample, per-encoder caption dropout (that encoder's part becomes zeros; kohya)
+    clip_g_dropout_rate=0.0,
+    t5_dropout_rate=0.0,
+    pos_emb_random_crop_rate=0.0, # multi-resolution (SD3.5 Medium, kohya): a random pos_embed window this often
+    enable_scaled_pos_embed=False,  # multi-resolution (SD3.5 Medium, kohya): a scaled sin-cos table for the resolution
+    train_joint_blocks="all",     # which joint blocks train (LoRA targets; full fine-tuning freezes the others):
+                                  # "all", "none", "30-37" (detail), "12-24" (composition), "0-33" (last blocks frozen)
+    freeze_embedders=False,       # full fine-tuning: x/t/y/context embedders stay as they are (LoRA leaves them anyway)
+    sample_sampler="",            # "" the variant's (dpmpp_2m; euler for Large Turbo), "euler" or "dpmpp_2m"
+    sample_shift=0.0,             # sampling schedule shift; 0: 3.0, the released models'
+    sample_cfg=0.0,               # CFG scale against the negative prompt (--n, default ""); 0: the variant's (Large 4.5,
+                                  # Medium 5, Large Turbo 1); a prompt's --l overrides
+    sample_apg=False,             # adaptive projected guidance instead of plain CFG (seed 004's APG node)
+    apg_eta=0.0,                  # APG: weight of the update parallel to the prediction
+    apg_norm_threshold=15.0,      # APG: the update's L2 norm is clipped to this (0: no clipping)
+    apg_momentum=-0.5,            # APG: running average of the update (negative: the paper's reverse momentum)
+    sample_slg_scale=0.0,         # skip-layer guidance (SD3.5 Medium's reference: 2.5); 0 turns it off
+    slg_layers=(7, 8, 9),         # joint blocks left out of the skip pass
+    slg_start=0.01,               # SLG acts for steps i with start * steps < i < end * steps
+    slg_end=0.2,
 
     # --- SDXL only (families/sdxl.py) ---
 
@@ -140,6 +170,7 @@ DEFAULTS = dict(
 
 def _choices() -> dict[str, tuple]:
     """The allowed values of each choice key, read from the code that implements them."""
+    import lora
     import losses
     import optim
 
@@ -158,12 +189,14 @@ def _choices() -> dict[str, tuple]:
         train_mode=("lora", "full"),
         save_dtype=("bf16", "fp16", "fp32"),
         swap_mode=("exchange", "h2d_only"),
+        lora_format=lora.LORA_FORMATS,
+        weighting_scheme=losses.WEIGHTING_SCHEMES,
         text_encoder_placement=("device", "stream", "cpu"),
     )
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}  # the one name -> dtype table
-PATH_KEYS = ("model_path", "ae_path", "clip_l_path", "t5_path", "dataset_dir")
+PATH_KEYS = ("model_path", "ae_path", "clip_l_path", "clip_g_path", "t5_path", "dataset_dir")
 ALIASES = {"flux_path": "model_path"}  # old name -> key (configs written before the family seam)
 
 
@@ -175,12 +208,12 @@ def load_config(config_path: str | None, overrides: list[str] = (), check_files:
     """DEFAULTS, then the config file's assignments, then --key=value overrides; validated.
     check_files=False (the memory plan) skips the checks that model and data files exist."""
     cfg = dict(DEFAULTS)
-    if config_path:
-        cfg.update(read_config_file(config_path))
+    given = read_config_file(config_path) if config_path else {}
     for arg in overrides:
         key, value = parse_override(arg)
-        cfg[key] = value
-    validate(cfg, check_files=check_files)
+        given[key] = value
+    cfg.update(given)
+    validate(cfg, check_files=check_files, given=set(given))
     return cfg
 
 
@@ -220,9 +253,10 @@ def check_known_key(key: str) -> None:
         raise ConfigError(f"unknown config key {key!r}.{hint} All keys and defaults are in config.py.")
 
 
-def validate(cfg: dict, check_files: bool = True) -> None:
+def validate(cfg: dict, check_files: bool = True, given: set[str] | None = None) -> None:
     """Everything that can be checked without loading a model. Resolves model_family="auto"
-    from the model file's keys (its header: no weight is read)."""
+    from the model file's keys (its header: no weight is read), then gives the keys the config
+    does not set (`given`: the keys the file and command line set) the family's own defaults."""
     choices = _choices()
     for key, value in cfg.items():
         check_known_key(key)
@@ -246,6 +280,7 @@ def validate(cfg: dict, check_files: bool = True) -> None:
     check_memory_settings(cfg)
     check_sample_sizes(cfg["sample_sizes"])
     family = resolve_family(cfg, check_files)
+    apply_family_defaults(cfg, family, given)
     check_family_keys(cfg, family)
     multiple = family.resolution_multiple(cfg)
     if cfg["resolution"] % multiple:
@@ -271,6 +306,15 @@ def resolve_family(cfg: dict, check_files: bool):
         print(resolved.note)
     cfg["model_family"] = resolved.family.name
     return resolved.family
+
+
+def apply_family_defaults(cfg: dict, family, given: set[str] | None = None) -> None:
+    """Family.config_defaults for the keys the config leaves unset. Without `given` (a config
+    assembled in code) a key still at its DEFAULTS value counts as unset."""
+    for key, value in family.config_defaults().items():
+        unset = key not in given if given is not None else cfg[key] == DEFAULTS[key]
+        if unset:
+            cfg[key] = value
 
 
 def check_family_keys(cfg: dict, family) -> None:

@@ -160,6 +160,74 @@ def make_demo(root: str | Path = "runs/demo_data") -> dict:
 
 # --- SD3 demo (configs/demo_sd3.py) ---------------------------------------------------------------
 
+# An SD3.5-shaped MMDiT: QK RMSNorm, attn2 in block 0 (MMDiT-X, as SD3.5 Medium), a pre-only last
+# context block; width 64 x depth. It denoises the 3-channel image itself (no VAE), like the FLUX demo.
+SD3_TINY = dict(depth=2, pos_embed_max_size=24, in_channels=3, out_channels=3, adm_in_channels=80,
+                context_embedder_in_features=96, qk_norm="rms", x_block_self_attn_layers=(0,))
+SD3_CLIP_WIDTHS = (32, 48)  # CLIP-L, CLIP-G: pooled 32 + 48 = adm_in_channels
+SD3_T5_WIDTH = 96  # = context_embedder_in_features, at least 32 + 48
+
+
+def make_sd3(path: Path, seed: int = 0) -> Path:
+    """Random tiny MMDiT weights under `model.diffusion_model.` (the released single-file layout),
+    with the fixed sin-cos pos_embed table the released files store."""
+    from models.layers import sincos_pos_embed_2d
+    from models.mmdit import MMDiT, MMDiTParams
+
+    if not path.exists():
+        torch.manual_seed(seed)
+        model = MMDiT(MMDiTParams(**SD3_TINY))
+        grid = torch.arange(float(SD3_TINY["pos_embed_max_size"]))
+        model.pos_embed.copy_(sincos_pos_embed_2d(model.params.hidden_size, grid, grid)[None].float())
+        tensors = {f"model.diffusion_model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+        save_file(tensors, str(path))
+    return path
+
+
+def make_sd3_clip(folder: Path, width: int, projection: bool, seed: int) -> Path:
+    """A tiny CLIP text model (CLIP-G: with its projection and exact GELU) and the demo tokenizer."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if not (folder / "config.json").exists():
+        vocab_size = make_clip_tokenizer(folder)
+        torch.manual_seed(seed)
+        config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width,
+                                num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                                projection_dim=width, hidden_act="gelu" if projection else "quick_gelu",
+                                bos_token_id=0, eos_token_id=1, pad_token_id=1)
+        (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).save_pretrained(folder)
+    return folder
+
+
+def make_sd3_t5(folder: Path, seed: int = 5) -> Path:
+    from transformers import T5Config, T5EncoderModel
+
+    if not (folder / "config.json").exists():
+        vocab_size = make_t5_tokenizer(folder)
+        torch.manual_seed(seed)
+        config = T5Config(vocab_size=vocab_size, d_model=SD3_T5_WIDTH, d_kv=16, d_ff=128, num_layers=2, num_heads=2,
+                          feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+        T5EncoderModel(config).save_pretrained(folder)
+    return folder
+
+
+def make_sd3_demo(root: str | Path = "runs/demo_sd3_data") -> dict:
+    """Create (once) and return the paths configs/demo_sd3.py points at."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    prompts = root / "prompts.txt"
+    if not prompts.exists():
+        make_prompts(prompts)
+    return dict(
+        dataset_dir=str(make_dataset(root / "shapes")),
+        model_path=str(make_sd3(root / "sd3_tiny.safetensors")),
+        clip_l_path=str(make_sd3_clip(root / "clip_l", SD3_CLIP_WIDTHS[0], projection=False, seed=3)),
+        clip_g_path=str(make_sd3_clip(root / "clip_g", SD3_CLIP_WIDTHS[1], projection=True, seed=4)),
+        t5_path=str(make_sd3_t5(root / "t5")),
+        sample_prompts=str(prompts),
+    )
+
+
 
 # --- SDXL demo (configs/demo_sdxl.py) -------------------------------------------------------------
 

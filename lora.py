@@ -269,7 +269,6 @@ class LoRANetwork(nn.Module):
         self.loras = nn.ModuleDict(loras)
         self.module_paths = dict(module_paths)  # kohya name -> module path in the model
         self.prefix = prefix
-        self.file_layout = None  # kohya state dict -> the file's tensors (Family.lora_file_state_dict); None: kohya
 
     @classmethod
     def inject(
@@ -337,13 +336,8 @@ class LoRANetwork(nn.Module):
         return sd
 
     def save(self, path: str | Path, metadata: dict[str, str] | None = None, dtype=torch.bfloat16) -> None:
-        """Write a kohya-format safetensors file (or the layout `file_layout` converts it to)
-        atomically (temp file, then os.replace)."""
-        if self.file_layout is None:
-            sd = self.kohya_state_dict(dtype)
-        else:  # converted from the trained weights, then rounded once
-            sd = {k: v if dtype is None else v.to(dtype) for k, v in self.file_layout(self.kohya_state_dict()).items()}
-        sd = {k: v.to("cpu").contiguous() for k, v in sd.items()}
+        """Write a kohya-format safetensors file atomically (temp file, then os.replace)."""
+        sd = {k: v.to("cpu").contiguous() for k, v in self.kohya_state_dict(dtype).items()}
         atomic.write_safetensors(sd, path, metadata)
 
     @torch.no_grad()
@@ -384,6 +378,42 @@ class LoRANetwork(nn.Module):
                 f"LoRA shapes differ (a different rank or model size?): {_shorten(wrong, 6)}. "
                 "Build the network with the file's ranks (targets_from_state_dict)."
             )
+
+
+# --- writing files -------------------------------------------------------------------------------
+
+LORA_FORMATS = ("kohya", "diffusers")  # config key lora_format
+
+
+def diffusers_state_dict(network: LoRANetwork, family, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """The network in diffusers / PEFT names, as diffusers' `load_lora_weights` reads them (and
+    ComfyUI, and load_lora_file here): per diffusers module the family names
+    (`family.lora_to_diffusers`), `<module>.lora_A.weight` (rank, in) and `<module>.lora_B.weight`
+    (its rows of lora_up, rank). A fused weight (q, k, v) becomes one module per slice, all with the
+    same lora_A. The format has no alpha (its readers take alpha = rank), so alpha / rank is folded
+    into lora_A: every reader applies the same delta."""
+    sd = {}
+    for name, lora in network.loras.items():
+        down = lora.lora_down.weight.detach().float() * (float(lora.alpha) / lora.rank)
+        modules = family.lora_to_diffusers(network.module_paths[name], lora.lora_up.weight.detach().float(), down)
+        for module, up in modules.items():  # each tensor its own storage (safetensors refuses shared ones)
+            a = down.flatten(1) if up.ndim == 2 else down  # a diffusers Linear for a 1-wide conv (IF's qkv)
+            sd[f"{module}.lora_A.weight"] = a.to(dtype or down.dtype, copy=True)
+            sd[f"{module}.lora_B.weight"] = up.to(dtype or up.dtype, copy=True)
+    return sd
+
+
+def save_lora(network: LoRANetwork, path: str | Path, metadata: dict[str, str] | None, dtype: torch.dtype,
+              family, lora_format: str = "kohya") -> None:
+    """Write the network's file atomically in `lora_format`: "kohya" (LoRANetwork.save) or
+    "diffusers" (diffusers_state_dict, for families whose kohya names diffusers cannot read)."""
+    if lora_format == "kohya":
+        network.save(path, metadata, dtype=dtype)
+        return
+    if lora_format != "diffusers":
+        raise ValueError(f"lora_format={lora_format!r}: choose one of {LORA_FORMATS}")
+    sd = {k: v.to("cpu").contiguous() for k, v in diffusers_state_dict(network, family, dtype).items()}
+    atomic.write_safetensors(sd, path, metadata)
 
 
 # --- reading files -------------------------------------------------------------------------------
@@ -479,7 +509,7 @@ def _native_path(module: str, family) -> tuple[str, int | None]:
 
 
 def _kohya_entry(path: str, parts: dict[str, Tensor], family) -> dict[str, Tensor]:
-    up = family.lora_up_from_diffusers(path, parts["up"])
+    up = family.lora_up_from_diffusers(path, parts["up"], parts["down"])
     down = family.lora_down_from_diffusers(path, parts["down"])
     name = kohya_name(path, family.lora_prefix)
     alpha = parts["alpha"].detach().float().reshape(())

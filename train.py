@@ -296,6 +296,7 @@ def build_run(cfg: dict, family, sd: dict, params, device, run_dir: Path, cached
     """Phases 3 and 4: the denoiser in host memory (the file memory-mapped), what trains, swap
     placement, then the optimizer, schedule, fused step and EMA."""
     model = training.load_network(family, cfg, sd, DTYPES[cfg["dtype"]])
+    family = family.for_network(model)  # the run's family knows the network's shapes (LoRA file names)
     prepared = training.prepare(model, family, cfg, device)
     if prepared.swap is not None:
         print(prepared.swap.describe())
@@ -407,10 +408,12 @@ def save(run: Run) -> None:
     if network is not None:
         meta = lora_metadata(run)
         save_dtype = DTYPES[cfg["save_dtype"]]
-        network.save(run.run_dir / f"{cfg['run_name']}_step{step:06d}.safetensors", meta, dtype=save_dtype)
+        lora.save_lora(network, run.run_dir / f"{cfg['run_name']}_step{step:06d}.safetensors", meta, save_dtype,
+                       run.family, cfg["lora_format"])
         if ema is not None:
             with ema.swapped(run.opt.params):
-                network.save(run.run_dir / f"{cfg['run_name']}_step{step:06d}_ema.safetensors", meta, dtype=save_dtype)
+                lora.save_lora(network, run.run_dir / f"{cfg['run_name']}_step{step:06d}_ema.safetensors", meta,
+                               save_dtype, run.family, cfg["lora_format"])
     info = {"data_order": run.order.state(), "rng": checkpoint.rng_state(run.generator), "config": cfg,
             "identity": run.identity, "training_started_at": run.started_at}
     checkpoint.save_state(run.run_dir, step, run.prepared.trainable, run.opt.fused or run.opt.optimizer,
@@ -446,7 +449,7 @@ def train_step(run: Run, bins: losses.LossBins) -> dict:
         raise TrainingError(f"gradient norm is {grad_norm.item()} at step {run.step + 1}; nothing was saved; "
                             f"{last_good_state(run)}. Lower learning_rate or check the data.")
     lr = run.opt.scheduler.get_last_lr()[0]
-    training.apply_step(run.opt, run.step + 1)
+    training.apply_step(run.opt, run.step + 1, run.prepared.swap)
     run.step += 1
     return {"step": run.step, "epoch": run.order.epoch, "loss": step_loss, "lr": lr, "grad_norm": grad_norm.item()}
 
@@ -507,7 +510,7 @@ def train(cfg: dict) -> Path:
         items = data.dataset_items(cfg)
         identity = checkpoint.run_identity(cfg, items.fingerprint)
         if resume_dir is not None:
-            checkpoint.check_resume(resume_dir, cfg, family.lora_config_keys, identity)
+            checkpoint.check_resume(resume_dir, cfg, family.lora_config_keys + family.trained_config_keys, identity)
         # 2. data and caches
         cached = data.load_data(cfg, family, params, device, DTYPES[cfg["dtype"]], items)
         # 3, 4. the denoiser, what trains, the optimizer
@@ -541,7 +544,8 @@ def finish(run: Run) -> Path:
         with run.opt.ema.swapped(run.opt.params):
             write_final(run, path.with_name(f"{cfg['run_name']}_ema.safetensors"))
     if run.prepared.network is not None:
-        print(f"LoRA saved: {path} ({run.family.lora_usage(path)})")
+        print(f"LoRA saved: {path} ({run.cfg['lora_format']} keys; loads in ComfyUI 'Load LoRA' and diffusers "
+              f"pipe.load_lora_weights('{path}'))")
         for note in run.family.lora_loader_notes(run.prepared.targets):
             print(f"  note: {note}")
     else:
@@ -553,7 +557,7 @@ def write_final(run: Run, path: Path) -> None:
     """The LoRA file, or for full fine-tuning the model in the original layout."""
     save_dtype = DTYPES[run.cfg["save_dtype"]]
     if run.prepared.network is not None:
-        run.prepared.network.save(path, lora_metadata(run), dtype=save_dtype)
+        lora.save_lora(run.prepared.network, path, lora_metadata(run), save_dtype, run.family, run.cfg["lora_format"])
         return
     model = run.prepared.model
     tensors = {k: v.detach().to(save_dtype).contiguous().cpu() for k, v in model.state_dict().items()}
@@ -565,7 +569,8 @@ def public_config(cfg: dict) -> dict:
     writes no local paths either)."""
     from config import PATH_KEYS
 
-    keys = PATH_KEYS + ("cache_dir", "output_dir", "sample_prompts", "clip_tokenizer", "t5_tokenizer", "resume")
+    keys = PATH_KEYS + ("cache_dir", "output_dir", "sample_prompts", "clip_tokenizer", "clip_g_tokenizer", "t5_tokenizer",
+                        "resume")
     return {k: (Path(v).name if k in keys and isinstance(v, str) and v else v) for k, v in cfg.items()}
 
 

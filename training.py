@@ -49,7 +49,6 @@ def choose_trainable(model: nn.Module, family, cfg: dict, device=None):
     # LoRA weights train in fp32 whatever the base dtype; LoRAModule casts them for the matmul.
     network = lora.LoRANetwork.inject(model, targets, alpha=network_alpha(cfg), dropout=cfg["network_dropout"],
                                       dtype=torch.float32, device=device, prefix=family.lora_prefix)
-    network.file_layout = family.for_network(model).lora_file_state_dict  # what save() writes
     return network, dict(network.named_parameters()), targets
 
 
@@ -156,7 +155,10 @@ def build_optimization(trainable: dict[str, nn.Parameter], cfg: dict, seed: int 
     seeds the fused step's rounding noise (None on the meta device); `foreach` chooses AdamW's
     implementation off CUDA (optim.build_optimizer); `lr_multipliers` (parameter name ->
     factor; 0 freezes) come from the family (Family.lr_multipliers)."""
-    params = list(trainable.values())
+    frozen = {name for name, factor in (lr_multipliers or {}).items() if factor == 0}
+    for name in frozen:  # no gradient at all: nothing would ever step or clear it
+        trainable[name].requires_grad_(False)
+    params = [p for name, p in trainable.items() if name not in frozen]
     extra = {"stochastic_rounding": cfg["stochastic_rounding"]} if cfg["optimizer"] == "adafactor" \
         else {"foreach": foreach}
     optimizer = optim.build_optimizer(param_groups(trainable, cfg, lr_multipliers), cfg["optimizer"], lr=cfg["learning_rate"],
@@ -199,12 +201,15 @@ def close_gradients(opt: Optimization, cfg: dict) -> Tensor:
     return optim.clip_grad_norm_(opt.params, cfg["max_grad_norm"] or float("inf"))
 
 
-def apply_step(opt: Optimization, step: int) -> None:
+def apply_step(opt: Optimization, step: int, swap: blockswap.BlockSwap | None = None) -> None:
     """The optimizer step (unless fused), the LR schedule, and the EMA of step number `step`
-    (counted from 1: the steps done once this one is)."""
+    (counted from 1: the steps done once this one is). With block swap the EMA reads swapped
+    weights from their host copies: it waits for the side stream's copies first."""
     if opt.fused is None:
         opt.optimizer.step()
         opt.optimizer.zero_grad(set_to_none=True)
     opt.scheduler.step()
     if opt.ema is not None:
+        if swap is not None and step % opt.ema.update_every == 0:
+            swap.synchronize()  # a host sync, on the steps the average updates
         opt.ema.update(step)

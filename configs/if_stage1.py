@@ -31,6 +31,7 @@ batch_size = 2
 gradient_accumulation_steps = 2
 network_dim = 32
 network_alpha = 32.0
+lora_format = "diffusers"       # for IFPipeline.load_lora_weights (kohya names of IF modules: this trainer only)
 max_train_steps = 2000
 learning_rate = 4e-5
 lr_scheduler = "polynomial"     # 4e-5 -> 4e-6 (lr_end_ratio), linearly (lr_power 1)

@@ -29,6 +29,7 @@ batch_size = 1
 gradient_accumulation_steps = 4
 network_dim = 32
 network_alpha = 32.0
+lora_format = "diffusers"       # for IFPipeline.load_lora_weights (kohya names of IF modules: this trainer only)
 max_train_steps = 2000
 learning_rate = 4e-5
 lr_scheduler = "polynomial"

@@ -35,6 +35,9 @@ class Family:
     required_paths: tuple[str, ...] = ()
     lora_prefix = "lora_unet"  # kohya's prefix of the denoiser's LoRA modules
     lora_config_keys: tuple[str, ...] = ()  # the family's LoRA keys, recorded in ss_network_args
+    # Keys besides the LoRA keys that decide which weights train (full fine-tuning too): a resume
+    # refuses to change them, as it refuses the LoRA keys.
+    trained_config_keys: tuple[str, ...] = ()
     latent_multiple = 1  # latent sides must be multiples of this (patch size, UNet downsamplings)
 
     # --- the checkpoint ----------------------------------------------------------------------------
@@ -95,6 +98,11 @@ class Family:
         return {next(iter(groups)): n}
 
     # --- config ------------------------------------------------------------------------------------
+
+    def config_defaults(self) -> dict:
+        """Defaults of shared keys (config.py's DEFAULTS) that differ for this family, e.g. SD3's
+        timestep_sampling="logit_normal": config.py applies them to the keys a config does not set."""
+        return {}
 
     def check_config(self, cfg: dict) -> None:
         """Checks only this family needs, before any model loads; raise ConfigError."""
@@ -191,8 +199,9 @@ class Family:
         `slices` (index -> {"down", "up", "alpha"}) are the ones the file has."""
         raise ValueError(f"{path} is not a fused weight of {self.title}")
 
-    def lora_up_from_diffusers(self, path: str, up: Tensor) -> Tensor:
-        """A diffusers file's lora_up rows in the checkpoint's order (where the two differ)."""
+    def lora_up_from_diffusers(self, path: str, up: Tensor, down: Tensor | None = None) -> Tensor:
+        """A diffusers file's lora_up rows in the checkpoint's order (where the two differ); `down`
+        (rank, in) tells the module's input width where the row order depends on it."""
         return up
 
     def lora_down_from_diffusers(self, path: str, down: Tensor) -> Tensor:
@@ -200,19 +209,17 @@ class Family:
         a Linear in diffusers that is a 1x1 convolution in the checkpoint)."""
         return down
 
-    def lora_file_state_dict(self, sd: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The tensors a LoRA file holds, from the network's kohya state dict: kohya's keys by
-        default; a family whose loaders read another layout converts here."""
-        return sd
-
-    def lora_usage(self, path) -> str:
-        """What the saved LoRA file is and where it loads (printed when training ends)."""
-        return f"kohya keys; loads in ComfyUI 'Load LoRA' and diffusers pipe.load_lora_weights('{path}')"
-
     def for_network(self, model: nn.Module) -> "Family":
         """This family bound to one network's shapes, for what needs them (a LoRA module name
         whose place depends on the layer counts); the family itself by default."""
         return self
+
+    def lora_to_diffusers(self, path: str, up: Tensor, down: Tensor) -> dict[str, Tensor]:
+        """A LoRA of the native module `path` in diffusers names: diffusers module (with its
+        pipeline prefix, "transformer.") -> the lora_up rows that module gets (one entry, or one
+        per slice of a fused weight; `down` is shared by all). The inverse of lora_from_diffusers,
+        lora_slice_sizes and lora_up_from_diffusers (lora.py: lora_format="diffusers")."""
+        raise ValueError(f"{self.title} LoRA files are written in the kohya format only; set lora_format='kohya'")
 
     def lora_loader_notes(self, targets: dict[str, int]) -> list[str]:
         """What common loaders will not apply of a LoRA with these targets (said when saving)."""
@@ -289,7 +296,15 @@ class Resolved:
 def resolve(model_family: str, model_path: str, allow_pickle: bool = False) -> Resolved:
     """The family a config names, or the one its checkpoint's keys show ("auto")."""
     if model_family != "auto":
-        return Resolved(get(model_family), f"model_family={model_family!r}")
+        family = get(model_family)
+        if model_path and Path(model_path).exists() and not family.detect_path(model_path):
+            sd = load_state_dict(model_path, allow_pickle=allow_pickle)  # the header only
+            if not family.detect(sd):
+                found = FAMILY_NAMES[detect_family(sd)]
+                raise ValueError(f"model_family={model_family!r}, but {Path(model_path).name} looks like {found}; "
+                                 "set model_family='auto' or the model_path of a "
+                                 f"{family.title} checkpoint")
+        return Resolved(family, f"model_family={model_family!r}")
     if not model_path or not Path(model_path).exists():
         return Resolved(get("flux"), "model_family='auto' and no model file to look at: FLUX.1")
     family = next((f for f in FAMILIES.values() if f.detect_path(model_path)), None)  # folders with a config

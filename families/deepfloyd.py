@@ -26,9 +26,10 @@ Sampling   samplers.sample_if: respaced DDPM with the learned variance, dynamic 
            stage_II.py). The cascade, stage I then II: `base_stage` (sample.py --base_model).
 LoRA       the attention projections (qkv, encoder_kv, proj_out: 1-wide Conv1d), each ResBlock's
            emb_layers Linear and 1x1 skip conv; the 3x3 convs on request (group_ranks res_conv).
-           Files in diffusers' PEFT layout (`unet.down_blocks.1.attentions.0.to_q.lora_A.weight`,
-           alpha / rank folded into lora_B): IFPipeline.load_lora_weights reads them. ComfyUI has
-           no DeepFloyd IF LoRA loader (nor an IF model loader).
+           With lora_format="diffusers" (the configs' choice) the file has diffusers' PEFT names
+           (`unet.down_blocks.1.attentions.0.to_q.lora_A.weight`): IFPipeline.load_lora_weights
+           reads it. kohya files name IF's own modules, which only this trainer reads. ComfyUI
+           has no DeepFloyd IF LoRA loader (nor an IF model loader).
 Memory     two groups of blocks, each ResBlock and AttentionBlock of the down path with the
            middle ("down"), and of the up path ("up"); blocks_to_swap n swaps n of each group.
 """
@@ -49,7 +50,7 @@ import losses
 import sample
 import samplers
 from config import DTYPES, ConfigError, read_config_file
-from lora import LORA_BASES, kohya_name
+from lora import LORA_BASES
 from models import PixelCodec
 from models import deepfloyd as network
 from models.loading import check_family, load_state_dict
@@ -346,7 +347,6 @@ class DeepFloydIF(Family):
             "ss_model_type": "deepfloyd_if",
             "modelspec.architecture": f"deepfloyd-if-{stage}/lora",
             "modelspec.implementation": "https://github.com/deep-floyd/IF",
-            "lora_layout": "diffusers PEFT (unet.<module>.lora_A/lora_B); alpha / rank folded into lora_B",
             "ss_if_freeze_variance": str(cfg["if_freeze_variance"]),
             "ss_if_text_mask": str(cfg["if_text_mask"]),
         }
@@ -356,31 +356,16 @@ class DeepFloydIF(Family):
         bound.network_config = model.config
         return bound
 
-    def lora_usage(self, path) -> str:
-        return (f"diffusers PEFT keys; loads with IFPipeline pipe.load_lora_weights('{path}'). ComfyUI has no "
-                "DeepFloyd IF LoRA loader")
+    def lora_loader_notes(self, targets: dict[str, int]) -> list[str]:
+        return ["DeepFloyd IF: diffusers' IFPipeline.load_lora_weights reads lora_format='diffusers' files; kohya "
+                "files (IF's own module names) load in this trainer only. ComfyUI has no IF LoRA loader"]
 
-    def lora_file_state_dict(self, sd: dict[str, Tensor]) -> dict[str, Tensor]:
-        """kohya tensors -> diffusers' PEFT layout, each fused projection split per head as the
-        weights are (to_q/to_k/to_v from qkv, add_k_proj/add_v_proj from encoder_kv, all sharing
-        the one lora_A), 1-wide Conv1d -> Linear, alpha / rank folded into lora_B."""
-        layout = self._layout()
-        names = [k.removesuffix(".lora_down.weight") for k in sd if k.endswith(".lora_down.weight")]
-        modules = {layout.kohya[name]: name for name in names}  # module path -> kohya name
-        scaled_ups = {}
-        for path, name in modules.items():
-            up = sd[f"{name}.lora_up.weight"]
-            scale = float(sd.get(f"{name}.alpha", up.shape[1])) / up.shape[1]
-            scaled_ups[f"{path}.weight"] = (up.float() * scale).to(up.dtype)
-        ups = network.to_diffusers(scaled_ups, layout.config)  # split and squeezed like the weights
-        out = {}
-        for path, name in modules.items():
-            down = sd[f"{name}.lora_down.weight"]
-            down = down[..., 0] if layout.conv1d[path] else down
-            for module in network.diffusers_module_names(path, layout.config):
-                out[f"unet.{module}.lora_A.weight"] = down.clone()  # one copy each: safetensors stores no aliases
-                out[f"unet.{module}.lora_B.weight"] = ups[f"{module}.weight"]
-        return out
+    def lora_to_diffusers(self, path: str, up: Tensor, down: Tensor) -> dict[str, Tensor]:
+        """A fused projection splits per head as its weight does (qkv -> to_q/to_k/to_v, encoder_kv
+        -> add_k_proj/add_v_proj, sharing lora_A); a 1-wide Conv1d's up becomes a Linear's."""
+        config = self._layout().config
+        ups = network.to_diffusers({f"{path}.weight": up}, config)  # split and squeezed as the weight is
+        return {f"unet.{module}": ups[f"{module}.weight"] for module in network.diffusers_module_names(path, config)}
 
     def lora_from_diffusers(self, module: str) -> tuple[str, int | None]:
         layout = self._layout()
@@ -393,7 +378,7 @@ class DeepFloydIF(Family):
         parts = len(network.diffusers_module_names(path, layout.config))
         return [layout.out_rows[path] // parts] * parts
 
-    def lora_up_from_diffusers(self, path: str, up: Tensor) -> Tensor:
+    def lora_up_from_diffusers(self, path: str, up: Tensor, down: Tensor | None = None) -> Tensor:
         """[q rows; k rows; v rows] -> the fused weight's per-head interleaved rows (and the
         Conv1d's trailing 1)."""
         layout = self._layout()
@@ -616,11 +601,10 @@ def lora_targets(model: nn.Module, rank: int, group_ranks: dict[str, int] | None
 
 @dataclass
 class LoRALayout:
-    """A UNet's LoRA names: kohya name -> module path, diffusers module -> (path, slice),
-    whether a module is a Conv1d, and its output rows."""
+    """A UNet's LoRA names: diffusers module -> (module path, slice), whether a module is a
+    Conv1d, and its output rows."""
 
     config: network.IFConfig
-    kohya: dict[str, str]
     from_diffusers: dict[str, tuple[str, int | None]]
     conv1d: dict[str, bool]
     out_rows: dict[str, int]
@@ -639,7 +623,7 @@ def lora_layout(config: network.IFConfig) -> LoRALayout:
         for path in layers:
             names = network.diffusers_module_names(path, config)
             from_diffusers.update({n: (path, i if len(names) > 1 else None) for i, n in enumerate(names)})
-        _LAYOUTS[key] = LoRALayout(config, {kohya_name(p): p for p in layers}, from_diffusers,
+        _LAYOUTS[key] = LoRALayout(config, from_diffusers,
                                    {p: isinstance(m, nn.Conv1d) for p, m in layers.items()},
                                    {p: m.weight.shape[0] for p, m in layers.items()})
     return _LAYOUTS[key]

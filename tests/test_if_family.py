@@ -82,7 +82,7 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 def test_stage1_lora_trains_resumes_identically_and_caches_text_in_bf16(tmp_path, files, capsys):
     a, b = train_split_and_straight(tmp_path, files, 1, model_family="auto", network_dropout=0.1,
-                                    group_ranks={"res_conv": 2})
+                                    group_ranks={"res_conv": 2}, lora_format="diffusers")
     assert_same_run(a, b)
     out = capsys.readouterr().out
     assert "DeepFloyd IF" in out  # model_family="auto" found the folder
@@ -186,12 +186,11 @@ def test_lora_file_loads_in_diffusers_if_pipeline_with_no_key_left_over(tmp_path
     config = model.config
     base = {k: v.clone() for k, v in model.state_dict().items()}
     network = lora.LoRANetwork.inject(model, deepfloyd.lora_targets(model, 4, {"res_conv": 2}), alpha=2.0)
-    network.file_layout = FAMILY.for_network(model).lora_file_state_dict
     with torch.no_grad():
         for p in network.parameters():
             p.normal_(0, 0.1)
     path = tmp_path / "if.safetensors"
-    network.save(path, {"ss_network_dim": "4"}, dtype=torch.float32)
+    lora.save_lora(network, path, {"ss_network_dim": "4"}, torch.float32, FAMILY.for_network(model), "diffusers")
 
     unet = UNet2DConditionModel(**diffusers_config(config))
     unet.load_state_dict(to_diffusers(base, config), strict=True)
@@ -274,7 +273,7 @@ def test_checkpoint_layouts_and_detection(tmp_path, files):
 
 def test_full_finetune_file_reloads_through_its_run_folder(tmp_path, files):
     final = train.main([config_file(tmp_path, files, 1, train_mode="full", max_train_steps=1, save_every=0)])
-    checkpoint = FAMILY.read_checkpoint(str(final), dict(DEFAULTS, resolution=16))  # shapes: the run folder config.py names model_path
+    checkpoint = FAMILY.read_checkpoint(str(final), dict(DEFAULTS, resolution=16))  # via run folder config.py
     model = FAMILY.load(checkpoint, dict(DEFAULTS, resolution=16), torch.float32)
     assert all(torch.equal(v, load_file(str(final))[k]) for k, v in model.state_dict().items())
 

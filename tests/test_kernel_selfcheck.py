@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
@@ -221,15 +222,30 @@ def test_attention_impl_routes_every_model_attention():
     torch.testing.assert_close(again, expected, rtol=0, atol=0)  # restored on exit
 
 
+class RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """The names of the operators that run while active."""
+
+    def __enter__(self):
+        self.names = set()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 def test_launches_skipped_runs_the_host_code_only():
     p, grad = torch.randn(19, 45), torch.randn(19, 45)
     moments = dict(exp_avg_sq_row=torch.zeros(19), exp_avg_sq_col=torch.zeros(45))
     options = dict(lr=1e-2, beta2=0.5, eps1=1e-30, clip_threshold=1.0, beta1=None, weight_decay=0.0, seed=0)
     before = p.clone()
     with kernels_optim.launches_skipped():
-        kernels_optim.adafactor_update_triton_(p, grad, **moments, **options)
+        with RecordOps() as ops:
+            kernels_optim.adafactor_update_triton_(p, grad, **moments, **options)
         assert torch.equal(p, before)  # no kernel ran
-        assert moments["exp_avg_sq_row"].abs().sum() > 0  # the torch work between launches did
+        # the torch work between launches did (on buffers no kernel filled: their values are whatever
+        # memory held, so the check is on what ran, not on what came out)
+        assert {"aten.sum.dim_IntList", "aten.mul_.Tensor", "aten.add_.Tensor"} <= ops.names
         with pytest.raises(ValueError, match="contiguous"):  # and so do the checks
             kernels_optim.adamw_update_triton_(p[:, ::2], grad[:, ::2], *[torch.zeros(19, 23)] * 2, lr=1e-3,
                                                beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1, seed=0)
