@@ -1,7 +1,10 @@
 # The DeepFloyd IF CPU demo, stage II: a tiny IF-II-shaped UNet (1.4 M parameters, random weights)
-# learns to upscale the demo's shapes 4x, 32 -> 128 px: each image shrunk to 32 px, upsampled back,
-# noised at a random augmentation level, is the low-resolution input beside the noisy 128 px image.
-# Run configs/demo_if.py first; then the cascade, stage I then stage II:
+# learns to upscale the demo's shapes 4x. It trains at 64 px: each image shrunk to 16 px,
+# upsampled back and noised at an augmentation level drawn per sample is the low-resolution input
+# beside the noisy 64 px image (levels up to 0.5 here, so that the low-res image carries its
+# content within the demo's few steps; IF's default draws up to 1). Its samples, and the cascade,
+# run at 128 px on 32 px low-res images (a convolutional UNet upscales at any size). Run
+# configs/demo_if.py first; then the cascade, stage I then stage II:
 #
 #   python train.py configs/demo_if_stage2.py
 #   python sample.py --config configs/demo_if_stage2.py --model runs/demo_if_stage2/demo_if_stage2.safetensors \
@@ -20,19 +23,21 @@ sample_prompts = _files["sample_prompts"]
 run_name = "demo_if_stage2"
 device = "cpu"
 dtype = "fp32"
-resolution = 128
+resolution = 64
 train_mode = "full"
-max_train_steps = 200
+max_train_steps = 400
 batch_size = 4
-learning_rate = 1e-3
+learning_rate = 2e-3
 lr_scheduler = "cosine_with_warmup"
 lr_warmup_steps = 20
 weight_decay = 0.0
 gradient_checkpointing = False
 caption_dropout_rate = 0.1
+if_aug_levels = (0.0, 0.5)
 validation_count = 4
 validate_every = 100
-save_every = 200
-sample_every = 200
+save_every = 400
+sample_every = 400
 sample_at_start = False
 sample_steps = 25
+sample_sizes = "128"            # stage I's 32 px images upscaled 4x
