@@ -56,7 +56,7 @@ CACHE_FORMAT = "1"  # bump when an entry's layout changes: every older entry is 
 CROP_MODES = ("center", "random")
 ENTRY_HEADER_BYTES = 1024  # a cache file's safetensors header (key fields, checksums) is under 1 KiB
 # Names CachedDataset puts beside the text tensors; an encoder output may not use them.
-SAMPLE_NAMES = ("latent", "caption", "index", "original_size", "crop_top_left")
+SAMPLE_NAMES = ("latent", "caption", "index", "original_size", "crop_top_left", "target_size")
 
 
 # ---------------------------------------------------------------- dataset scan
@@ -812,8 +812,9 @@ class CachedDataset(torch.utils.data.Dataset):
     """Training samples read from the caches.
 
     Sample i: {"latent": (C, h, w), each text tensor of its caption, "caption": str,
-    "index": i, "original_size": (2,) and "crop_top_left": (2,) (height/top first; SDXL
-    conditions on them)}. Use `collate` as the DataLoader's collate_fn.
+    "index": i, "original_size": (2,), "crop_top_left": (2,) and "target_size": (2,), the
+    cropped image's size in pixels (height/top first; SDXL conditions on all three)}. Use
+    `collate` as the DataLoader's collate_fn.
     """
 
     def __init__(self, entries: list[LatentEntry], latent_cache: LatentCache, text_cache: TextCache | None = None):
@@ -834,6 +835,7 @@ class CachedDataset(torch.utils.data.Dataset):
             "index": index,
             "original_size": torch.tensor(entry.original_size),
             "crop_top_left": torch.tensor(entry.crop[:2]),
+            "target_size": torch.tensor(entry.crop[2:]),
         }
         return sample
 
