@@ -38,7 +38,8 @@ DEFAULTS = dict(
     hash_images=False,            # key image cache entries by content hash instead of size + mtime
     on_bad_image="skip",          # "skip" (listed at the end) or "stop"
     t5_max_length=0,              # 0 -> 512 for dev, 256 for schnell
-    apply_t5_attn_mask=False,     # mask T5 padding in the encoder and in attention
+    apply_t5_attn_mask=False,     # mask T5 padding in the encoder and in attention (DeepFloyd IF: its T5 always
+                                  # masks; this masks the UNet's cross-attention, where the released models see all 77)
     validation_count=0,           # hold out this many images for validation loss (0 = off)
     vae_batch_size=1,             # images per autoencoder pass while caching latents
     text_batch_size=8,            # captions per text-encoder pass while caching
@@ -129,7 +130,7 @@ DEFAULTS = dict(
                                   # SD3 euler, dpmpp_2m; SDXL also euler_ancestral, ddim
     sample_shift=0.0,             # sampling schedule shift; 0: 3.0, the released models'
     sample_cfg=0.0,               # CFG scale against the negative prompt (--n, default ""); 0: the family's (SD3.5 Large
-                                  # 4.5, Medium 5, Large Turbo 1; SDXL 5); a prompt's --l overrides
+                                  # 4.5, Medium 5, Large Turbo 1; SDXL 5; IF 7 stage I, 4 stage II); a prompt's --l overrides
     sample_apg=False,             # adaptive projected guidance instead of plain CFG (seed 004's APG node)
     apg_eta=0.0,                  # APG: weight of the update parallel to the prediction
     apg_norm_threshold=15.0,      # APG: the update's L2 norm is clipped to this (0: no clipping)
@@ -172,15 +173,15 @@ DEFAULTS = dict(
     sample_schedule="leading",    # leading (SDXL's), trailing (zero-terminal-SNR models), linspace, karras
 
     # --- DeepFloyd IF only (families/deepfloyd.py) ---
+    # IF also reads SDXL's DDPM keys above (min_timestep ... ip_noise_gamma_random_strength; not v_parameterization or
+    # zero_terminal_snr: IF predicts epsilon with a learned variance), apply_t5_attn_mask and sample_cfg
     if_unconditional_embedding="",  # IF's resources/zero_t5-v1_1-xxl_vector.npy: the "" caption's T5 states; "" encodes ""
     if_clean_captions=True,       # IF's caption clean-up (URLs, markup, symbols) before T5, as the original does
-    if_text_mask=False,           # mask T5 padding in the UNet's cross-attention (the released models attend to all 77)
     if_freeze_variance=False,     # False: the variance channels train with the hybrid VLB term, as the original;
                                   # True: epsilon only (the variance output drifts only through shared layers)
     if_aug_levels=(0.0, 1.0),     # stage II: low-res noise-augmentation level drawn uniformly per sample (the original's)
     if_sample_aug_level=0.25,     # stage II samples and validation: the low-res image's augmentation level
     if_respacing="",              # sampler: "" -> "150" stage I, "smart50" stage II; also "smart100", "fast27", "ddim50", "50"
-    if_sample_cfg=0.0,            # CFG scale of samples without --l: 0 -> 7 stage I, 4 stage II (deep-floyd/IF defaults)
     if_dynamic_threshold=0.0,     # x0 clip ratio (percentile 0.95): 0 -> 1.5 stage I, 1.0 stage II
     if_sample_low_res="",         # stage II samples in training: the image they upscale; "" -> the dataset's first image
 

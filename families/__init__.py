@@ -256,6 +256,30 @@ class Family:
         return None
 
 
+# --- shared by the DDPM families (SDXL, DeepFloyd IF) ---------------------------------------------
+
+DDPM_KEYS = ("v_parameterization", "zero_terminal_snr", "min_timestep", "max_timestep", "min_snr_gamma",
+             "debiased_estimation_loss", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "noise_offset",
+             "noise_offset_random_strength", "adaptive_noise_scale", "multires_noise_iterations",
+             "multires_noise_discount", "ip_noise_gamma", "ip_noise_gamma_random_strength", "huber_schedule")
+
+
+def ddpm_options(cfg: dict) -> dict:
+    """losses.DDPM's arguments from the config's DDPM_KEYS (kohya's names; 0 means off)."""
+    return dict(
+        prediction_type="v_prediction" if cfg["v_parameterization"] else "epsilon",
+        zero_terminal_snr=cfg["zero_terminal_snr"], min_timestep=cfg["min_timestep"],
+        max_timestep=cfg["max_timestep"], min_snr_gamma=cfg["min_snr_gamma"],
+        scale_v_pred_loss_like_noise_pred=cfg["scale_v_pred_loss_like_noise_pred"],
+        v_pred_like_loss=cfg["v_pred_like_loss"], debiased_estimation_loss=cfg["debiased_estimation_loss"],
+        noise_offset=cfg["noise_offset"], noise_offset_random_strength=cfg["noise_offset_random_strength"],
+        adaptive_noise_scale=cfg["adaptive_noise_scale"] or None,
+        multires_noise_iterations=cfg["multires_noise_iterations"],
+        multires_noise_discount=cfg["multires_noise_discount"], ip_noise_gamma=cfg["ip_noise_gamma"],
+        ip_noise_gamma_random_strength=cfg["ip_noise_gamma_random_strength"], loss_type=cfg["loss_type"],
+        huber_c=cfg["huber_c"], huber_schedule=cfg["huber_schedule"])
+
+
 # --- the registry ----------------------------------------------------------------------------------
 
 

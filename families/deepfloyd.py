@@ -10,7 +10,7 @@ Network    models/deepfloyd.py (deep-floyd/IF module names). Stage I (IF-I-M/L/X
 Text       T5-XXL v1.1, encoder only (4.76 B; the IF repositories' text_encoder/), 77 tokens, run
            with its padding mask, IF's caption clean-up, the released unconditional embedding
            for "" when given (models/text.py IFPromptEncoder). Cached in bf16: 77 x 4096 x 2
-           bytes, 616 KiB a caption. The UNet attends to all 77 states, as released (if_text_mask
+           bytes, 616 KiB a caption. The UNet attends to all 77 states, as released (apply_t5_attn_mask
            masks the padding).
 Codec      none: the UNet denoises pixels in [-1, 1] (models.PixelCodec).
 Objective  DDPM, cosine schedule (squaredcos_cap_v2), 1000 steps (losses.DDPM): epsilon in channels
@@ -56,7 +56,7 @@ from models import deepfloyd as network
 from models.loading import check_family, load_state_dict
 from models.text import IF_T5_LENGTH, IFPromptEncoder
 
-from . import Family
+from . import DDPM_KEYS, Family, ddpm_options
 
 LOW_RES_FACTOR = 4  # stage II: 64 px -> 256 px
 MIN_RESIDENT = 2  # blockswap.MIN_RESIDENT
@@ -116,9 +116,11 @@ class DeepFloydIF(Family):
     name = "deepfloyd"
     title = "DeepFloyd IF"
     latent_multiple = 8  # stage I's three downsamplings (sample checks the network's own count)
-    config_keys = ("t5_path", "t5_tokenizer", "huber_schedule", "if_unconditional_embedding", "if_clean_captions",
-                   "if_text_mask", "if_freeze_variance", "if_aug_levels", "if_sample_aug_level", "if_respacing",
-                   "if_sample_cfg", "if_dynamic_threshold", "if_sample_low_res")
+    # The DDPM keys are SDXL's (kohya's names); v_parameterization and zero_terminal_snr only to refuse them.
+    config_keys = DDPM_KEYS + ("t5_path", "t5_tokenizer", "apply_t5_attn_mask", "sample_cfg",
+                               "if_unconditional_embedding", "if_clean_captions", "if_freeze_variance",
+                               "if_aug_levels", "if_sample_aug_level", "if_respacing", "if_dynamic_threshold",
+                               "if_sample_low_res")
     required_paths = ("t5_path",)
     network_config: network.IFConfig | None = None  # set on the copy for_network returns
 
@@ -206,7 +208,12 @@ class DeepFloydIF(Family):
 
     def check_config(self, cfg: dict) -> None:
         if cfg["dtype"] == "fp16":
-            raise ConfigError("dtype='fp16': training here has no loss scaling and T5 overflows in fp16; use 'bf16'")
+            raise ConfigError("dtype='fp16': T5-XXL's activations overflow in float16 (IF's text states); use 'bf16' "
+                              "(or 'fp32' on CPU)")
+        if cfg["v_parameterization"] or cfg["zero_terminal_snr"]:
+            raise ConfigError("v_parameterization / zero_terminal_snr: DeepFloyd IF predicts epsilon with a learned "
+                              "variance (its released weights and sampler), which needs abar > 0 at every step; "
+                              "remove them")
         if cfg["ae_path"]:
             raise ConfigError("DeepFloyd IF denoises pixels: remove ae_path")
         levels = cfg["if_aug_levels"]
@@ -248,15 +255,16 @@ class DeepFloydIF(Family):
     # --- training ----------------------------------------------------------------------------------
 
     def objective(self, cfg: dict) -> losses.DDPM:
-        return losses.DDPM(prediction_type="epsilon", num_train_timesteps=len(ABAR), beta_schedule="squaredcos_cap_v2",
-                           learned_variance="learned_range", freeze_variance=cfg["if_freeze_variance"],
-                           loss_type=cfg["loss_type"], huber_c=cfg["huber_c"], huber_schedule=cfg["huber_schedule"])
+        """IF's schedule and learned variance, with the DDPM keys' timestep range, loss weights and
+        noise (min_snr_gamma, noise_offset, ip_noise_gamma, ...; all off by default)."""
+        return losses.DDPM(**dict(ddpm_options(cfg), num_train_timesteps=len(ABAR), beta_schedule="squaredcos_cap_v2",
+                                  learned_variance="learned_range", freeze_variance=cfg["if_freeze_variance"]))
 
     def conditioning(self, batch: dict, cfg: dict, generator: torch.Generator | None = None) -> dict:
         """T5 states (and mask), and stage II's augmented low-resolution image with its step
         (made for every batch; a stage I network leaves them, see `predict`)."""
         cond = {"t5": batch["t5"]}
-        if cfg["if_text_mask"]:
+        if cfg["apply_t5_attn_mask"]:
             cond["t5_mask"] = batch["t5_mask"]
         cond["low_res"], cond["aug_level"] = augmented_low_res(batch["latent"], cfg, generator)
         return cond
@@ -273,9 +281,9 @@ class DeepFloydIF(Family):
         stage2 = params.super_res
         return IFSamplePrompt(
             prompt="", width=cfg["resolution"], height=cfg["resolution"], seed=cfg["seed"], steps=cfg["sample_steps"],
-            cfg_scale=cfg["if_sample_cfg"] or (4.0 if stage2 else 7.0),
+            cfg_scale=cfg["sample_cfg"] or (4.0 if stage2 else 7.0),
             respacing=cfg["if_respacing"] or ("smart50" if stage2 else "150"),
-            threshold_max=cfg["if_dynamic_threshold"] or (1.0 if stage2 else 1.5), text_mask=cfg["if_text_mask"],
+            threshold_max=cfg["if_dynamic_threshold"] or (1.0 if stage2 else 1.5), text_mask=cfg["apply_t5_attn_mask"],
             aug_level=cfg["if_sample_aug_level"], low_res=sample_low_res(cfg) if stage2 else "")
 
     def sample_conditioning(self, text: dict, prompt: IFSamplePrompt, device) -> dict:
@@ -319,7 +327,7 @@ class DeepFloydIF(Family):
             raise ValueError(f"--base_model {base_model} is a stage II UNet; give the stage I model it upscales")
         model = self.load(checkpoint, base_cfg, dtype=dtype, device="cpu").requires_grad_(False).eval()
         swap = training.place(model, self, base_cfg, device, mode="h2d_only")
-        defaults = self.prompt_defaults(dict(base_cfg, if_sample_cfg=0.0, if_respacing="", sample_steps=0,
+        defaults = self.prompt_defaults(dict(base_cfg, sample_cfg=0.0, if_respacing="", sample_steps=0,
                                              if_dynamic_threshold=0.0), params)
         out = []
         for prompt, (cond, neg) in zip(prompts, encoded):
@@ -348,7 +356,7 @@ class DeepFloydIF(Family):
             "modelspec.architecture": f"deepfloyd-if-{stage}/lora",
             "modelspec.implementation": "https://github.com/deep-floyd/IF",
             "ss_if_freeze_variance": str(cfg["if_freeze_variance"]),
-            "ss_if_text_mask": str(cfg["if_text_mask"]),
+            "ss_apply_t5_attn_mask": str(cfg["apply_t5_attn_mask"]),
         }
 
     def for_network(self, model: nn.Module) -> "DeepFloydIF":

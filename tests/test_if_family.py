@@ -82,7 +82,8 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 def test_stage1_lora_trains_resumes_identically_and_caches_text_in_bf16(tmp_path, files, capsys):
     a, b = train_split_and_straight(tmp_path, files, 1, model_family="auto", network_dropout=0.1,
-                                    group_ranks={"res_conv": 2}, lora_format="diffusers")
+                                    group_ranks={"res_conv": 2}, lora_format="diffusers", min_snr_gamma=5.0,
+                                    noise_offset=0.05, apply_t5_attn_mask=True)
     assert_same_run(a, b)
     out = capsys.readouterr().out
     assert "DeepFloyd IF" in out  # model_family="auto" found the folder
@@ -124,6 +125,29 @@ def test_stage2_trains_validates_samples_and_resumes_identically(tmp_path, files
     assert all(torch.isfinite(torch.tensor(r["val_loss"])) for r in records if "val_loss" in r)
     sizes = sorted(Image.open(p).size for p in (a / "samples").glob("step000004_*.png"))
     assert sizes == [(32, 32)] * 4 + [(64, 32)] * 4  # 4 prompts at each size, upscaling the dataset's first image
+
+
+def test_shares_the_ddpm_and_sampling_keys_with_the_other_families(tmp_path, files):
+    """IF reads SDXL's DDPM keys, FLUX's apply_t5_attn_mask and the shared sample_cfg; it has no
+    keys of its own for them, refuses v-prediction and zero terminal SNR, and other families' keys."""
+    cfg = load_config(config_file(tmp_path, files, 1, min_snr_gamma=5.0, noise_offset=0.1, min_timestep=100,
+                                  max_timestep=900, ip_noise_gamma=0.1, debiased_estimation_loss=True,
+                                  apply_t5_attn_mask=True, sample_cfg=3.0))
+    objective = FAMILY.objective(cfg)
+    assert (objective.min_snr_gamma, objective.noise_offset, objective.ip_noise_gamma) == (5.0, 0.1, 0.1)
+    assert (objective.min_timestep, objective.max_timestep, objective.debiased_estimation_loss) == (100, 900, True)
+    assert objective.prediction_type == "epsilon" and objective.learned_variance == "learned_range"
+    stage1 = FAMILY.read_checkpoint(files["if_stage1"], cfg).config
+    assert FAMILY.prompt_defaults(cfg, stage1).cfg_scale == 3.0 and FAMILY.prompt_defaults(cfg, stage1).text_mask
+    batch = {"latent": torch.zeros(1, 3, 16, 16), "t5": torch.zeros(1, 77, 32), "t5_mask": torch.ones(1, 77, dtype=bool)}
+    assert "t5_mask" in FAMILY.conditioning(batch, cfg)
+    for key in ("v_parameterization", "zero_terminal_snr"):
+        with pytest.raises(ConfigError, match="DeepFloyd IF predicts epsilon with a learned variance"):
+            load_config(config_file(tmp_path, files, 1, **{key: True}))
+    with pytest.raises(ConfigError, match="block_dims: not used by DeepFloyd IF"):
+        load_config(config_file(tmp_path, files, 1, block_dims="4," * 22 + "4"))
+    for old in ("if_sample_cfg", "if_text_mask"):
+        assert old not in DEFAULTS
 
 
 # --- sampling -------------------------------------------------------------------------------------------
