@@ -201,8 +201,8 @@ def tiny_unet(params: dict, seed: int = 0) -> IFUNet:
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_lora_file_loads_in_diffusers_if_pipeline_with_no_key_left_over(tmp_path, stage):
-    from diffusers import DDPMScheduler, IFPipeline, UNet2DConditionModel
+def test_lora_file_loads_in_diffusers_if_pipelines_with_no_key_left_over(tmp_path, stage):
+    from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline, UNet2DConditionModel
     from peft.utils import get_peft_model_state_dict
 
     params = demo_data.IF_STAGE_I_TINY if stage == 1 else demo_data.IF_STAGE_II_TINY
@@ -218,8 +218,12 @@ def test_lora_file_loads_in_diffusers_if_pipeline_with_no_key_left_over(tmp_path
 
     unet = UNet2DConditionModel(**diffusers_config(config))
     unet.load_state_dict(to_diffusers(base, config), strict=True)
-    pipe = IFPipeline(tokenizer=None, text_encoder=None, unet=unet, scheduler=DDPMScheduler(), safety_checker=None,
-                      feature_extractor=None, watermarker=None, requires_safety_checker=False)
+    parts = dict(tokenizer=None, text_encoder=None, unet=unet, scheduler=DDPMScheduler(), safety_checker=None,
+                 feature_extractor=None, watermarker=None, requires_safety_checker=False)
+    if stage == 1:
+        pipe = IFPipeline(**parts)
+    else:
+        pipe = IFSuperResolutionPipeline(**parts, image_noising_scheduler=DDPMScheduler())
     pipe.load_lora_weights(str(path))
     adapter = next(iter(pipe.unet.peft_config))
     loaded = get_peft_model_state_dict(pipe.unet, adapter_name=adapter)
