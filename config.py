@@ -178,7 +178,8 @@ DEFAULTS = dict(
     if_unconditional_embedding="",  # IF's resources/zero_t5-v1_1-xxl_vector.npy: the "" caption's T5 states; "" encodes ""
     if_clean_captions=True,       # IF's caption clean-up (URLs, markup, symbols) before T5, as the original does
     if_freeze_variance=False,     # False: the variance channels train with the hybrid VLB term, as the original;
-                                  # True: epsilon only (the variance output drifts only through shared layers)
+                                  # True: epsilon only (the variance output drifts only through shared layers), and
+                                  # samples use the fixed-small variance (diffusers' IF LoRA docs, SimpleTuner's advice)
     if_aug_levels=(0.0, 1.0),     # stage II: low-res noise-augmentation level drawn uniformly per sample (the original's)
     if_sample_aug_level=0.25,     # stage II samples and validation: the low-res image's augmentation level
     if_respacing="",              # sampler: "" -> "150" stage I, "smart50" stage II; also "smart100", "fast27", "ddim50", "50"

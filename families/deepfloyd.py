@@ -23,7 +23,8 @@ Inputs     the integer step; the T5 states. Stage II: the training image downsam
 Sampling   samplers.sample_if: respaced DDPM with the learned variance, dynamic thresholding (p
            0.95), CFG against the unconditional embedding. Stage I "150", CFG 7, max 1.5; stage II
            "smart50", CFG 4, max 1.0, augmentation 0.25 (deep-floyd/IF modules/stage_I.py,
-           stage_II.py). The cascade, stage I then II: `base_stage` (sample.py --base_model).
+           stage_II.py); with if_freeze_variance, the fixed-small variance instead of the learned one.
+           The cascade, stage I then II: `base_stage` (sample.py --base_model).
 LoRA       the attention projections (qkv, encoder_kv, proj_out: 1-wide Conv1d), each ResBlock's
            emb_layers Linear and 1x1 skip conv; the 3x3 convs on request (group_ranks res_conv).
            With lora_format="diffusers" (the configs' choice) the file has diffusers' PEFT names
@@ -108,6 +109,7 @@ class IFSamplePrompt(sample.SamplePrompt):
     respacing: str = "150"
     threshold_max: float = 1.5
     text_mask: bool = False
+    learned_variance: bool = True  # False (if_freeze_variance): the fixed-small variance, as diffusers' IF LoRA docs
     aug_level: float = 0.25  # stage II
     low_res: str = ""  # stage II: the image to upscale (a cascade puts stage I's output in the conditioning)
 
@@ -284,6 +286,7 @@ class DeepFloydIF(Family):
             cfg_scale=cfg["sample_cfg"] or (4.0 if stage2 else 7.0),
             respacing=cfg["if_respacing"] or ("smart50" if stage2 else "150"),
             threshold_max=cfg["if_dynamic_threshold"] or (1.0 if stage2 else 1.5), text_mask=cfg["apply_t5_attn_mask"],
+            learned_variance=not cfg["if_freeze_variance"],
             aug_level=cfg["if_sample_aug_level"], low_res=sample_low_res(cfg) if stage2 else "")
 
     def sample_conditioning(self, text: dict, prompt: IFSamplePrompt, device) -> dict:
@@ -312,7 +315,7 @@ class DeepFloydIF(Family):
         respacing = str(prompt.steps) if prompt.steps else prompt.respacing
         return samplers.sample_if(denoise, noise, cond, neg_cond, respacing=respacing,
                                   guidance=samplers.Guidance(prompt.cfg_scale), threshold_max=prompt.threshold_max,
-                                  generator=generator, abar=ABAR)
+                                  generator=generator, abar=ABAR, learned_variance=prompt.learned_variance)
 
     def base_stage(self, cfg: dict, base_model: str, prompts: list, encoded: list, dtype: torch.dtype,
                    device) -> list:

@@ -186,6 +186,23 @@ def test_sampler_defaults_follow_the_stage(files):
     assert (two.respacing, two.cfg_scale, two.threshold_max, two.aug_level) == ("smart50", 4.0, 1.0, 0.25)
     assert two.low_res.endswith(".png") and one.low_res == ""
     assert sample.parse_prompt_line("a cat --s 20", one).steps == 20  # --s N: respacing "N"
+    assert one.learned_variance and not FAMILY.prompt_defaults(dict(cfg, if_freeze_variance=True), stage1).learned_variance
+
+
+def test_sampling_after_an_epsilon_only_run_uses_the_fixed_small_variance(files, monkeypatch):
+    cfg = dict(DEFAULTS, model_family="deepfloyd", resolution=16, dtype="fp32")
+    checkpoint = FAMILY.read_checkpoint(files["if_stage1"], cfg)
+    model = FAMILY.load(checkpoint, cfg, torch.float32).eval()
+    seen = []
+    real = samplers.sample_if
+    monkeypatch.setattr(samplers, "sample_if", lambda *a, **k: seen.append(k["learned_variance"]) or real(*a, **k))
+    images, cond = [], {"t5": torch.randn(1, 77, 32)}
+    for freeze in (False, True):
+        prompt = replace(FAMILY.prompt_defaults(dict(cfg, if_freeze_variance=freeze), checkpoint.config), steps=3,
+                         cfg_scale=1.0)
+        noise = sample.initial_noise(prompt, 3, 1, FAMILY.latent_multiple, "cpu")
+        images.append(FAMILY.sample(model, prompt, cond, None, noise))
+    assert seen == [True, False] and not torch.equal(*images)
 
 
 # --- the LoRA file in diffusers ---------------------------------------------------------------------
