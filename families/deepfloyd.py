@@ -352,15 +352,21 @@ class DeepFloydIF(Family):
 
     def lora_metadata(self, cfg: dict, params: network.IFConfig) -> dict[str, str]:
         stage = "ii" if params.super_res else "i"
-        return {
+        meta = {
             "ss_base_model_version": f"deepfloyd_if_{stage}",
             "ss_network_module": "networks.lora",
             "ss_model_type": "deepfloyd_if",
             "modelspec.architecture": f"deepfloyd-if-{stage}/lora",
             "modelspec.implementation": "https://github.com/deep-floyd/IF",
-            "ss_if_freeze_variance": str(cfg["if_freeze_variance"]),
-            "ss_apply_t5_attn_mask": str(cfg["apply_t5_attn_mask"]),
+            "modelspec.prediction_type": "epsilon",
+            "ss_debiased_estimation": str(cfg["debiased_estimation_loss"]),
         }
+        for key in ("min_snr_gamma", "noise_offset", "noise_offset_random_strength", "adaptive_noise_scale",
+                    "multires_noise_iterations", "multires_noise_discount", "ip_noise_gamma",
+                    "ip_noise_gamma_random_strength", "min_timestep", "max_timestep", "apply_t5_attn_mask",
+                    "if_freeze_variance"):
+            meta[f"ss_{key}"] = str(cfg[key])
+        return meta
 
     def for_network(self, model: nn.Module) -> "DeepFloydIF":
         bound = copy.copy(self)

@@ -94,6 +94,7 @@ def test_stage1_lora_trains_resumes_identically_and_caches_text_in_bf16(tmp_path
     with safe_open(str(a / "t.safetensors"), "pt") as f:
         meta, keys = f.metadata(), list(f.keys())
     assert meta["modelspec.architecture"] == "deepfloyd-if-i/lora"
+    assert (meta["ss_min_snr_gamma"], meta["ss_noise_offset"], meta["ss_apply_t5_attn_mask"]) == ("5.0", "0.05", "True")
     assert all(k.startswith("unet.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
     assert any(".conv1." in k for k in keys) and any(".to_q." in k for k in keys)
     assert all(torch.isfinite(torch.tensor(losses_of(a))))
