@@ -188,7 +188,8 @@ DEFAULTS = dict(
 
     # --- memory (blockswap.py, optim.py, fp8.py; `python train.py CONFIG --plan` shows the effect) ---
     blocks_to_swap=0,             # kohya's count for FLUX: n -> n//2 double + (n - n//2)*2 single blocks live in host memory;
-                                  # SDXL: n blocks, the deepest level's transformer blocks first (families/sdxl.py)
+                                  # SDXL: n blocks, the deepest level's transformer blocks first (families/sdxl.py);
+                                  # DeepFloyd IF: n blocks of each group, down and up (families/deepfloyd.py)
     double_blocks_to_swap=-1,     # finer control; -1 derives both from blocks_to_swap
     single_blocks_to_swap=-1,
     swap_mode="exchange",         # "exchange" (weights move both ways) or "h2d_only" (frozen base, host copy is the master)
