@@ -3,7 +3,8 @@
 # DeepFloyd guide, which needs 22-24 GB). The bf16 UNet is 8 GiB, so it streams: 29 blocks per
 # group (25 of 27 down, 29 of 31 up) live in host memory and pass one way (h2d_only: the frozen
 # base is never copied back) through 2 device slots each; T5-XXL streams its layers while
-# caching; T5 states cached in bf16 (616 KiB a caption).
+# caching; T5 states cached in bf16 (616 KiB a caption). GTX cards have no bf16: add --dtype=fp16
+# (the UNet in fp16 with loss scaling, T5 still in bf16; the same 2.51 GiB planned).
 #
 # Planned peaks, python train.py configs/if_stage1.py --plan (plans: not yet measured on a GPU):
 #   plain torch (--kernels=torch): caching 1.07, training 2.51, sampling 2.01, whole run 2.51 GiB

@@ -11,7 +11,7 @@ Text       T5-XXL v1.1, encoder only (4.76 B; the IF repositories' text_encoder/
            with its padding mask, IF's caption clean-up, the released unconditional embedding
            for "" when given (models/text.py IFPromptEncoder). Cached in bf16: 77 x 4096 x 2
            bytes, 616 KiB a caption. The UNet attends to all 77 states, as released (apply_t5_attn_mask
-           masks the padding).
+           masks the padding). In an fp16 run T5 runs in bf16 (it overflows in fp16; t5_dtype).
 Codec      none: the UNet denoises pixels in [-1, 1] (models.PixelCodec).
 Objective  DDPM, cosine schedule (squaredcos_cap_v2), 1000 steps (losses.DDPM): epsilon in channels
            0:3 with MSE, the variance in 3:6 with improved-diffusion's hybrid VLB term, as the
@@ -209,9 +209,6 @@ class DeepFloydIF(Family):
     # --- config ------------------------------------------------------------------------------------
 
     def check_config(self, cfg: dict) -> None:
-        if cfg["dtype"] == "fp16":
-            raise ConfigError("dtype='fp16': T5-XXL's activations overflow in float16 (IF's text states); use 'bf16' "
-                              "(or 'fp32' on CPU)")
         if cfg["v_parameterization"] or cfg["zero_terminal_snr"]:
             raise ConfigError("v_parameterization / zero_terminal_snr: DeepFloyd IF predicts epsilon with a learned "
                               "variance (its released weights and sampler), which needs abar > 0 at every step; "
@@ -242,7 +239,7 @@ class DeepFloydIF(Family):
     def text_encoder(self, cfg: dict, params: network.IFConfig, dtype: torch.dtype, device):
         encoder = IFPromptEncoder.load(cfg["t5_path"], cfg["t5_tokenizer"] or None,
                                        cfg["if_unconditional_embedding"] or None, cfg["if_clean_captions"],
-                                       dtype=dtype, device=device)
+                                       dtype=t5_dtype(dtype), device=device)
         width = encoder.t5.model.config.d_model
         if width != params.encoder_dim:
             raise ConfigError(f"t5_path gives {width}-wide states; this UNet reads {params.encoder_dim} (T5-XXL: 4096)")
@@ -431,7 +428,7 @@ class DeepFloydIF(Family):
         config = text.text_config("t5", cfg["t5_path"])  # the file's, or T5-XXL v1.1's: 4.76 B
 
         def build() -> nn.Module:
-            return text.build_text_model("t5", config).to(DTYPES[cfg["dtype"]])
+            return text.build_text_model("t5", config).to(t5_dtype(DTYPES[cfg["dtype"]]))
 
         def inputs(device) -> dict:
             # No attention_mask: transformers reads its values (.all()), which meta tensors lack; the
@@ -553,6 +550,12 @@ def sample_low_res(cfg: dict) -> str:
 
 
 # --- text ------------------------------------------------------------------------------------------------
+
+
+def t5_dtype(run_dtype: torch.dtype) -> torch.dtype:
+    """T5-XXL runs in the run's dtype, except fp16, where its activations overflow: bf16 then (an fp16
+    run, for GPUs without bf16 matmuls, trains the UNet in fp16 with loss scaling; T5 only caches)."""
+    return torch.bfloat16 if run_dtype == torch.float16 else run_dtype
 
 
 class IFTextEncoder:

@@ -111,10 +111,18 @@ def test_loss_falls_on_the_tiny_shapes(tmp_path, files):
 @pytest.mark.parametrize("settings", [
     {"fp8_base": True, "dtype": "bf16"},  # the ResBlocks' emb_layers Linears in fp8 (convolutions stay bf16)
     {"train_mode": "full", "fused_backward": True, "max_grad_norm": 0.0, "optimizer": "adafactor"},
-], ids=["fp8-base", "full-fused"])
-def test_fp8_base_and_the_fused_step_train(tmp_path, files, settings):
+    {"dtype": "fp16"},  # the UNet in fp16 with loss scaling; T5 in bf16
+], ids=["fp8-base", "full-fused", "fp16"])
+def test_fp8_base_the_fused_step_and_fp16_train(tmp_path, files, settings):
     final = train.main([config_file(tmp_path, files, 1, max_train_steps=2, save_every=0, **settings)])
     assert all(torch.isfinite(torch.tensor(losses_of(final.parent))))
+    if settings.get("dtype") == "fp16":
+        cfg = load_config(str(tmp_path / "config.py"))
+        params = FAMILY.read_checkpoint(files["if_stage1"], cfg).config
+        assert FAMILY.text_encoder(cfg, params, torch.float16, "cpu").encoder.t5.model.dtype == torch.bfloat16
+        (_, build, _), = FAMILY.plan_text_encoders(cfg, FAMILY.default_params(cfg))
+        with torch.device("meta"):
+            assert build().dtype == torch.bfloat16
 
 
 def test_stage2_trains_validates_samples_and_resumes_identically(tmp_path, files):
