@@ -11,6 +11,9 @@
 #       --base_model runs/demo_if/demo_if.safetensors --prompt "a red circle --d 1" --out cascade.png
 #
 # The samples in runs/demo_if_stage2/samples/ upscale the dataset's first image (if_sample_low_res).
+# Measured (/usr/bin/time -v, OMP_NUM_THREADS=1, 2 CPU cores shared with other jobs): 136 s of CPU,
+# 5:59 wall; loss 1.19 at step 1 -> 0.058 at step 400, validation loss 0.066 (step 100) -> 0.031.
+# 400 steps keep the low-res image's shape and colour at 128 px, still grainy; more steps sharpen.
 from demo_data import make_if_demo
 
 _files = make_if_demo("runs/demo_data")
