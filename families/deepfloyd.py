@@ -50,7 +50,7 @@ import fp8
 import losses
 import sample
 import samplers
-from config import DTYPES, ConfigError, read_config_file
+from config import DTYPES, ConfigError, read_config_file, sections
 from lora import LORA_BASES
 from models import PixelCodec
 from models import deepfloyd as network
@@ -542,10 +542,12 @@ def sampling_low_res(cond: dict, prompt: IFSamplePrompt, noise: Tensor,
 
 
 def sample_low_res(cfg: dict) -> str:
-    """The image stage II samples upscale during training: if_sample_low_res, else the dataset's first."""
-    if cfg["if_sample_low_res"] or not cfg["dataset_dir"] or not Path(cfg["dataset_dir"]).is_dir():
+    """The image stage II samples upscale during training: if_sample_low_res, else the first image of
+    the first dataset section (dataset_dir, or datasets[0])."""
+    first = sections(cfg)[0] if cfg["dataset_dir"] or cfg["datasets"] else None
+    if cfg["if_sample_low_res"] or first is None or not Path(first["dataset_dir"]).is_dir():
         return cfg["if_sample_low_res"]
-    items = cache.scan_dataset(cfg["dataset_dir"], caption_ext=cfg["caption_ext"])
+    items = cache.scan_dataset(first["dataset_dir"], caption_ext=first["caption_ext"])
     return str(items[0].image_path)
 
 
