@@ -36,6 +36,7 @@ Memory     two groups of blocks, each ResBlock and AttentionBlock of the down pa
 """
 import copy
 import json
+import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -229,7 +230,18 @@ class DeepFloydIF(Family):
                 raise ConfigError(f"if_respacing={cfg['if_respacing']!r}: {error}") from None
 
     def resolution_multiple(self, cfg: dict) -> int:
-        return 8  # stage I's three downsamplings; params() checks the network's own count
+        """The UNet's downsampling, 2^(levels - 1), from model_path's config when it is there (else
+        the released shapes its name gives, else stage I's 8): what bucket sides are multiples of.
+        Stage II's sides also hold a whole low-resolution pixel (4)."""
+        try:
+            path = Path(cfg["model_path"])
+            config = self.read_checkpoint(str(path), cfg).config if path.exists() and cfg["model_path"] \
+                else self.default_params(cfg)
+            config = replace(config, **cfg["model_overrides"])
+        except (ConfigError, OSError, ValueError, KeyError, TypeError):
+            return 8  # params() then says what is wrong
+        multiple = 2 ** (len(config.channel_mult) - 1)
+        return math.lcm(multiple, LOW_RES_FACTOR) if config.super_res else multiple
 
     # --- data --------------------------------------------------------------------------------------
 

@@ -159,6 +159,20 @@ def test_shares_the_ddpm_and_sampling_keys_with_the_other_families(tmp_path, fil
         assert old not in DEFAULTS
 
 
+def test_stage2_trains_in_aspect_ratio_buckets_on_multiples_of_its_downsampling(tmp_path, files):
+    data = demo_data.make_dataset(tmp_path / "shapes", shapes_of_images=True)  # square, 60x20 and 20x60 images
+    final = train.main([config_file(tmp_path, files, 2, dataset_dir=str(data), enable_bucket=True, batch_size=12,
+                                    min_bucket_reso=16, max_bucket_reso=64, max_train_steps=6, save_every=0)])
+    buckets = json.loads((final.parent / "buckets.json").read_text())
+    assert {tuple(b["resolution"]) for b in buckets if "resolution" in b} == {(16, 48), (32, 32), (48, 16)}
+    assert sum(b.get("batches", 0) for b in buckets) == 6  # one epoch: every bucket trains
+    assert all(torch.isfinite(torch.tensor(losses_of(final.parent))))
+    released = Path(__file__).parent / "data" / "deepfloyd"
+    multiples = [FAMILY.resolution_multiple(dict(DEFAULTS, model_path=str(released / name)))
+                 for name in ("IF-I-XL-v1.0", "IF-II-L-v1.0")]
+    assert multiples == [8, 16]  # 3 and 4 downsamplings
+
+
 # --- sampling -------------------------------------------------------------------------------------------
 
 
