@@ -830,9 +830,10 @@ def _entry(name: str, parts: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _kohya_entry(path: str, parts: dict[str, Tensor], family) -> dict[str, Tensor]:
-    parts = dict(parts, up=family.lora_up_from_diffusers(path, parts["up"], parts["down"]))
+    parts = dict(parts, up=family.lora_up_from_diffusers(path, parts["up"], parts["down"]),
+                 down=family.lora_down_from_diffusers(path, parts["down"]))
     if "dora" in parts:  # magnitudes are per output row: rows move as the up's rows do
-        parts["dora"] = family.lora_up_from_diffusers(path, parts["dora"].reshape(-1, 1), parts["down"])
+        parts["dora"] = family.lora_up_from_diffusers(path, parts["dora"].reshape(-1, 1), parts["down"]).flatten()
     return _entry(kohya_name(path, family.lora_prefix), parts)
 
 
@@ -994,10 +995,11 @@ def kohya_to_diffusers(sd: dict[str, Tensor], family, alpha: str = "fold", model
             used = module_up.flatten(1).abs().sum(0) > 0 if module_up.flatten(1).abs().sum() > 0 else \
                 torch.ones(rank, dtype=torch.bool)
             a, b = down[used], module_up[:, used]
+            a = a.flatten(1) if b.ndim == 2 else a  # a diffusers Linear for a 1-wide conv (IF's qkv)
             out[f"{module}.lora_A.weight"] = (a.float() * scale).to(a.dtype) if alpha == "fold" else a
             out[f"{module}.lora_B.weight"] = b
             if module in magnitudes:  # PEFT's shape: (out,), a convolution's (1, out, 1[, 1])
-                shape = (-1,) if down.ndim == 2 else (1, -1, *[1] * (down.ndim - 2))
+                shape = (-1,) if b.ndim == 2 else (1, -1, *[1] * (b.ndim - 2))
                 out[f"{module}.lora_magnitude_vector"] = magnitudes[module].reshape(shape)
             component, _, inner = module.partition(".")
             configs.setdefault(component, {})[inner] = (int(used.sum()), scale * int(used.sum()))
@@ -1083,6 +1085,7 @@ def apply_lora_file(
     merge=True adds multiplier * alpha/rank * up @ down into the base weights (no cost per step;
     returns None). merge=False wraps the Linears and returns the LoRANetwork (change its
     multiplier any time; `remove()` undoes it). Several files can be applied one after another."""
+    family = family.for_network(model)  # where module names depend on the network's shapes
     prefix = family.lora_prefix
     if isinstance(path_or_sd, (str, Path)):
         sd, _ = load_lora_file(path_or_sd, family)
