@@ -420,8 +420,8 @@ def check_lora_features(cfg: dict, family) -> None:
         raise ConfigError(f"targets={cfg['targets']!r}: {family.title} has no layer-targeting presets; leave targets "
                           "empty and choose layers with its selection keys")
     if cfg["split_qkv"] and not family.split_qkv_layers:
-        raise ConfigError(f"split_qkv: {family.title} has no fused q/k/v weights to split (its attention has separate "
-                          "q, k and v layers); remove split_qkv")
+        raise ConfigError(f"split_qkv: {family.title} has no fused q/k/v weights this trainer splits (FLUX's and "
+                          "SD3's); remove split_qkv")
     if cfg["lora_format"] == "diffusers" and type(family).lora_to_diffusers is families.Family.lora_to_diffusers:
         raise ConfigError(f"lora_format='diffusers': {family.title} LoRA files are written in the kohya format only; "
                           "set lora_format='kohya'")

@@ -94,7 +94,7 @@ def test_presets_select_by_role_on_the_released_models():
 
 
 @pytest.mark.parametrize("family, setting, message", [
-    ("sdxl", dict(split_qkv=True), "split_qkv: SDXL has no fused q/k/v weights"),
+    ("sdxl", dict(split_qkv=True), "split_qkv: SDXL has no fused q/k/v weights this trainer splits"),
     ("sdxl", dict(text_encoder_lr={"t5": 1e-4}), r"SDXL has no text encoder \['t5'\] to train; choose among"),
     ("sdxl", dict(targets="late_blocks", conv_dim=4), "targets='late_blocks' is a whole selection; conv_dim"),
     ("sd3", dict(targets="attention_only", train_joint_blocks="0"), "train_joint_blocks would change it"),
@@ -322,3 +322,42 @@ def test_sdxl_full_finetuning_trains_only_what_a_preset_selects(tmp_path, demos)
     base, tuned = load_file(files["model_path"]), load_file(final)
     changed = {k for k in tuned if not torch.equal(base[PREFIX + k].float(), tuned[k].float())}
     assert changed and all(k.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for k in changed)
+
+
+def test_if_dora_file_in_diffusers_if_pipeline_gives_our_output(tmp_path):
+    """DeepFloyd IF: DoRA in diffusers names (the fused qkv split per head, its magnitudes with it)
+    through IFPipeline.load_lora_weights equals ours, and reads back through lora.py."""
+    from diffusers import DDPMScheduler, IFPipeline, UNet2DConditionModel
+    from test_if_family import tiny_unet
+
+    from families import deepfloyd
+    from models.deepfloyd import IFUNet, diffusers_config, to_diffusers
+
+    model = tiny_unet(demo_data.IF_STAGE_I_TINY)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    network = lora.LoRANetwork.inject(model, deepfloyd.lora_targets(model, 4, {}), alpha=2.0, dora=True)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for m in network.loras.values():
+            m.lora_up.weight.copy_(torch.randn(m.lora_up.weight.shape, generator=g) * 0.1)
+            m.dora_scale.mul_(1 + 0.1 * torch.randn(m.dora_scale.shape, generator=g))
+    family = deepfloyd.FAMILY.for_network(model)
+    path = tmp_path / "if_dora.safetensors"
+    lora.save_lora(network, path, {}, torch.float32, family, "diffusers")
+    unet = UNet2DConditionModel(**diffusers_config(model.config))
+    unet.load_state_dict(to_diffusers(base, model.config), strict=True)
+    pipe = IFPipeline(tokenizer=None, text_encoder=None, unet=unet, scheduler=DDPMScheduler(), safety_checker=None,
+                      feature_extractor=None, watermarker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(str(path))
+    torch.manual_seed(1)
+    x, t, text = torch.randn(2, 3, 16, 16), torch.tensor([10, 700]), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        ours = model(x, t, text)
+        theirs = pipe.unet(x, t, encoder_hidden_states=text).sample
+    print("IF DoRA, ours vs diffusers (PEFT): max abs difference", (ours - theirs).abs().max().item())
+    assert (ours - theirs).abs().max() < 1e-4
+    fresh = IFUNet(model.config).eval()
+    fresh.load_state_dict(base)
+    lora.apply_lora_file(fresh, path, deepfloyd.FAMILY, merge=False)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x, t, text), ours, rtol=1e-5, atol=1e-6)
