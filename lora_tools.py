@@ -115,6 +115,18 @@ def skeleton(family, ckpt: Checkpoint | None = None) -> nn.Module:
         return family.build(params)
 
 
+def network_at(family, path: str) -> nn.Module | None:
+    """The checkpoint's own network on the meta device (its shapes, as training reads them), for
+    the LoRA names that depend on them (family.for_network: IF's diffusers names); None where the
+    family cannot read it that way (the released shapes serve then)."""
+    cfg = default_config(family)
+    try:
+        with torch.device("meta"):
+            return family.build(family.params(family.read_checkpoint(path, cfg), cfg))
+    except (ValueError, KeyError, NotImplementedError):  # shapes it cannot tell without a config (ConfigError)
+        return None
+
+
 def peak_memory_gib() -> float:
     """This process's peak resident memory so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -205,6 +217,8 @@ def merge(base: str, out: str, loras: list[tuple[str, float]], dtype: str | None
     checkpoint itself (SD3 / SDXL single files) merge there. Returns report lines."""
     ckpt = Checkpoint(base)
     family = checkpoint_family(ckpt, family_name)
+    network = network_at(family, base)
+    family = family.for_network(network) if network is not None else family
     modules: dict[str, list] = {}
     for path, strength in loras:
         sd, _ = lora.load_lora_file(path, family)
@@ -355,10 +369,14 @@ def extract(base: str, tuned: str, out: str, rank: int, energy: float | None = N
     energy kept and the relative error sqrt(1 - energy) that the discarded singular values give."""
     a, b = Checkpoint(base), Checkpoint(tuned)
     family = checkpoint_family(a, family_name)
+    network = network_at(family, base)
+    paths = [p for p, m in network.named_modules() if isinstance(m, lora.LORA_BASES)] if network is not None \
+        else family.lora_paths()  # every layer a LoRA can name, in the network's order
+    family = family.for_network(network) if network is not None else family
     prefix = denoiser_prefix(a.keys())
     keys = set(a.keys()) & set(b.keys())
     sd, report = {}, []
-    for path in family.lora_paths():  # every layer a LoRA of the family can name, in the network's order
+    for path in paths:
         key = f"{prefix}{path}.weight"
         if key not in keys:
             continue

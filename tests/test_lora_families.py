@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import demo_data
 import families
@@ -361,3 +361,13 @@ def test_if_dora_file_in_diffusers_if_pipeline_gives_our_output(tmp_path):
     lora.apply_lora_file(fresh, path, deepfloyd.FAMILY, merge=False)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x, t, text), ours, rtol=1e-5, atol=1e-6)
+    # python lora.py merge into an IF model folder: its names bound to the folder's UNet
+    folder = tmp_path / "IF-I-tiny"
+    folder.mkdir()
+    (folder / "config.yml").write_text(demo_data.if_config_yml(demo_data.IF_STAGE_I_TINY))
+    save_file({k: v.contiguous() for k, v in base.items()}, str(folder / "pytorch_model.safetensors"))
+    assert lora_tools.main(["merge", str(folder), str(tmp_path / "merged.safetensors"), "--lora", str(path)]) == 0
+    merged = IFUNet(model.config).eval()
+    merged.load_state_dict(load_file(tmp_path / "merged.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x, t, text), ours, rtol=1e-4, atol=1e-5)
