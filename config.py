@@ -151,6 +151,9 @@ DEFAULTS = dict(
     fp8_base=False,               # frozen Linear weights stored as float8_e4m3fn, upcast inside the matmul
     fp8_per_row=False,            # one fp8 scale per output row instead of per tensor
     offload_activations=False,    # checkpointed block inputs go to host memory
+    # --- several GPUs (distributed.py; launch with torchrun --nproc_per_node N train.py CONFIG) ---
+    distributed="auto",           # "auto": data parallel for LoRA, FSDP2 for full fine-tuning; "ddp": the whole model
+                                  # on every GPU (full fine-tuning of a model that fits); "fsdp": shard (full only)
 )
 # fmt: on
 
@@ -179,6 +182,7 @@ def _choices() -> dict[str, tuple]:
         lora_format=lora.LORA_FORMATS,
         weighting_scheme=losses.WEIGHTING_SCHEMES,
         text_encoder_placement=("device", "stream", "cpu"),
+        distributed=("auto", "ddp", "fsdp"),
     )
 
 

@@ -397,7 +397,7 @@ class FusedBackwardStep:
 
     def __init__(self, optimizer: torch.optim.Optimizer, max_grad_norm: float | None = 0.0,
                  max_grad_norm_per_param: float | None = None, gradient_accumulation_steps: int = 1,
-                 stochastic_rounding: bool = True, seed: int | None = None):
+                 stochastic_rounding: bool = True, seed: int | None = None, average=None):
         if max_grad_norm:
             raise ValueError(f"max_grad_norm={max_grad_norm}: global-norm clipping is impossible with the optimizer "
                              "step fused into backward (each parameter is updated before the global norm is known). "
@@ -416,6 +416,7 @@ class FusedBackwardStep:
         else:
             raise ValueError(f"The fused step supports {', '.join(OPTIMIZERS)}, not {type(optimizer).__name__}.")
         self.optimizer = optimizer
+        self.average = average  # data parallel: averages a gradient over the GPUs, in place, before it is used
         self.max_grad_norm_per_param = max_grad_norm_per_param
         self.stochastic_rounding = stochastic_rounding
         self.seed = seed
@@ -445,6 +446,8 @@ class FusedBackwardStep:
                                "accumulation (several backward passes per step) is not supported with the fused "
                                "step. Call step() after every backward, or turn the fused step off.")
         grad = p.grad
+        if self.average is not None:
+            self.average(grad)
         norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
         self._grad_sq_sum = norm.square() if self._grad_sq_sum is None else self._grad_sq_sum + norm.square()
         if self.max_grad_norm_per_param:

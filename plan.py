@@ -61,6 +61,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import blockswap
+import distributed
 import families
 import fp8
 import kernels_optim
@@ -555,14 +556,16 @@ def walk(setup: Setup, measure=nullcontext) -> None:
 # --- the plan ------------------------------------------------------------------------------------
 
 
-def plan(cfg: dict, params=None) -> dict:
+def plan(cfg: dict, params=None, gpus: int = 1) -> dict:
     """Plan a whole run of `cfg` on the meta device: caching (the autoencoder and the text
     encoders, each within the config's placement), one training step, and sampling (a no-grad
     forward with the training state resident, then the decode). Returns the numbers, in bytes:
     the training step's breakdown (device: category -> bytes at its peak, peak_bytes, peak_where,
     device_high_water, allocator_rounding_bytes, host, host_bytes, swap), `stages` (each
-    Stage of each phase) and `phases` (phase -> peak bytes, "whole run" their maximum)."""
+    Stage of each phase) and `phases` (phase -> peak bytes, "whole run" their maximum). On
+    `gpus` GPUs (torchrun) with FSDP, `phases` are per GPU and `several` holds their parts."""
     start = time.perf_counter()
+    mode = distributed.check(cfg, gpus)  # what cannot run on that many GPUs is refused here, too
     setup = build(cfg, "meta", params)
     walk(setup)
     result = summarize(setup)
@@ -572,8 +575,64 @@ def plan(cfg: dict, params=None) -> dict:
     result["phases"] = {phase: max(s.peak for s in stages if s.phase == phase)
                         for phase in ("caching", "training", "sampling")}
     result["phases"]["whole run"] = max(result["phases"].values())
+    result["several"] = several_gpus(setup, result, gpus, mode)
     result["seconds"] = time.perf_counter() - start
     return result
+
+
+# --- several GPUs ------------------------------------------------------------------------------------
+
+FSDP_MASTERS = "fp32 master weights (1/N each)"
+FSDP_GRADIENTS = "fp32 gradients (1/N each)"
+FSDP_OPTIMIZER = "AdamW state and EMA, fp32 (1/N each)"
+FSDP_GATHERED = "gathered for compute: two blocks and the root's weights"
+FSDP_REDUCING = "one block's gradients before the reduce-scatter"
+
+
+def several_gpus(setup: Setup, result: dict, gpus: int, mode: str) -> dict | None:
+    """Per-GPU figures on `gpus` GPUs. Data parallel: each GPU holds the one-GPU figures (the
+    walk ran at batch_size per GPU); the all-reduce adds one flat bucket after backward. FSDP:
+    estimated from the walk, which measured the activations of one GPU's rows: the fp32 masters,
+    gradients and AdamW state (and EMA) divided over the GPUs, plus the blocks gathered for
+    compute in the config's dtype (the running one and the prefetched next) and one block's
+    gradients on their way to the reduce-scatter. `phases` become per GPU."""
+    if mode == "single":
+        return None
+    trained = result["trainable_parameters"]
+    if mode == "ddp":
+        return {"gpus": gpus, "mode": mode, "bucket": min(distributed.BUCKET_BYTES, 4 * trained)}
+    compute = DTYPES[setup.cfg["dtype"]].itemsize
+    blocks = [b for group in setup.family.blocks(setup.model).values() for b in group]
+    largest = max(sum(p.numel() for p in b.parameters()) for b in blocks)
+    root = result["parameters"] - sum(p.numel() for b in blocks for p in b.parameters())
+    state = (8 + (4 if setup.cfg["ema_decay"] else 0)) * trained
+    parts = {FSDP_MASTERS: 4 * result["parameters"] // gpus, FSDP_GRADIENTS: 4 * trained // gpus,
+             FSDP_OPTIMIZER: state // gpus, FSDP_GATHERED: (2 * largest + root) * compute,
+             FSDP_REDUCING: largest * (compute + 4), ACTIVATIONS: result["device_high_water"][ACTIVATIONS]}
+    resident = parts[FSDP_MASTERS] + parts[FSDP_OPTIMIZER] + parts[FSDP_GATHERED]
+    sampling = [s.increase for s in result["stages"] if s.phase == "sampling"]
+    phases = result["phases"]
+    phases["training"] = sum(parts.values())
+    phases["sampling"] = resident + max(sampling, default=0)
+    phases["whole run"] = max(phases["caching"], phases["training"], phases["sampling"])
+    return {"gpus": gpus, "mode": mode, "parts": parts}
+
+
+def format_several(result: dict, cfg: dict) -> list[str]:
+    several = result["several"]
+    if several is None:
+        return []
+    n = several["gpus"]
+    if several["mode"] == "ddp":
+        return [f"several GPUs: data parallel over {n}: every GPU holds the one-GPU figures above (batch_size "
+                f"{cfg['batch_size']} per GPU, a global batch of {cfg['batch_size'] * n}); after backward the "
+                f"gradient all-reduce adds one flat bucket of {several['bucket'] / MiB:,.0f} MiB", ""]
+    lines = [f"several GPUs: FSDP2 over {n}, per GPU (from the one-GPU step: batch_size {cfg['batch_size']} per "
+             f"GPU)".ljust(60) + "GiB"]
+    lines += [_row(name.replace("1/N", f"1/{n}"), f"{value / GiB:.2f}") for name, value in several["parts"].items()]
+    lines += ["  " + "-" * 61, _row("planned peak per GPU, training", f"{result['phases']['training'] / GiB:.2f}"),
+              "  (the summary lines below are per GPU)", ""]
+    return lines
 
 
 # --- the phases around the training step --------------------------------------------------------------
@@ -770,7 +829,7 @@ def format_plan(result: dict, cfg: dict) -> str:
         "  of the memory-mapped checkpoint while it loads",
         "",
     ]
-    return "\n".join(lines + format_swap(result) + [""] + format_phases(result))
+    return "\n".join(lines + format_swap(result) + [""] + format_several(result, cfg) + format_phases(result))
 
 
 def format_phases(result: dict) -> list[str]:
@@ -805,9 +864,9 @@ def format_swap(result: dict) -> list[str]:
     return lines
 
 
-def main(cfg: dict) -> dict:
-    """`python train.py CONFIG --plan`: print the plan and return its numbers."""
-    result = plan(cfg)
+def main(cfg: dict, gpus: int = 1) -> dict:
+    """`python train.py CONFIG --plan [--gpus=N]`: print the plan and return its numbers."""
+    result = plan(cfg, gpus=gpus)
     print(format_plan(result, cfg))
     print(f"(planned in {result['seconds']:.1f} s without reading a weight)")
     return result

@@ -18,6 +18,7 @@ import activations
 import blockswap
 import fp8
 import lora
+import losses
 import optim
 
 
@@ -59,17 +60,23 @@ def network_alpha(cfg: dict) -> float:
 
 
 def prepare(model: nn.Module, family, cfg: dict, device, host_device="cpu", allocate=None,
-            on_trainable=None) -> Prepared:
+            on_trainable=None, shard=None) -> Prepared:
     """Set the network up as training runs it: what trains, gradient checkpointing of the
     family's blocks, block swap (or the whole model on `device`). `host_device`, `allocate` and
     `on_trainable(network, trainable)` (called before placement) let the memory plan run the
-    same code on the meta device and label what it makes."""
+    same code on the meta device and label what it makes. `shard(model, groups)` (FSDP,
+    distributed.py) replaces placement: each block sharded after its checkpointing, then the rest."""
     network, trainable, targets = choose_trainable(model, family, cfg, device)
     if on_trainable is not None:
         on_trainable(network, trainable)
     groups = family.blocks(model)
     activations.checkpoint_blocks([b for group in groups.values() for b in group], cfg["gradient_checkpointing"])
-    swap = place(model, family, cfg, device, cfg["swap_mode"], host_device, allocate)
+    swap = None
+    if shard is None:
+        swap = place(model, family, cfg, device, cfg["swap_mode"], host_device, allocate)
+    else:
+        shard(model, groups)
+        trainable = {name: p for name, p in model.named_parameters() if name in trainable}  # the sharded ones
     model.train()
     if network is not None:
         network.train()
@@ -150,11 +157,13 @@ def param_groups(trainable: dict[str, nn.Parameter], cfg: dict, lr_multipliers: 
 
 
 def build_optimization(trainable: dict[str, nn.Parameter], cfg: dict, seed: int | None = None,
-                       foreach: bool | None = None, lr_multipliers: dict[str, float] | None = None) -> Optimization:
+                       foreach: bool | None = None, lr_multipliers: dict[str, float] | None = None,
+                       average_gradient=None) -> Optimization:
     """The optimizer (and the step fused into backward), its LR schedule and the EMA. `seed`
     seeds the fused step's rounding noise (None on the meta device); `foreach` chooses AdamW's
     implementation off CUDA (optim.build_optimizer); `lr_multipliers` (parameter name ->
-    factor; 0 freezes) come from the family (Family.lr_multipliers)."""
+    factor; 0 freezes) come from the family (Family.lr_multipliers); `average_gradient(grad)`
+    (data parallel) makes the fused step average each gradient over the GPUs first."""
     frozen = {name for name, factor in (lr_multipliers or {}).items() if factor == 0}
     for name in frozen:  # no gradient at all: nothing would ever step or clear it
         trainable[name].requires_grad_(False)
@@ -171,7 +180,7 @@ def build_optimization(trainable: dict[str, nn.Parameter], cfg: dict, seed: int 
     if cfg["fused_backward"]:
         fused = optim.FusedBackwardStep(optimizer, max_grad_norm=0.0, seed=seed,
                                         max_grad_norm_per_param=cfg["max_grad_norm_per_param"] or None,
-                                        stochastic_rounding=cfg["stochastic_rounding"])
+                                        stochastic_rounding=cfg["stochastic_rounding"], average=average_gradient)
     ema = optim.EMA(params, decay=cfg["ema_decay"], update_every=cfg["ema_every"]) if cfg["ema_decay"] else None
     return Optimization(params, optimizer, scheduler, fused, ema)
 
@@ -180,16 +189,33 @@ def build_optimization(trainable: dict[str, nn.Parameter], cfg: dict, seed: int 
 
 
 def training_loss(family, objective, model: nn.Module, batch: dict, cfg: dict,
-                  generator: torch.Generator | None = None):
+                  generator: torch.Generator | None = None, rows: slice | None = None):
     """One forward pass: noise the cached latents at drawn levels and score the prediction.
     Noise and levels come from a CPU generator in training (runs reproduce across devices and
-    resumes); the memory plan passes None and draws on the device. Returns (mean loss,
-    per-sample losses (B,), the losses.Noised draw)."""
+    resumes); the memory plan passes None and draws on the device. With several GPUs `batch`
+    is the global batch: every GPU draws for all of it, as one process would, and only its
+    `rows` go through the network. Returns (mean loss, per-sample losses (B,), the
+    losses.Noised draw) of the rows that ran."""
     x0 = batch["latent"].float()
     noised = objective.noised(x0, generator, family.seq_len(x0))
-    out = family.predict(model, noised.x_t, noised.t, family.conditioning(batch, cfg, generator))
-    loss, per_sample = objective.loss(out, x0, noised, mask=batch.get("mask"))
+    cond = family.conditioning(batch, cfg, generator)
+    mask = batch.get("mask")
+    if rows is not None:
+        size = x0.shape[0]
+        x0, mask, cond = take_rows(x0, rows, size), take_rows(mask, rows, size), take_rows(cond, rows, size)
+        noised = losses.Noised(**take_rows(vars(noised), rows, size))
+    out = family.predict(model, noised.x_t, noised.t, cond)
+    loss, per_sample = objective.loss(out, x0, noised, mask=mask)
     return loss, per_sample, noised
+
+
+def take_rows(value, rows: slice, size: int):
+    """The rows of a batch-first tensor, or of each one in a dict (others are left as they are)."""
+    if isinstance(value, dict):
+        return {k: take_rows(v, rows, size) for k, v in value.items()}
+    if torch.is_tensor(value) and value.ndim and value.shape[0] == size:
+        return value[rows]
+    return value
 
 
 def close_gradients(opt: Optimization, cfg: dict) -> Tensor:

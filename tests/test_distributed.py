@@ -1,0 +1,190 @@
+"""Several processes on CPU (gloo) through torchrun and train.py's real entry point:
+data-parallel LoRA against one process with the same global batch, a stop on one rank and the
+resume, FSDP2 full fine-tuning against one process, stopped and resumed on one process from its
+two-process checkpoint, its model file in the one-GPU loader, an error on one rank; and without
+processes: the refusals, the caching split and the plan per GPU."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import demo_data
+import distributed
+import plan
+import train
+from config import DEFAULTS, ConfigError
+from models.flux import Flux
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def write_config(folder: Path, files: dict, **settings) -> str:
+    cfg = dict(files, model_overrides={"axes_dim": [8, 20, 20]}, output_dir=str(folder / "runs"),
+               cache_dir=str(folder / "cache"), device="cpu", dtype="fp32", resolution=16, t5_max_length=8,
+               learning_rate=1e-3, max_train_steps=4, save_every=2, sample_every=0, sample_at_start=False,
+               validate_every=0, gradient_checkpointing=False, lr_scheduler="constant", caption_dropout_rate=0.3,
+               save_dtype="fp32", **settings)
+    path = folder / f"{settings['run_name']}.py"
+    path.write_text("".join(f"{k} = {v!r}\n" for k, v in cfg.items()))
+    return str(path)
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    """Two processes on this machine (--standalone: a free port of their own)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every multi-process run once: `train.py CONFIG` under torchrun (data-parallel LoRA), then
+    the worker (tests/distributed_worker.py) with its jobs; one-process references in between."""
+    root = tmp_path_factory.mktemp("distributed")
+    files = demo_data.make_demo(root / "demo")
+    files = {"model_path" if k == "flux_path" else k: v for k, v in files.items()}
+    lora = dict(network_dim=4, network_alpha=4.0)
+    configs = {name: write_config(root, files, run_name=name, **settings) for name, settings in {
+        "one": dict(batch_size=4, **lora), "dp": dict(batch_size=2, **lora), "dp_split": dict(batch_size=2, **lora),
+        "full_one": dict(batch_size=4, train_mode="full", ema_decay=0.9),
+        "fsdp": dict(batch_size=2, train_mode="full", ema_decay=0.9),
+        "fsdp_split": dict(batch_size=2, train_mode="full", ema_decay=0.9),
+        "broken": dict(batch_size=2, **lora)}.items()}
+    dp = torchrun("train.py", configs["dp"])
+    assert dp.returncode == 0, dp.stderr[-3000:]
+    jobs = [{"argv": [configs["dp_split"]], "rank": 1, "stop_at": 3},  # SIGTERM on rank 1 in step 3
+            {"argv": [configs["dp_split"], "--resume=latest"]},
+            {"argv": [configs["fsdp"]]},
+            {"argv": [configs["fsdp_split"]], "rank": 1, "stop_at": 3},
+            {"argv": [configs["broken"], "--recache=True"], "rank": 1, "fail_caching": True}]
+    jobs_file = root / "jobs.json"
+    jobs_file.write_text(json.dumps(jobs))
+    worker = torchrun("tests/distributed_worker.py", str(jobs_file))
+    assert worker.returncode == 0, worker.stderr[-3000:]
+    results = [json.loads(jobs_file.with_suffix(f".rank{rank}.json").read_text()) for rank in (0, 1)]
+    train.main([configs["one"]])
+    train.main([configs["full_one"]])
+    return {"root": root, "runs": root / "runs", "configs": configs, "results": results, "dp_output": dp.stdout}
+
+
+def test_data_parallel_lora_equals_one_process_and_resumes_after_a_stop(runs):
+    one, dp, split = (losses(runs["runs"] / name) for name in ("one", "dp", "dp_split"))
+    assert sorted(one) == sorted(dp) == sorted(split) == [1, 2, 3, 4]
+    for step in one:
+        assert abs(dp[step] - one[step]) < 1e-5, (step, dp[step], one[step])
+        assert split[step] == dp[step]  # the resumed run continues the unbroken one exactly
+    a, b = load_file(str(runs["runs"] / "one" / "one.safetensors")), load_file(str(runs["runs"] / "dp" / "dp.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert "a global batch of 4 samples per step" in runs["dp_output"]
+    assert "batch 2 per GPU x 2 GPUs" in runs["dp_output"]
+    stopped, resumed = ([ranks[job] for ranks in runs["results"]] for job in (0, 1))
+    assert [r["code"] for r in stopped] == [143, 143] and [r["code"] for r in resumed] == [0, 0]
+    assert "stopped at step 3 (SIGTERM)" in stopped[0]["stderr"]  # rank 0 stopped for rank 1's signal
+    states = sorted(p.name for p in (runs["runs"] / "dp_split" / "state").iterdir())
+    assert states == ["step_000002", "step_000003", "step_000004"]
+
+
+def test_fsdp_trains_like_one_process_and_resumes_on_one_from_two(runs, tmp_path):
+    full_one, fsdp = losses(runs["runs"] / "full_one"), losses(runs["runs"] / "fsdp")
+    for step in full_one:
+        assert abs(fsdp[step] - full_one[step]) < 1e-5, (step, fsdp[step], full_one[step])
+    fsdp_split = runs["runs"] / "fsdp_split"
+    assert [r[3]["code"] for r in runs["results"]] == [143, 143]
+    assert distributed.is_sharded(fsdp_split / "state" / "step_000003")
+    assert len(list((fsdp_split / "state" / "step_000003" / "sharded").glob("*.distcp"))) == 2  # a shard per rank
+    # one process, global batch kept (batch_size 4 = 2 x 2 GPUs)
+    final = train.main([runs["configs"]["fsdp_split"], "--resume=latest", "--batch_size=4"])
+    resumed = losses(fsdp_split)
+    assert abs(resumed[4] - full_one[4]) < 1e-5 and resumed[3] == fsdp[3]
+    # the two-process model file (gathered tensor by tensor) in the one-GPU path, and the resumed one's
+    reference = load_file(str(runs["runs"] / "full_one" / "full_one.safetensors"))
+    for path in (runs["runs"] / "fsdp" / "fsdp.safetensors", runs["runs"] / "fsdp" / "fsdp_ema.safetensors", final):
+        sd = load_file(str(path))
+        assert sd.keys() == reference.keys()
+        model = Flux.from_state_dict(sd, axes_dim=[8, 20, 20])
+        assert sum(p.numel() for p in model.parameters()) == sum(t.numel() for t in reference.values())
+    ema, ema_one = (load_file(str(runs["runs"] / n / f"{n}_ema.safetensors")) for n in ("fsdp", "full_one"))
+    assert all(torch.allclose(ema[k], ema_one[k], atol=1e-5) for k in ema)
+    assert all(torch.allclose(load_file(str(final))[k], reference[k], atol=1e-4) for k in reference)
+
+
+def test_an_error_on_one_rank_stops_every_rank_with_its_message(runs):
+    broken = [r[4] for r in runs["results"]]
+    assert [r["code"] for r in broken] == [1, 1]
+    assert "error (rank 1): cannot read image broken.png" in broken[1]["stderr"]  # its own error
+    assert "error (rank 0): rank 1 stopped while caching: ImageReadError: cannot read image broken.png" \
+        in broken[0]["stderr"]
+
+
+# --- without processes --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(train_mode="lora", distributed="fsdp"), "LoRA trains data parallel"),
+    (dict(train_mode="full", blocks_to_swap=4, fused_backward=True, max_grad_norm=0.0), "block swap with FSDP"),
+    (dict(train_mode="full", fused_backward=True, max_grad_norm=0.0), "fused_backward with FSDP"),
+    (dict(train_mode="full", optimizer="adafactor"), "optimizer='adafactor' with FSDP"),
+])
+def test_combinations_that_cannot_work_are_refused_before_loading(settings, message):
+    cfg = {**DEFAULTS, **settings}
+    with pytest.raises(ConfigError, match=message):
+        distributed.check(cfg, 2)
+    assert distributed.check({**cfg, "distributed": "ddp"}, 2) == "ddp"  # the same config, data parallel
+
+
+def test_modes():
+    lora, full = {**DEFAULTS, "train_mode": "lora"}, {**DEFAULTS, "train_mode": "full"}
+    assert [distributed.choose_mode(c, n) for c, n in ((lora, 1), (lora, 2), (full, 1), (full, 8))] == \
+        ["single", "ddp", "single", "fsdp"]
+    assert distributed.choose_mode({**full, "distributed": "ddp"}, 8) == "ddp"
+    with pytest.raises(ConfigError, match="launch with torchrun"):
+        distributed.init({**full, "distributed": "fsdp"}, torch.device("cpu"))
+
+
+class FakeCache:
+    def __init__(self):
+        self.recache, self.calls = True, []
+
+    def build(self, items, encode, batch_size=1, progress=True):
+        self.calls.append((list(items), self.recache, progress))
+        return items
+
+
+class TwoRanks(distributed.World):
+    """Rank 1 of 2 without processes: agreeing is trivial."""
+
+    def agree(self, what):
+        return distributed.World.agree(distributed.World(), what)
+
+
+def test_caching_is_split_and_then_read_whole():
+    fake = FakeCache()
+    assert distributed.build_shared(TwoRanks(rank=1, size=2), fake, list(range(7)), None, batch_size=3) == list(range(7))
+    assert fake.calls == [([1, 3, 5], True, True), (list(range(7)), False, False)]  # its share, then all from disk
+    assert fake.recache  # the setting is back for the next cache
+
+
+def test_the_plan_per_gpu_divides_what_fsdp_shards(tmp_path):
+    from models import flux
+
+    tiny = flux.FluxParams(hidden_size=128, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[16, 24, 24],
+                           context_in_dim=64, vec_in_dim=32)
+    cfg = {**DEFAULTS, "resolution": 128, "ae_path": "ae.safetensors", "t5_max_length": 16, "kernels": "torch",
+           "train_mode": "full"}
+    one, eight = plan.plan(cfg, tiny), plan.plan(cfg, tiny, gpus=8)
+    parts, n = eight["several"]["parts"], one["parameters"]
+    assert parts[plan.FSDP_MASTERS] == 4 * n // 8 and parts[plan.FSDP_OPTIMIZER] == 8 * n // 8
+    assert eight["phases"]["training"] == sum(parts.values()) < one["phases"]["training"]
+    assert plan.plan({**cfg, "train_mode": "lora"}, tiny, gpus=8)["phases"] == plan.plan({**cfg, "train_mode": "lora"},
+                                                                                        tiny)["phases"]
