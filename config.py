@@ -123,10 +123,11 @@ DEFAULTS = dict(
     train_joint_blocks="all",     # which joint blocks train (LoRA targets; full fine-tuning freezes the others):
                                   # "all", "none", "30-37" (detail), "12-24" (composition), "0-33" (last blocks frozen)
     freeze_embedders=False,       # full fine-tuning: x/t/y/context embedders stay as they are (LoRA leaves them anyway)
-    sample_sampler="",            # "" the variant's (dpmpp_2m; euler for Large Turbo), "euler" or "dpmpp_2m"
+    sample_sampler="",            # "" the family's: SD3 the variant's (dpmpp_2m; euler for Large Turbo), SDXL euler;
+                                  # SD3 euler, dpmpp_2m; SDXL also euler_ancestral, ddim
     sample_shift=0.0,             # sampling schedule shift; 0: 3.0, the released models'
-    sample_cfg=0.0,               # CFG scale against the negative prompt (--n, default ""); 0: the variant's (Large 4.5,
-                                  # Medium 5, Large Turbo 1); a prompt's --l overrides
+    sample_cfg=0.0,               # CFG scale against the negative prompt (--n, default ""); 0: the family's (SD3.5 Large
+                                  # 4.5, Medium 5, Large Turbo 1; SDXL 5); a prompt's --l overrides
     sample_apg=False,             # adaptive projected guidance instead of plain CFG (seed 004's APG node)
     apg_eta=0.0,                  # APG: weight of the update parallel to the prediction
     apg_norm_threshold=15.0,      # APG: the update's L2 norm is clipped to this (0: no clipping)
@@ -137,11 +138,42 @@ DEFAULTS = dict(
     slg_end=0.2,
 
     # --- SDXL only (families/sdxl.py) ---
+    # clip_g_path (above, SD3) names SDXL's OpenCLIP bigG too; "" reads it (and CLIP-L when clip_l_path is "")
+    # from model_path's conditioner
+    max_token_length=75,          # caption tokens: 75, 150 or 225 (kohya's; one 77-token CLIP window per 75)
+    no_half_vae=True,             # the VAE in fp32 (kohya's --no_half_vae): the SDXL VAE overflows in fp16; False: the run's dtype
+    v_parameterization=False,     # v-prediction instead of epsilon (kohya's name)
+    zero_terminal_snr=False,      # rescale the betas so the last step is pure noise (Lin et al. 2024)
+    min_timestep=0,               # t is drawn from [min_timestep, max_timestep) of the 1000 DDPM steps
+    max_timestep=1000,
+    min_snr_gamma=0.0,            # min-SNR weighting min(SNR, gamma) / SNR (v: / (SNR + 1)); 0 off, 5 is the paper's
+    debiased_estimation_loss=False,  # weight 1 / sqrt(SNR) (v: 1 / (SNR + 1))
+    scale_v_pred_loss_like_noise_pred=False,
+    v_pred_like_loss=0.0,
+    noise_offset=0.0,             # eps += noise_offset * N(0, 1) per sample and channel (0.1 in seed 001's lean recipe)
+    noise_offset_random_strength=False,
+    adaptive_noise_scale=0.0,     # noise_offset += adaptive_noise_scale * |latent mean|; 0 off
+    multires_noise_iterations=0,  # pyramid noise levels; 0 off (6-10 typical)
+    multires_noise_discount=0.3,
+    ip_noise_gamma=0.0,           # input-perturbation noise on x_t only; 0 off (0.1 typical)
+    ip_noise_gamma_random_strength=False,
+    conv_dim=0,                   # LoCon: LoRA rank on the 3x3 convolutions too (0: none), as kohya's conv_dim
+    conv_alpha=0.0,               # their alpha; 0 means alpha = conv_dim
+    block_dims="",                # kohya's 23 ranks "r0,r1,...": base, 9 input, 3 middle, 9 output blocks, out
+    block_alphas="",              # 23 alphas in the same order ("" -> network_alpha)
+    conv_block_dims="",           # 23 LoCon ranks ("" -> conv_dim)
+    conv_block_alphas="",
+    down_lr_weight="",            # learning-rate factors of the 9 input blocks, or cosine/sine/linear/reverse_linear/zeros[+base]
+    mid_lr_weight="",             # 3 factors for the middle block
+    up_lr_weight="",              # 9 factors for the output blocks
+    block_lr_zero_threshold=0.0,  # factors at or below it become 0 (those blocks get no LoRA)
+    sample_schedule="leading",    # leading (SDXL's), trailing (zero-terminal-SNR models), linspace, karras
 
     # --- DeepFloyd IF only (families/deepfloyd.py) ---
 
     # --- memory (blockswap.py, optim.py, fp8.py; `python train.py CONFIG --plan` shows the effect) ---
-    blocks_to_swap=0,             # kohya's count for FLUX: n -> n//2 double + (n - n//2)*2 single blocks live in host memory
+    blocks_to_swap=0,             # kohya's count for FLUX: n -> n//2 double + (n - n//2)*2 single blocks live in host memory;
+                                  # SDXL: n blocks, the deepest level's transformer blocks first (families/sdxl.py)
     double_blocks_to_swap=-1,     # finer control; -1 derives both from blocks_to_swap
     single_blocks_to_swap=-1,
     swap_mode="exchange",         # "exchange" (weights move both ways) or "h2d_only" (frozen base, host copy is the master)
@@ -382,6 +414,10 @@ def check_memory_settings(cfg: dict) -> None:
     if cfg["fused_backward"] and cfg["gradient_accumulation_steps"] > 1:
         raise ConfigError("fused_backward updates the weights in every backward: gradient accumulation is not "
                           "possible; set gradient_accumulation_steps=1 or fused_backward=False")
+    if cfg["fused_backward"] and cfg["dtype"] == "fp16":
+        raise ConfigError("dtype='fp16' scales the loss and skips a step whose gradients overflow, but fused_backward "
+                          "updates the weights inside backward, before that is known: use dtype='bf16' with "
+                          "fused_backward, or fused_backward=False")
     if cfg["max_grad_norm_per_param"] > 0 and not cfg["fused_backward"]:
         raise ConfigError("max_grad_norm_per_param is for fused_backward; without it use max_grad_norm")
     if full and cfg["fp8_base"]:

@@ -231,5 +231,74 @@ def make_sd3_demo(root: str | Path = "runs/demo_sd3_data") -> dict:
 
 # --- SDXL demo (configs/demo_sdxl.py) -------------------------------------------------------------
 
+# A tiny SDXL-shaped checkpoint in the layout of sd_xl_base_1.0.safetensors, so the demo loads
+# through the real code: the UNet under model.diffusion_model. (3 levels of 32, 64, 64 channels,
+# 1 ResBlock each, attention at levels 1 and 2 and in the middle), CLIP-L under
+# conditioner.embedders.0.transformer. (HF layout) and bigG under conditioner.embedders.1.model.
+# (OpenCLIP layout: fused q/k/v, text_projection used as x @ P). No VAE: the UNet denoises the
+# 3-channel image (ae_path = "" and no first_stage_model keys), as the FLUX demo does.
+SDXL_TEXT_WIDTH = 32  # each tiny encoder's width: context 64 = CLIP-L 32 + bigG 32; pooled 32
+SDXL_TINY = dict(in_channels=3, out_channels=3, model_channels=32, channel_mult=[1, 2, 2], num_res_blocks=[1, 1, 1],
+                 transformer_depth=[0, 1, 1], transformer_depth_middle=1, context_dim=2 * SDXL_TEXT_WIDTH,
+                 adm_in_channels=SDXL_TEXT_WIDTH + 6 * 256, num_head_channels=16)
+
+
+def openclip_text_tower(sd: dict) -> dict:
+    """A CLIPTextModelWithProjection state dict as the OpenCLIP text tower SDXL files hold:
+    [q; k; v] fused into attn.in_proj, transformer.resblocks.N, ln_final, text_projection (P, x @ P)."""
+    out = {"token_embedding.weight": sd["text_model.embeddings.token_embedding.weight"],
+           "positional_embedding": sd["text_model.embeddings.position_embedding.weight"],
+           "ln_final.weight": sd["text_model.final_layer_norm.weight"],
+           "ln_final.bias": sd["text_model.final_layer_norm.bias"],
+           "text_projection": sd["text_projection.weight"].t().contiguous()}
+    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+             "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    layers = {int(k.split(".")[3]) for k in sd if k.startswith("text_model.encoder.layers.")}
+    for i in sorted(layers):
+        hf, oc = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{oc}attn.in_proj_{kind}"] = torch.cat([sd[f"{hf}self_attn.{p}_proj.{kind}"] for p in "qkv"])
+            out.update({f"{oc}{new}.{kind}": sd[f"{hf}{old}.{kind}"] for old, new in names.items()})
+    return out
+
+
+def _text_model_keys(model) -> dict:
+    """The released HF layout `text_model.*` (+ text_projection.weight), whichever transformers."""
+    return {(k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}"): v.contiguous()
+            for k, v in model.state_dict().items()}
+
+
+def make_sdxl(path: Path, unet: dict | None = None, seed: int = 0) -> Path:
+    """The tiny SDXL single file (see above), with the demo's CLIP tokenizer in tokenizer/ beside it
+    (where the loader looks for a single file's tokenizer). `unet` overrides SDXL_TINY's fields."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from models.unet import UNet, UNetParams
+
+    if path.exists():
+        return path
+    vocab_size = make_clip_tokenizer(path.parent / "tokenizer")
+    torch.manual_seed(seed)
+    text = dict(vocab_size=vocab_size, hidden_size=SDXL_TEXT_WIDTH, intermediate_size=2 * SDXL_TEXT_WIDTH,
+                num_hidden_layers=2, num_attention_heads=1, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                pad_token_id=1)
+    clip_l = CLIPTextModel(CLIPTextConfig(hidden_act="quick_gelu", **text))
+    clip_g = CLIPTextModelWithProjection(CLIPTextConfig(hidden_act="gelu", projection_dim=SDXL_TEXT_WIDTH, **text))
+    model = UNet(UNetParams(**{**SDXL_TINY, **(unet or {})}))
+    sd = {f"model.diffusion_model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    sd |= {f"conditioner.embedders.0.transformer.{k}": v for k, v in _text_model_keys(clip_l).items()}
+    sd |= {f"conditioner.embedders.1.model.{k}": v.contiguous()
+           for k, v in openclip_text_tower(_text_model_keys(clip_g)).items()}
+    save_file(sd, str(path))
+    return path
+
+
+def make_sdxl_demo(root: str | Path = "runs/demo_sdxl_data") -> dict:
+    """Create (once) and return the paths configs/demo_sdxl.py points at."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    return dict(dataset_dir=str(make_dataset(root / "shapes")), model_path=str(make_sdxl(root / "sdxl_tiny.safetensors")),
+                sample_prompts=str(make_prompts(root / "prompts.txt")))
+
 
 # --- DeepFloyd IF demo (configs/demo_if.py) -------------------------------------------------------

@@ -247,10 +247,12 @@ def check(cfg: dict, size: int) -> str:
                                 "GPU. Set fused_backward=False (max_grad_norm clips as usual)"),
         (cfg["optimizer"] != "adamw", f"optimizer={cfg['optimizer']!r} with FSDP: FSDP trains sharded fp32 master "
                                       "weights with AdamW, whose state is sharded too; set optimizer='adamw'"),
+        (cfg["dtype"] == "fp16", "dtype='fp16' with FSDP: FSDP computes in the config's dtype from fp32 master "
+                                 "weights without fp16 loss scaling; use dtype='bf16', or distributed='ddp' for fp16"),
     ]
     problems = [message for refused, message in refusals if refused]
     if problems:
-        raise ConfigError(f"distributed: {mode} over {size} process(es) cannot run this config:\n  "
+        raise ConfigError(f"distributed: FSDP over {size} GPU(s) cannot run this config:\n  "
                           + "\n  ".join(problems))
     return mode
 

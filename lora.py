@@ -275,7 +275,7 @@ class LoRANetwork(nn.Module):
         cls,
         model: nn.Module,
         targets: dict[str, int],
-        alpha: float | None = None,
+        alpha: float | dict[str, float] | None = None,
         dropout: float = 0.0,
         dtype: torch.dtype | None = None,
         prefix: str = "lora_unet",
@@ -283,7 +283,8 @@ class LoRANetwork(nn.Module):
     ) -> "LoRANetwork":
         """Wrap each target Linear of `model` (module path -> rank; rank 0 is skipped).
 
-        alpha None means alpha = rank (scale 1). LoRA weights are made in `dtype` (default
+        alpha: one for every target, or module path -> alpha (a path it lacks gets alpha =
+        rank); None or 0 means alpha = rank (scale 1). LoRA weights are made in `dtype` (default
         fp32) on `device` (default: where the base weight is, meta included)."""
         modules = dict(model.named_modules())
         missing = sorted(p for p in targets if p not in modules)
@@ -298,7 +299,8 @@ class LoRANetwork(nn.Module):
             if rank == 0:
                 continue
             name = kohya_name(path, prefix)
-            loras[name] = LoRAModule(modules[path], rank, alpha, dropout, dtype=dtype, device=device)
+            path_alpha = alpha.get(path) if isinstance(alpha, dict) else alpha
+            loras[name] = LoRAModule(modules[path], rank, path_alpha, dropout, dtype=dtype, device=device)
             paths[name] = path
         network = cls(loras, paths, prefix)
         for lora in network.loras.values():

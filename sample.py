@@ -180,7 +180,7 @@ def parse_args(argv):
     parser.add_argument("--lora_on_the_fly", action="store_true", help="apply LoRAs as modules instead of merging")
     parser.add_argument("--out", default="samples", help="output image (.png, .jpg, .webp; one prompt) or folder")
     parser.add_argument("--seed", type=int, default=None, help="the seed of every prompt without its own --d")
-    parser.add_argument("--dtype", default=None, choices=("bf16", "fp32"))
+    parser.add_argument("--dtype", default=None, choices=("bf16", "fp32", "fp16"), help="fp16 where the family allows it (SDXL)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--t5_max_length", type=int, default=None, help="0: the family's default")
     parser.add_argument("--apply_t5_attn_mask", action="store_true", default=None, help="mask T5 padding")

@@ -341,6 +341,8 @@ def resume(run: Run, resume_dir: Path | None) -> None:
     for group, lr in zip(run.opt.optimizer.param_groups, rates):  # the rate of the next step
         group["lr"] = lr
     scheduler._last_lr = [group["lr"] for group in run.opt.optimizer.param_groups]
+    if run.opt.scaler is not None and info.get("loss_scaler"):
+        run.opt.scaler.load_state_dict(info["loss_scaler"])
     distributed.restore_rng(run.world, extra["rng"], run.generator)
     run.order.load(info["data_order"])
     run.step = info["step"]
@@ -439,7 +441,8 @@ def save(run: Run) -> None:
     if run.prepared.network is not None:
         world.on_main(lambda: save_lora_step(run), "saving the LoRA file")
     info = {"data_order": run.order.state(), "rng": distributed.rng_state(world, run.generator), "config": cfg,
-            "identity": run.identity, "training_started_at": run.started_at}
+            "identity": run.identity, "training_started_at": run.started_at,
+            "loss_scaler": run.opt.scaler.state_dict() if run.opt.scaler is not None else None}
     if world.sharded:
         distributed.save_state(world, run.run_dir, run.step, run.prepared, run.opt, info, cfg["keep_last"])
         return
@@ -484,18 +487,21 @@ def train_step(run: Run, bins: losses.LossBins) -> dict:
                 f"loss is {mean_loss.item()} at step {run.step + 1} (images {captions}, noise levels "
                 f"{levels.tolist()}). Nothing was saved; {last_good_state(run)}. "
                 "Lower learning_rate, use dtype='bf16' rather than fp16, or check the data.")
-        (loss / cfg["gradient_accumulation_steps"]).backward()  # fused: the weights update in here
+        training.backward(run.opt, loss / cfg["gradient_accumulation_steps"])  # fused: the weights update in here
         step_loss += mean_loss.item() / cfg["gradient_accumulation_steps"]
         bins.add(world.gather_rows(per_sample.detach()), levels)  # stays on the device: no extra sync
     world.average_gradients(run.opt.params)  # data parallel: the mean gradient over the global batch
     grad_norm = distributed.local(training.close_gradients(run.opt, cfg))
-    if not torch.isfinite(grad_norm):
+    if not torch.isfinite(grad_norm) and not run.opt.skipped:  # fp16 overflows lower the loss scale instead
         raise TrainingError(f"gradient norm is {grad_norm.item()} at step {run.step + 1}; nothing was saved; "
                             f"{last_good_state(run)}. Lower learning_rate or check the data.")
     lr = run.opt.scheduler.get_last_lr()[0]
     training.apply_step(run.opt, run.step + 1, run.prepared.swap)
     run.step += 1
-    return {"step": run.step, "epoch": run.order.epoch, "loss": step_loss, "lr": lr, "grad_norm": grad_norm.item()}
+    record = {"step": run.step, "epoch": run.order.epoch, "loss": step_loss, "lr": lr, "grad_norm": grad_norm.item()}
+    if run.opt.scaler is not None:
+        record["loss_scale"] = run.opt.scaler.scale  # the scale the next step uses
+    return record
 
 
 def after_step(run: Run, record: dict, bins: losses.LossBins, stop: StopRequests) -> bool:

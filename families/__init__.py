@@ -107,6 +107,13 @@ class Family:
 
         return load_codec(cfg["ae_path"], dtype=dtype, device=device)
 
+    def codec_dtype(self, cfg: dict) -> torch.dtype:
+        """The dtype the codec runs in (the memory plan builds it so): the run's, unless the
+        family's autoencoder needs more (SDXL's overflows in fp16)."""
+        from config import DTYPES
+
+        return DTYPES[cfg["dtype"]]
+
     def text_encoder(self, cfg: dict, params, dtype: torch.dtype, device):
         """A prompt encoder: `.identity` (str), `.encode(list[str]) -> dict[str, Tensor]`
         (batch first; these are what the text cache stores), `.to(device)`."""
@@ -160,6 +167,11 @@ class Family:
     def lora_targets(self, model: nn.Module, cfg: dict) -> dict[str, int]:
         """Module path -> rank of every layer that gets a LoRA (block selection, group ranks)."""
         raise NotImplementedError
+
+    def lora_alphas(self, cfg: dict, targets: dict[str, int]) -> dict[str, float]:
+        """Module path -> alpha where a target's alpha is not the config's network_alpha (per-block
+        alphas, a separate alpha for convolutions); {} when every target takes network_alpha."""
+        return {}
 
     def lr_multipliers(self, cfg: dict, trainable: dict[str, nn.Parameter]) -> dict[str, float]:
         """Learning-rate factors by trainable parameter name (block-wise learning rates); {} for

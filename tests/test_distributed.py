@@ -135,6 +135,7 @@ def test_an_error_on_one_rank_stops_every_rank_with_its_message(runs):
     (dict(train_mode="full", blocks_to_swap=4, fused_backward=True, max_grad_norm=0.0), "block swap with FSDP"),
     (dict(train_mode="full", fused_backward=True, max_grad_norm=0.0), "fused_backward with FSDP"),
     (dict(train_mode="full", optimizer="adafactor"), "optimizer='adafactor' with FSDP"),
+    (dict(train_mode="full", dtype="fp16"), "dtype='fp16' with FSDP"),
 ])
 def test_combinations_that_cannot_work_are_refused_before_loading(settings, message):
     cfg = {**DEFAULTS, **settings}
