@@ -168,6 +168,23 @@ def load_state(state_dir: Path) -> tuple[dict, dict, dict]:
     return load_file(str(state_dir / "trainable.safetensors")), extra, info
 
 
+def load_trained(state_dir: Path, trainable: dict, opt) -> tuple[dict, dict]:
+    """A state's trainable weights, optimizer state and EMA into a run's (training.Optimization
+    `opt`). Returns (training_state, state.json info) for the rest: scheduler, RNG, data order."""
+    import optim
+
+    saved, extra, info = load_state(state_dir)
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(saved[name])
+    (opt.fused or opt.optimizer).load_state_dict(extra["optimizer"])
+    if opt.fused is None:
+        optim.restore_state_dtypes_(opt.optimizer, extra["optimizer"])
+    if opt.ema is not None and extra["ema"] is not None:
+        opt.ema.load_state_dict(extra["ema"])
+    return extra, info
+
+
 def load_info(state_dir: Path) -> tuple[dict, dict]:
     """(training_state.pt, memory-mapped: optimizer, scheduler, EMA, RNG; state.json info)."""
     extra = torch.load(Path(state_dir) / "training_state.pt", map_location="cpu", weights_only=True, mmap=True)

@@ -186,6 +186,7 @@ DEFAULTS = dict(
     # --- several GPUs (distributed.py; launch with torchrun --nproc_per_node N train.py CONFIG) ---
     distributed="auto",           # "auto": data parallel for LoRA, FSDP2 for full fine-tuning; "ddp": the whole model
                                   # on every GPU (full fine-tuning of a model that fits); "fsdp": shard (full only)
+    plan_gpus=1,                  # --plan: per-GPU figures for this many GPUs (training counts what torchrun starts)
 )
 # fmt: on
 
@@ -287,7 +288,7 @@ def validate(cfg: dict, check_files: bool = True, given: set[str] | None = None)
         if key in choices and value not in choices[key]:
             raise ConfigError(f"{key}={value!r}: choose one of {', '.join(map(repr, choices[key]))}")
     for key in ("max_train_steps", "batch_size", "gradient_accumulation_steps", "repeats", "resolution", "ema_every",
-                "vae_batch_size", "text_batch_size"):
+                "vae_batch_size", "text_batch_size", "plan_gpus"):
         if cfg[key] < 1:
             raise ConfigError(f"{key} must be at least 1, got {cfg[key]}")
     if cfg["train_mode"] == "lora" and cfg["network_dim"] < 1:

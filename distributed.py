@@ -50,6 +50,7 @@ writing) the phase ends in `agree`: every rank learns whether any failed, and al
 the failing rank's message instead of waiting for it. A stop request (Ctrl-C, SIGTERM) is
 agreed at each step boundary, so every rank saves the same step.
 """
+import atexit
 import datetime
 import json
 import os
@@ -79,9 +80,10 @@ class OtherRankFailed(RuntimeError):
 # --- the processes ---------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class World:
-    """This process's place among the ranks torchrun started (one GPU each)."""
+    """This process's place among the ranks torchrun started (one GPU each). World() is one
+    process, where every method below does what one process does."""
 
     rank: int = 0
     size: int = 1
@@ -103,7 +105,31 @@ class World:
         kind = {"ddp": "data parallel", "fsdp": "FSDP2 (sharded)"}[self.mode]
         return f"{self.size} processes, {kind}, on {self.device.type}"
 
+    def batch_note(self, cfg: dict) -> str:
+        """What batch_size and learning_rate mean on these GPUs, for the step arithmetic ("" on one)."""
+        if self.size == 1:
+            return ""
+        total = cfg["batch_size"] * self.size
+        return (f"\n{self.describe()}: batch {cfg['batch_size']} per GPU x {self.size} GPUs = a global batch of {total} "
+                f"samples per step; learning_rate {cfg['learning_rate']:g} applies to the gradient averaged over those "
+                f"{total} (as on one GPU with batch_size={total}; it is not scaled by the number of GPUs)")
+
+    def seed_ranks(self, seed: int) -> None:
+        """After the weights are made (equal on every rank): torch's global generator differs per
+        rank from here (LoRA dropout); the noise comes from the run's own generator, shared."""
+        if self.size > 1:
+            torch.manual_seed(seed + self.rank)
+
     # --- batches ---
+
+    def batch(self, load, dataset, indices: list[int], device) -> dict:
+        """`load(dataset, indices, device)` of this rank's rows of a global batch only, placed in a
+        batch of the global size (`as_global`); batch["rows"] says which rows ran here
+        (training.training_loss). One process: `load` of all of them."""
+        rows = self.rows(len(indices))
+        if rows is None:
+            return load(dataset, indices, device)
+        return {**self.as_global(load(dataset, indices[rows], device), rows, len(indices)), "rows": rows}
 
     def rows(self, batch_size: int) -> slice | None:
         """This rank's rows of a global batch (None on one process: all of it)."""
@@ -126,22 +152,6 @@ class World:
             out[key][rows] = value
         return out
 
-    def mean(self, value: Tensor) -> Tensor:
-        """The mean over the ranks of a per-rank number (the loss of each rank's rows)."""
-        if self.size == 1:
-            return value
-        total = value.detach().float().reshape(1).clone()
-        dist.all_reduce(total)
-        return total[0] / self.size
-
-    def gather_rows(self, value: Tensor) -> Tensor:
-        """The ranks' rows in rank order: the global batch's values (per-sample losses)."""
-        if self.size == 1:
-            return value
-        parts = [torch.empty_like(value) for _ in range(self.size)]
-        dist.all_gather(parts, value.contiguous())
-        return torch.cat(parts)
-
     # --- gradients (data parallel) ---
 
     def average_gradients(self, params: list[nn.Parameter]) -> None:
@@ -163,6 +173,11 @@ class World:
         """One gradient averaged in place (the fused step's hook, before the update)."""
         dist.all_reduce(grad)
         grad /= self.size
+
+    def averaging(self) -> tuple:
+        """(average all gradients, average one in place) for training.build_optimization: data
+        parallel only (FSDP reduce-scatters in backward; one process has nothing to average)."""
+        return (self.average_gradients, self.average_) if self.mode == "ddp" else (None, None)
 
     # --- agreeing ---
 
@@ -187,10 +202,10 @@ class World:
             rank, report = failed[0]
             raise OtherRankFailed(f"rank {rank} stopped while {what}: {report}")
 
-    def on_main(self, work, what: str):
-        """`work()` on rank 0 alone (writing files); every rank stops if it fails."""
-        with self.agree(what):
-            return work() if self.main else None
+    def on_main(self, work, *args, **kwargs):
+        """`work(*args, **kwargs)` on rank 0 alone (writing files); every rank stops if it fails."""
+        with self.agree(work.__name__.replace("_", " ")):
+            return work(*args, **kwargs) if self.main else None
 
     def agreed_signal(self, signum: int | None) -> int | None:
         """The stop request any rank has received, on every rank (so all save the same step)."""
@@ -275,12 +290,26 @@ def init(cfg: dict, device: torch.device) -> World:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=TIMEOUT, device_id=device if device.type == "cuda" else None)
+        atexit.register(shutdown)
     mesh = None
     if mode == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(device.type, (size,))
     return World(dist.get_rank(), size, mode, device, mesh)
+
+
+def global_loss(loss: Tensor, per_sample: Tensor) -> tuple[Tensor, Tensor]:
+    """A rank's (mean loss, per-sample losses) of its rows as the global batch's: the loss's value
+    becomes the mean over the ranks (what one process reports) while its gradient stays this
+    rank's (the gradient all-reduce or reduce-scatter averages those); the per-sample losses of
+    every rank, in rank order."""
+    parts = [torch.empty_like(per_sample) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, per_sample.detach().contiguous())
+    mean = loss.detach().clone()
+    dist.all_reduce(mean)
+    mean /= dist.get_world_size()
+    return loss + (mean - loss.detach()), torch.cat(parts)
 
 
 def rng_state(world: World, generator: torch.Generator) -> dict:
@@ -456,24 +485,32 @@ def load_sharded(folder: Path, model: nn.Module, optimizer, ema, names: list[str
 
 
 def save_state(world: World, run_dir: Path, step: int, prepared, opt, info: dict, keep_last: int) -> None:
-    """A sharded resumable state: rank 0 makes the folder, every rank writes its shards, then
-    rank 0 adds the rest (scheduler, EMA settings, RNG, state.json) and moves it into place."""
+    """A resumable state. One process or data parallel: checkpoint.save_state by rank 0. FSDP:
+    rank 0 makes the folder, every rank writes its shards, then rank 0 adds the rest
+    (scheduler, EMA settings, RNG, state.json) and moves it into place."""
     import checkpoint
 
-    world.on_main(lambda: checkpoint.begin_state(run_dir, step), "saving the state")
+    if not world.sharded:
+        world.on_main(checkpoint.save_state, run_dir, step, prepared.trainable, opt.fused or opt.optimizer,
+                      opt.scheduler, opt.ema, info, keep_last)
+        return
+    world.on_main(checkpoint.begin_state, run_dir, step)
     save_sharded(world, checkpoint.state_tmp_dir(run_dir, step), prepared.model, opt.optimizer, opt.ema,
                  _names(prepared.trainable, opt.params))
     ema = {k: v for k, v in opt.ema.state_dict().items() if k != "shadow"} if opt.ema is not None else None
     extra = {"scheduler": opt.scheduler.state_dict(), "ema": ema, "rng": info.pop("rng")}
-    world.on_main(lambda: checkpoint.commit_state(run_dir, step, extra, info, keep_last), "saving the state")
+    world.on_main(checkpoint.commit_state, run_dir, step, extra, info, keep_last)
 
 
 def load_state(world: World, state_dir: Path, prepared, opt) -> tuple[dict, dict]:
-    """A state into this run, where sharding is involved: a sharded state into this run's
-    weights, sharded or not, on any number of processes; a one-GPU state into FSDP's shards.
-    Returns (training_state, state.json info) for the rest (scheduler, RNG, data order)."""
+    """The trained weights, optimizer state and EMA of a state into this run: a one-GPU (or data
+    parallel) state into one (checkpoint.load_trained); a sharded state into this run's weights,
+    sharded or not, on any number of processes; a one-GPU state into FSDP's shards. Returns
+    (training_state, state.json info) for the rest (scheduler, RNG, data order)."""
     import checkpoint
 
+    if not is_sharded(state_dir) and not world.sharded:
+        return checkpoint.load_trained(state_dir, prepared.trainable, opt)
     extra, info = checkpoint.load_info(state_dir)
     names = _names(prepared.trainable, opt.params)
     if is_sharded(state_dir):
@@ -542,6 +579,20 @@ SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16
                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
                       torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
                       torch.float8_e5m2: "F8_E5M2"}
+
+
+def write_model(world: World, tensors: dict[str, Tensor], path: Path, metadata: dict[str, str],
+                dtype: torch.dtype) -> None:
+    """A model file in the original layout (floating tensors in `dtype`), written by rank 0; with
+    FSDP gathered one tensor at a time (write_gathered)."""
+    if world.sharded:
+        return write_gathered(world, tensors, path, metadata, dtype)
+
+    def write_model_file():
+        atomic.write_safetensors({k: v.detach().to(dtype).contiguous().cpu() for k, v in tensors.items()}, path,
+                                 metadata)
+
+    world.on_main(write_model_file)
 
 
 def write_gathered(world: World, tensors: dict[str, Tensor], path: Path, metadata: dict[str, str],

@@ -10,11 +10,12 @@ import atomic
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, resume_step: int = 0):
+    def __init__(self, run_dir: Path, resume_step: int = 0, write: bool = True):
+        self.write = write  # False: the records stay in memory (under torchrun, every process but the first)
         self.path = Path(run_dir) / "metrics.jsonl"
         self.plot_path = Path(run_dir) / "loss.png"
         self.records: list[dict] = []
-        if self.path.exists():  # keep what a resumed run logged before, drop steps it will redo
+        if write and self.path.exists():  # keep what a resumed run logged before, drop steps it will redo
             for line in self.path.read_text().splitlines():
                 try:
                     record = json.loads(line)
@@ -26,6 +27,8 @@ class MetricsLog:
 
     def log(self, record: dict) -> None:
         self.records.append(record)
+        if not self.write:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -38,7 +41,7 @@ class MetricsLog:
     def plot(self) -> None:
         """loss.png: training loss (thin), its moving average (thick), validation loss (dots)."""
         train = self.series("loss")
-        if len(train) < 2:
+        if len(train) < 2 or not self.write:
             return
         val = self.series("val_loss")
         plot_losses(train, val, self.plot_path)

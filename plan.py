@@ -864,9 +864,9 @@ def format_swap(result: dict) -> list[str]:
     return lines
 
 
-def main(cfg: dict, gpus: int = 1) -> dict:
-    """`python train.py CONFIG --plan [--gpus=N]`: print the plan and return its numbers."""
-    result = plan(cfg, gpus=gpus)
+def main(cfg: dict) -> dict:
+    """`python train.py CONFIG --plan [--plan_gpus=N]`: print the plan and return its numbers."""
+    result = plan(cfg, gpus=cfg["plan_gpus"])
     print(format_plan(result, cfg))
     print(f"(planned in {result['seconds']:.1f} s without reading a weight)")
     return result

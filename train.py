@@ -18,7 +18,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -131,16 +131,13 @@ def sample_images(run: "Run", step: int) -> list[Path]:
         neg = None
         if prompt.cfg_scale != 1.0:
             neg = run.family.sample_conditioning(batch_text(run.data.text_cache, prompt.negative), prompt, run.device)
-        latents.append(sample.generate_latent(run.family, model, codec, prompt, cond, neg))  # on every GPU (FSDP)
-
-    def write() -> list[Path]:
-        images = sample.decode_images(codec, latents, run.device, run.cfg["vae_tile_size"], headroom(run.device))
-        paths = [run.run_dir / "samples" / f"step{step:06d}_{i:02d}.png" for i in range(len(images))]
-        for prompt, image, path in zip(run.data.prompts, images, paths):
-            sample.save_image(image, path, prompt, {"step": step})
-        return paths
-
-    paths = run.world.on_main(write, "writing samples")
+        latents.append(sample.generate_latent(run.family, model, codec, prompt, cond, neg))
+    images = sample.decode_images(codec, latents, run.device, run.cfg["vae_tile_size"], headroom(run.device))
+    paths = []
+    for i, (prompt, image) in enumerate(zip(run.data.prompts, images)):
+        path = run.run_dir / "samples" / f"step{step:06d}_{i:02d}.png"
+        run.world.on_main(sample.save_image, image, path, prompt, {"step": step})
+        paths.append(path)
     model.train(was_training)
     return paths
 
@@ -170,9 +167,9 @@ class StopRequests:
     they ask it to save at the next step boundary and end (a second Ctrl-C stops at once).
     Used as a context manager; the previous handlers come back on exit."""
 
-    def __init__(self):
+    def __init__(self, world=None):
         self.signum: int | None = None  # the signal that asked the loop to stop
-        self.in_loop = False
+        self.in_loop, self.world = False, world or distributed.World()
         self.previous = {}
 
     def __enter__(self) -> "StopRequests":
@@ -194,6 +191,7 @@ class StopRequests:
 
     @property
     def requested(self) -> bool:
+        self.signum = self.world.agreed_signal(self.signum)  # several GPUs: any one's request, on all of them
         return self.signum is not None
 
 
@@ -212,13 +210,12 @@ def peak_memory_gb(device) -> float:
 # --- main --------------------------------------------------------------------------------------
 
 
-USAGE = """usage: python train.py CONFIG [--key=value ...] [--plan [--gpus=N]] [--debug]
-       torchrun --nproc_per_node N train.py CONFIG [--key=value ...]    (N GPUs; README: several GPUs)
+USAGE = """usage: python train.py CONFIG [--key=value ...] [--plan] [--debug]
+       torchrun --nproc_per_node N train.py CONFIG [--key=value ...]     several GPUs (README)
 
   CONFIG         a config file: Python assignments that differ from config.py's defaults
   --key=value    override one setting (every key and its default is in config.py)
   --plan         print where GPU memory goes, without loading a weight or needing a GPU
-  --gpus=N       with --plan: per-GPU figures for a run on N GPUs
   --debug        show the traceback of an error
 
   python train.py configs/demo.py                        a tiny model on CPU, no downloads
@@ -227,16 +224,11 @@ USAGE = """usage: python train.py CONFIG [--key=value ...] [--plan [--gpus=N]] [
 """
 
 
-def parse_args(argv: list[str]) -> tuple[str | None, list[str], int]:
-    """(config path or None, --key=value overrides, the GPUs to plan for: 0 trains). The config
-    path comes first; anything else that is not --key=value is an error."""
-    gpus = [a for a in argv if a.startswith("--gpus=")]
-    plan_gpus = int(gpus[-1].split("=", 1)[1]) if gpus and gpus[-1].split("=", 1)[1].isdigit() else 1
-    if gpus and ("--plan" not in argv or plan_gpus < 1):
-        raise ConfigError(f"{gpus[-1]}: --gpus=N (N >= 1) goes with --plan; training takes the number of GPUs "
-                          "from torchrun (torchrun --nproc_per_node N train.py CONFIG)")
-    plan_gpus = plan_gpus if "--plan" in argv else 0
-    argv = [a for a in argv if a not in ("--plan", "--debug") and not a.startswith("--gpus=")]
+def parse_args(argv: list[str]) -> tuple[str | None, list[str], bool]:
+    """(config path or None, --key=value overrides, --plan). The config path comes first;
+    anything else that is not --key=value is an error."""
+    plan_only = "--plan" in argv
+    argv = [a for a in argv if a not in ("--plan", "--debug")]
     config_path = argv[0] if argv and not argv[0].startswith("--") else None
     rest = argv[1:] if config_path is not None else argv
     stray = [a for a in rest if not a.startswith("--")]
@@ -244,7 +236,7 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str], int]:
         where = "put the config file first" if config_path is None or rest.index(stray[0]) else ""
         raise ConfigError(f"unexpected argument {stray[0]!r}: overrides look like --key=value"
                           + (f"; {where}" if where else "") + " (python train.py --help)")
-    return config_path, rest, plan_gpus
+    return config_path, rest, plan_only
 
 
 def main(argv=None) -> Path:
@@ -254,14 +246,14 @@ def main(argv=None) -> Path:
     if "--help" in argv or "-h" in argv:
         print(USAGE, end="")
         raise SystemExit(0)
-    config_path, overrides, plan_gpus = parse_args(argv)
-    with distributed.quiet():  # under torchrun rank 0 prints
+    config_path, overrides, plan_only = parse_args(argv)
+    with distributed.quiet():  # under torchrun the first process prints, the others report errors only
         # all config errors surface here; the plan reads no files, so they need not exist yet
-        cfg = load_config(config_path, overrides, check_files=not plan_gpus)
-        if plan_gpus:
+        cfg = load_config(config_path, overrides, check_files=not plan_only)
+        if plan_only:
             import plan
 
-            return plan.main(cfg, plan_gpus)
+            return plan.main(cfg)
         return train(cfg)
 
 
@@ -288,7 +280,7 @@ class Run:
     started_at: float = 0.0  # when training began (kept across resumes)
     session_id: int = 0  # kohya's ss_session_id: a random number per process
     identity: dict | None = None  # model file and dataset fingerprint (run_identity)
-    world: distributed.World = field(default_factory=distributed.World)  # the GPUs torchrun started
+    world: distributed.World = distributed.World()  # the processes torchrun started (distributed.py)
 
 
 def check_model_settings(family, params, cfg: dict) -> None:
@@ -306,8 +298,7 @@ def check_model_settings(family, params, cfg: dict) -> None:
         raise ConfigError(str(error)) from None
 
 
-def build_run(cfg: dict, family, sd: dict, params, world: distributed.World, run_dir: Path,
-              cached: data.Data) -> Run:
+def build_run(cfg: dict, family, sd: dict, params, world, run_dir: Path, cached: data.Data) -> Run:
     """Phases 3 and 4: the denoiser in host memory (the file memory-mapped), what trains, swap
     placement (or FSDP's shards), then the optimizer, schedule, fused step and EMA."""
     model = training.load_network(family, cfg, sd, distributed.load_dtype(world, sd, DTYPES[cfg["dtype"]]))
@@ -315,10 +306,9 @@ def build_run(cfg: dict, family, sd: dict, params, world: distributed.World, run
     if prepared.swap is not None:
         print(prepared.swap.describe())
     opt = training.build_optimization(prepared.trainable, cfg, seed=cfg["seed"],
-                                      lr_multipliers=family.lr_multipliers(cfg, prepared.trainable),
-                                      average_gradient=world.average_ if world.mode == "ddp" else None)
+                                      lr_multipliers=family.lr_multipliers(cfg, prepared.trainable), world=world)
     images = len({entry.item.image_path for entry in cached.train.entries})
-    # global batches: batch_size per GPU; entry = index % entries
+    # global batches (batch_size per GPU); entry = index % entries
     order = DataOrder(images * cfg["repeats"], cfg["batch_size"] * world.size, cfg["seed"])
     return Run(cfg, family, params, world.device, run_dir, cached, prepared, opt, family.objective(cfg), order,
                torch.Generator().manual_seed(cfg["seed"]), world=world)
@@ -329,10 +319,7 @@ def resume(run: Run, resume_dir: Path | None) -> None:
     The learning rate and schedule length come from the current config."""
     if resume_dir is None:
         return
-    if distributed.is_sharded(resume_dir) or run.world.sharded:  # FSDP's states, and FSDP runs
-        extra, info = distributed.load_state(run.world, resume_dir, run.prepared, run.opt)
-    else:
-        extra, info = load_trained(run, resume_dir)
+    extra, info = distributed.load_state(run.world, resume_dir, run.prepared, run.opt)  # weights, optimizer, EMA
     scheduler = run.opt.scheduler
     base_lrs = list(scheduler.base_lrs)  # this config's learning rates, per group
     scheduler.load_state_dict(extra["scheduler"])  # the step count (and the saved base rates) come back
@@ -350,40 +337,17 @@ def resume(run: Run, resume_dir: Path | None) -> None:
     print(f"resumed from {resume_dir} at step {run.step}")
 
 
-def load_trained(run: Run, resume_dir: Path) -> tuple[dict, dict]:
-    """The trainable weights, optimizer state and EMA of a one-GPU (or data-parallel) state into
-    this run's. Returns (training_state, state.json info)."""
-    saved, extra, info = checkpoint.load_state(resume_dir)
-    with torch.no_grad():
-        for name, p in run.prepared.trainable.items():
-            p.copy_(saved[name])
-    optimizer = run.opt.fused or run.opt.optimizer
-    optimizer.load_state_dict(extra["optimizer"])
-    if run.opt.fused is None:
-        import optim
-
-        optim.restore_state_dtypes_(run.opt.optimizer, extra["optimizer"])
-    if run.opt.ema is not None and extra["ema"] is not None:
-        run.opt.ema.load_state_dict(extra["ema"])
-    return extra, info
-
-
 def print_arithmetic(run: Run) -> None:
     """Phase 6's preamble: the settings that differ from the defaults and the step arithmetic."""
-    cfg, gpus = run.cfg, run.world.size
-    per_step = cfg["batch_size"] * gpus * cfg["gradient_accumulation_steps"]
+    cfg = run.cfg
+    per_step = cfg["batch_size"] * run.world.size * cfg["gradient_accumulation_steps"]
     steps_per_epoch = max(1, run.order.num_items // per_step)
     changed = {k: v for k, v in cfg.items() if v != DEFAULTS[k]}
     print(f"config (differences from the defaults; all of it is in {run.run_dir / 'config.py'}):")
     print(format_config(changed), end="")
-    per_gpu = f" per GPU x {gpus} GPUs" if gpus > 1 else ""
-    print(f"{len(run.data.train)} images x {cfg['repeats']} repeats / (batch {cfg['batch_size']}{per_gpu} x accumulation "
-          f"{cfg['gradient_accumulation_steps']}) = {steps_per_epoch} steps per epoch; "
-          f"{cfg['max_train_steps']} steps = {cfg['max_train_steps'] / steps_per_epoch:.1f} epochs")
-    if gpus > 1:
-        print(f"{run.world.describe()}: a global batch of {per_step} samples per step; learning_rate "
-              f"{cfg['learning_rate']:g} applies to the gradient averaged over those {per_step} (as on one GPU with "
-              f"batch_size={cfg['batch_size'] * gpus}; it is not scaled by the number of GPUs)")
+    print(f"{len(run.data.train)} images x {cfg['repeats']} repeats / (batch {cfg['batch_size'] * run.world.size} "
+          f"x accumulation {cfg['gradient_accumulation_steps']}) = {steps_per_epoch} steps per epoch; {cfg['max_train_steps']} "
+          f"steps = {cfg['max_train_steps'] / steps_per_epoch:.1f} epochs{run.world.batch_note(cfg)}")
     n_trainable = sum(p.numel() for p in run.prepared.trainable.values())
     held_out = len(run.data.val) if run.data.val is not None else 0
     print(f"training {n_trainable:,} parameters ({cfg['train_mode']}); saving every {cfg['save_every']} steps, "
@@ -433,34 +397,24 @@ def run_facts(run: Run) -> dict:
 
 
 def save(run: Run) -> None:
-    """The LoRA step file (and its EMA twin) and a resumable state (rank 0 writes them; with
-    FSDP every rank writes its shards of the state)."""
-    cfg, world = run.cfg, run.world
+    """The LoRA step file (and its EMA twin) and a resumable state."""
+    cfg, step = run.cfg, run.step
+    network, ema = run.prepared.network, run.opt.ema
     if run.prepared.swap is not None:
         run.prepared.swap.synchronize()  # swapped weights are read on the host below
-    if run.prepared.network is not None:
-        world.on_main(lambda: save_lora_step(run), "saving the LoRA file")
-    info = {"data_order": run.order.state(), "rng": distributed.rng_state(world, run.generator), "config": cfg,
+    if network is not None and run.world.main:  # the first process writes files
+        meta = lora_metadata(run)
+        save_dtype = DTYPES[cfg["save_dtype"]]
+        lora.save_lora(network, run.run_dir / f"{cfg['run_name']}_step{step:06d}.safetensors", meta, save_dtype,
+                       run.family, cfg["lora_format"])
+        if ema is not None:
+            with ema.swapped(run.opt.params):
+                lora.save_lora(network, run.run_dir / f"{cfg['run_name']}_step{step:06d}_ema.safetensors", meta,
+                               save_dtype, run.family, cfg["lora_format"])
+    info = {"data_order": run.order.state(), "rng": distributed.rng_state(run.world, run.generator), "config": cfg,
             "identity": run.identity, "training_started_at": run.started_at,
             "loss_scaler": run.opt.scaler.state_dict() if run.opt.scaler is not None else None}
-    if world.sharded:
-        distributed.save_state(world, run.run_dir, run.step, run.prepared, run.opt, info, cfg["keep_last"])
-        return
-    world.on_main(lambda: checkpoint.save_state(run.run_dir, run.step, run.prepared.trainable,
-                                                run.opt.fused or run.opt.optimizer, run.opt.scheduler, run.opt.ema,
-                                                info, cfg["keep_last"]), "saving the state")
-
-
-def save_lora_step(run: Run) -> None:
-    cfg, step, network, ema = run.cfg, run.step, run.prepared.network, run.opt.ema
-    meta = lora_metadata(run)
-    save_dtype = DTYPES[cfg["save_dtype"]]
-    lora.save_lora(network, run.run_dir / f"{cfg['run_name']}_step{step:06d}.safetensors", meta, save_dtype,
-                   run.family, cfg["lora_format"])
-    if ema is not None:
-        with ema.swapped(run.opt.params):
-            lora.save_lora(network, run.run_dir / f"{cfg['run_name']}_step{step:06d}_ema.safetensors", meta,
-                           save_dtype, run.family, cfg["lora_format"])
+    distributed.save_state(run.world, run.run_dir, step, run.prepared, run.opt, info, cfg["keep_last"])
 
 
 def last_good_state(run: Run) -> str:
@@ -470,28 +424,25 @@ def last_good_state(run: Run) -> str:
 
 def train_step(run: Run, bins: losses.LossBins) -> dict:
     """One optimizer step over `gradient_accumulation_steps` micro-batches; returns its record."""
-    cfg, data, world = run.cfg, run.data, run.world
+    cfg, data = run.cfg, run.data
     step_loss = 0.0
     for _ in range(cfg["gradient_accumulation_steps"]):
-        indices = [i % len(data.train) for i in run.order.next_batch()]  # the global batch (every GPU's)
-        rows = world.rows(len(indices))  # this GPU's part of it (None on one GPU: all of it)
-        batch = world.as_global(load_batch(data.train, indices[rows or slice(None)], run.device), rows, len(indices))
-        batch = drop_captions(batch, data.empty_caption, cfg["caption_dropout_rate"], run.generator)
+        indices = [i % len(data.train) for i in run.order.next_batch()]
+        # several GPUs: this one's rows of the global batch, the others' zeros (distributed.World.batch)
+        batch = drop_captions(run.world.batch(load_batch, data.train, indices, run.device), data.empty_caption,
+                              cfg["caption_dropout_rate"], run.generator)
         with offload_activations(cfg["offload_activations"], pin_memory=cfg["pin_memory"]):
             loss, per_sample, noised = training.training_loss(run.family, run.objective, run.prepared.model, batch,
-                                                              cfg, run.generator, rows)
-        mean_loss, levels = world.mean(loss), world.gather_rows(noised.level)  # the same on every GPU
-        if not torch.isfinite(mean_loss):  # a host sync, once per micro-batch
-            captions = [data.train.entries[i].item.caption for i in indices]
+                                                              cfg, run.generator)
+        if not torch.isfinite(loss):  # a host sync, once per micro-batch
             raise TrainingError(
-                f"loss is {mean_loss.item()} at step {run.step + 1} (images {captions}, noise levels "
-                f"{levels.tolist()}). Nothing was saved; {last_good_state(run)}. "
+                f"loss is {loss.item()} at step {run.step + 1} (images {batch['caption']}, noise levels "
+                f"{noised.level.tolist()}). Nothing was saved; {last_good_state(run)}. "
                 "Lower learning_rate, use dtype='bf16' rather than fp16, or check the data.")
         training.backward(run.opt, loss / cfg["gradient_accumulation_steps"])  # fused: the weights update in here
-        step_loss += mean_loss.item() / cfg["gradient_accumulation_steps"]
-        bins.add(world.gather_rows(per_sample.detach()), levels)  # stays on the device: no extra sync
-    world.average_gradients(run.opt.params)  # data parallel: the mean gradient over the global batch
-    grad_norm = distributed.local(training.close_gradients(run.opt, cfg))
+        step_loss += loss.item() / cfg["gradient_accumulation_steps"]
+        bins.add(per_sample.detach(), noised.level)  # stays on the device: no extra sync
+    grad_norm = training.close_gradients(run.opt, cfg)
     if not torch.isfinite(grad_norm) and not run.opt.skipped:  # fp16 overflows lower the loss scale instead
         raise TrainingError(f"gradient norm is {grad_norm.item()} at step {run.step + 1}; nothing was saved; "
                             f"{last_good_state(run)}. Lower learning_rate or check the data.")
@@ -504,77 +455,55 @@ def train_step(run: Run, bins: losses.LossBins) -> dict:
     return record
 
 
-def after_step(run: Run, record: dict, bins: losses.LossBins, stop: StopRequests) -> bool:
-    """Validation, metrics, samples and checkpoints of the step just done. Returns whether to
-    stop: a stop request any GPU received, on every GPU (all save this step)."""
-    cfg, step, world = run.cfg, run.step, run.world
-    stop.signum = world.agreed_signal(stop.signum)
-    stopping = stop.requested  # from here on the same on every GPU, whenever another signal comes
+def after_step(run: Run, record: dict, bins: losses.LossBins, stop: StopRequests) -> None:
+    """Validation, metrics, samples and checkpoints of the step just done."""
+    cfg, step = run.cfg, run.step
     last = step == cfg["max_train_steps"]
     if run.data.val is not None and cfg["validate_every"] and step % cfg["validate_every"] == 0:
         record["val_loss"], record["val_loss_by_sigma"] = validation_loss(run, list(range(len(run.data.val))))
-    if step % 10 == 0 or last or stopping:
+    if step % 10 == 0 or last or stop.requested:
         record["loss_by_sigma"] = bins.summary()
         bins.reset()
-    if step % cfg["log_every"] == 0 or last or stopping or "val_loss" in record or "loss_by_sigma" in record:
-        world.on_main(lambda: run.metrics.log(record), "logging")
+    if step % cfg["log_every"] == 0 or last or stop.requested or "val_loss" in record or "loss_by_sigma" in record:
+        run.metrics.log(record)
     if run.data.prompts and cfg["sample_every"] and (step % cfg["sample_every"] == 0 or last):
         sample_images(run, step)
-    if (cfg["save_every"] and step % cfg["save_every"] == 0) or last or stopping:
+    if (cfg["save_every"] and step % cfg["save_every"] == 0) or last or stop.requested:
         save(run)
-        world.on_main(lambda: run.metrics.plot(), "plotting")
-    return stopping
+        run.metrics.plot()
 
 
-def loop(run: Run, stop: StopRequests) -> bool:
-    """Phase 6: steps until max_train_steps or a stop request; returns whether it stopped."""
+def loop(run: Run, stop: StopRequests) -> None:
+    """Phase 6: steps until max_train_steps or a stop request."""
     cfg = run.cfg
     if run.data.prompts and cfg["sample_at_start"] and run.step == 0:
         sample_images(run, 0)
     bins = losses.LossBins()
-    bar = tqdm(total=cfg["max_train_steps"], initial=run.step, dynamic_ncols=True)
-    start, first, stopping = time.perf_counter(), run.step, False
+    bar = tqdm(total=cfg["max_train_steps"], initial=run.step, dynamic_ncols=True, disable=not run.world.main)
+    start, first = time.perf_counter(), run.step
     stop.in_loop = True
-    while run.step < cfg["max_train_steps"] and not stopping:
+    while run.step < cfg["max_train_steps"] and not stop.requested:
         record = train_step(run, bins)
         record["s_per_it"] = (time.perf_counter() - start) / max(run.step - first, 1)
         record["peak_mem_gb"] = peak_memory_gb(run.device)
-        stopping = after_step(run, record, bins, stop)
+        after_step(run, record, bins, stop)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", mem=f"{record['peak_mem_gb']:.1f}G")
         bar.update(1)
     stop.in_loop = False
     bar.close()
-    return stopping
 
 
 def train(cfg: dict) -> Path:
     """The whole run, in phases. Ctrl-C or SIGTERM during the loop saves at the step boundary
-    and raises RunStopped (exit status 130 / 143); before the loop it stops at once. Under
-    torchrun every GPU's process runs this (distributed.py); rank 0 prints and writes."""
+    and raises RunStopped (exit status 130 / 143); before the loop it stops at once."""
     family = families.get(cfg["model_family"])
-    world = distributed.init(cfg, pick_device(cfg["device"]))  # refuses what cannot run on these GPUs
+    world = distributed.init(cfg, pick_device(cfg["device"]))  # torchrun's processes; refuses what cannot run
     set_kernels(cfg["kernels"])
     torch.manual_seed(cfg["seed"])
-    with StopRequests() as stop:
-        run = set_up(cfg, family, world)  # phases 1 to 5
-        # 6. the loop
-        stopped = loop(run, stop)
-    world.on_main(lambda: run.metrics.plot(), "plotting")
-    if stopped:
-        raise RunStopped(stop.signum, f"stopped at step {run.step} ({signal.Signals(stop.signum).name}); the state "
-                                      f"is saved: continue with --resume=latest")
-    # 7. finish
-    return finish(run)
-
-
-def set_up(cfg: dict, family, world: distributed.World) -> Run:
-    """Phases 1 to 5: everything up to the first step. With several GPUs a phase that one of
-    them fails stops them all (distributed.World.agree)."""
     run_dir = Path(cfg["output_dir"]) / cfg["run_name"]
-    with world.agree("checking the run folder, the model and the dataset"):
-        if world.main:
-            checkpoint.claim_run_dir(run_dir, cfg["run_name"], cfg["resume"], cfg["overwrite"])  # before any write
-        resume_dir = checkpoint.find_resume_dir(run_dir, cfg["resume"])
+    world.on_main(checkpoint.claim_run_dir, run_dir, cfg["run_name"], cfg["resume"], cfg["overwrite"])  # first
+    resume_dir = checkpoint.find_resume_dir(run_dir, cfg["resume"])
+    with StopRequests(world) as stop:
         # 1. checks that need files but no model
         sd = load_state_dict(cfg["model_path"], allow_pickle=cfg["allow_pickle"])  # memory-mapped: no data read yet
         params = family.params(sd, cfg)
@@ -583,22 +512,27 @@ def set_up(cfg: dict, family, world: distributed.World) -> Run:
         identity = checkpoint.run_identity(cfg, items.fingerprint, world.size)
         if resume_dir is not None:
             checkpoint.check_resume(resume_dir, cfg, family.lora_config_keys + family.trained_config_keys, identity)
-    # 2. data and caches (each GPU encodes its share)
-    cached = data.load_data(cfg, family, params, world.device, DTYPES[cfg["dtype"]], items, world)
-    # 3, 4. the denoiser, what trains, the optimizer
-    with world.agree("loading the model"):
+        # 2. data and caches
+        cached = data.load_data(cfg, family, params, world.device, DTYPES[cfg["dtype"]], items, world)
+        # 3, 4. the denoiser, what trains, the optimizer
         run = build_run(cfg, family, sd, params, world, run_dir, cached)
-    run.identity, run.session_id = identity, random.randint(0, 2**32)
-    del sd
-    if world.size > 1:
-        torch.manual_seed(cfg["seed"] + world.rank)  # LoRA dropout differs per GPU (the weights started equal)
-    # 5. resume
-    run.started_at = time.time()
-    resume(run, resume_dir)
-    world.on_main(lambda: atomic.write_text(run_dir / "config.py", format_config(cfg)), "writing config.py")
-    run.metrics = world.on_main(lambda: MetricsLog(run_dir, resume_step=run.step), "opening the metrics log")
-    print_arithmetic(run)
-    return run
+        run.identity, run.session_id = identity, random.randint(0, 2**32)
+        del sd
+        world.seed_ranks(cfg["seed"])  # LoRA dropout differs per GPU (the weights started equal)
+        # 5. resume
+        run.started_at = time.time()
+        resume(run, resume_dir)
+        world.on_main(atomic.write_text, run_dir / "config.py", format_config(cfg))
+        run.metrics = MetricsLog(run_dir, resume_step=run.step, write=world.main)
+        print_arithmetic(run)
+        # 6. the loop
+        loop(run, stop)
+    run.metrics.plot()
+    if stop.requested:
+        raise RunStopped(stop.signum, f"stopped at step {run.step} ({signal.Signals(stop.signum).name}); the state "
+                                      f"is saved: continue with --resume=latest")
+    # 7. finish
+    return finish(run)
 
 
 def finish(run: Run) -> Path:
@@ -622,19 +556,14 @@ def finish(run: Run) -> Path:
 
 
 def write_final(run: Run, path: Path) -> None:
-    """The LoRA file, or for full fine-tuning the model in the original layout (rank 0 writes;
-    with FSDP it is gathered one tensor at a time)."""
-    save_dtype, world, network = DTYPES[run.cfg["save_dtype"]], run.world, run.prepared.network
-    if network is not None:
-        world.on_main(lambda: lora.save_lora(network, path, lora_metadata(run), save_dtype, run.family,
-                                             run.cfg["lora_format"]), "writing the LoRA file")
+    """The LoRA file, or for full fine-tuning the model in the original layout."""
+    save_dtype = DTYPES[run.cfg["save_dtype"]]
+    if run.prepared.network is not None:
+        run.world.on_main(lora.save_lora, run.prepared.network, path, lora_metadata(run), save_dtype, run.family,
+                          run.cfg["lora_format"])
         return
-    state, meta = run.prepared.model.state_dict(), {"trainer_config": json.dumps(public_config(run.cfg), default=str)}
-    if world.sharded:
-        distributed.write_gathered(world, state, path, meta, save_dtype)
-        return
-    world.on_main(lambda: atomic.write_safetensors({k: v.detach().to(save_dtype).contiguous().cpu()
-                                                    for k, v in state.items()}, path, meta), "writing the model")
+    distributed.write_model(run.world, run.prepared.model.state_dict(), path,
+                            {"trainer_config": json.dumps(public_config(run.cfg), default=str)}, save_dtype)
 
 
 def public_config(cfg: dict) -> dict:
@@ -652,8 +581,7 @@ USER_ERRORS = (ConfigError, checkpoint.RunFolderError, TrainingError, FileNotFou
 
 
 def run_cli() -> int:
-    """The command line: errors a user can cause are one or two lines (--debug: the traceback).
-    Under torchrun every rank reports its own (the message names the rank)."""
+    """The command line: errors a user can cause are one or two lines (--debug: the traceback)."""
     debug = "--debug" in sys.argv
     try:
         main()
@@ -663,15 +591,11 @@ def run_cli() -> int:
     except USER_ERRORS as error:
         if debug:
             raise
-        print(f"error{distributed.rank_label()}: {error}", file=sys.stderr)
+        print(f"error{distributed.rank_label()}: {error}", file=sys.stderr)  # under torchrun: which process
         print("(--debug shows the traceback)", file=sys.stderr)
         return 1
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        code = run_cli()
-    finally:
-        distributed.shutdown()  # the processes torchrun started
-    sys.exit(code)
+    sys.exit(run_cli())

@@ -9,6 +9,7 @@ so the plan cannot drift from training.
     grad_norm = close_gradients(opt, cfg)                 # unscale (fp16), clip (or close the fused step)
     apply_step(opt, step)                                  # optimizer step, schedule, EMA
 """
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 import activations
 import blockswap
+import distributed
 import fp8
 import lora
 import losses
@@ -145,6 +147,7 @@ class Optimization:
     ema: optim.EMA | None
     scaler: "LossScaler | None" = None  # dtype="fp16": dynamic loss scaling
     skipped: bool = False  # the last step's gradients overflowed in fp16: no update was made
+    average: Callable | None = None  # data parallel: average(params) makes each gradient its mean over the GPUs
 
 
 def param_groups(trainable: dict[str, nn.Parameter], cfg: dict, lr_multipliers: dict[str, float] | None):
@@ -161,12 +164,13 @@ def param_groups(trainable: dict[str, nn.Parameter], cfg: dict, lr_multipliers: 
 
 def build_optimization(trainable: dict[str, nn.Parameter], cfg: dict, seed: int | None = None,
                        foreach: bool | None = None, lr_multipliers: dict[str, float] | None = None,
-                       average_gradient=None) -> Optimization:
+                       world=None) -> Optimization:
     """The optimizer (and the step fused into backward), its LR schedule and the EMA. `seed`
     seeds the fused step's rounding noise (None on the meta device); `foreach` chooses AdamW's
     implementation off CUDA (optim.build_optimizer); `lr_multipliers` (parameter name ->
-    factor; 0 freezes) come from the family (Family.lr_multipliers); `average_gradient(grad)`
-    (data parallel) makes the fused step average each gradient over the GPUs first."""
+    factor; 0 freezes) come from the family (Family.lr_multipliers). With several GPUs data
+    parallel (`world`, distributed.World) the gradients are averaged over them: each in the fused
+    step's hook before it is used, or all of them in close_gradients."""
     frozen = {name for name, factor in (lr_multipliers or {}).items() if factor == 0}
     for name in frozen:  # no gradient at all: nothing would ever step or clear it
         trainable[name].requires_grad_(False)
@@ -179,37 +183,43 @@ def build_optimization(trainable: dict[str, nn.Parameter], cfg: dict, seed: int 
     scheduler = optim.build_scheduler(optimizer, cfg["lr_scheduler"], warmup_steps=cfg["lr_warmup_steps"],
                                       total_steps=cfg["max_train_steps"], end_lr_ratio=cfg["lr_end_ratio"],
                                       power=cfg["lr_power"])
+    average_all, average_one = world.averaging() if world is not None else (None, None)
     fused = None
     if cfg["fused_backward"]:
         fused = optim.FusedBackwardStep(optimizer, max_grad_norm=0.0, seed=seed,
                                         max_grad_norm_per_param=cfg["max_grad_norm_per_param"] or None,
-                                        stochastic_rounding=cfg["stochastic_rounding"], average=average_gradient)
+                                        stochastic_rounding=cfg["stochastic_rounding"], average=average_one)
     ema = optim.EMA(params, decay=cfg["ema_decay"], update_every=cfg["ema_every"]) if cfg["ema_decay"] else None
     scaler = LossScaler() if cfg["dtype"] == "fp16" else None
-    return Optimization(params, optimizer, scheduler, fused, ema, scaler)
+    return Optimization(params, optimizer, scheduler, fused, ema, scaler, average=average_all)
 
 
 # --- one step ----------------------------------------------------------------------------------------
 
 
 def training_loss(family, objective, model: nn.Module, batch: dict, cfg: dict,
-                  generator: torch.Generator | None = None, rows: slice | None = None):
+                  generator: torch.Generator | None = None):
     """One forward pass: noise the cached latents at drawn levels and score the prediction.
     Noise and levels come from a CPU generator in training (runs reproduce across devices and
-    resumes); the memory plan passes None and draws on the device. With several GPUs `batch`
-    is the global batch: every GPU draws for all of it, as one process would, and only its
-    `rows` go through the network. Returns (mean loss, per-sample losses (B,), the
-    losses.Noised draw) of the rows that ran."""
+    resumes); the memory plan passes None and draws on the device. Returns (mean loss,
+    per-sample losses (B,), the losses.Noised draw).
+
+    With several GPUs `batch` is the global batch (distributed.World.batch): every GPU draws for
+    all of it, as one process would, and only its `batch["rows"]` go through the network. The
+    returns are still the global batch's: the loss's value is the mean over the GPUs (its
+    gradient this GPU's rows'), and the per-sample losses those of every GPU."""
     x0 = batch["latent"].float()
     noised = objective.noised(x0, generator, family.seq_len(x0))
     cond = family.conditioning(batch, cfg, generator)
-    mask = batch.get("mask")
-    if rows is not None:
+    rows, mask, ran = batch.get("rows"), batch.get("mask"), noised
+    if rows is not None:  # this GPU's rows
         size = x0.shape[0]
         x0, mask, cond = take_rows(x0, rows, size), take_rows(mask, rows, size), take_rows(cond, rows, size)
-        noised = losses.Noised(**take_rows(vars(noised), rows, size))
-    out = family.predict(model, noised.x_t, noised.t, cond)
-    loss, per_sample = objective.loss(out, x0, noised, mask=mask)
+        ran = losses.Noised(**take_rows(vars(noised), rows, size))
+    out = family.predict(model, ran.x_t, ran.t, cond)
+    loss, per_sample = objective.loss(out, x0, ran, mask=mask)
+    if rows is not None:
+        loss, per_sample = distributed.global_loss(loss, per_sample)
     return loss, per_sample, noised
 
 
@@ -235,8 +245,10 @@ def close_gradients(opt: Optimization, cfg: dict) -> Tensor:
     if opt.fused is not None:
         opt.fused.step()
         return opt.fused.last_grad_norm
+    if opt.average is not None:
+        opt.average(opt.params)  # data parallel: the mean gradient over the global batch
     opt.skipped = opt.scaler is not None and not opt.scaler.unscale_(opt.params)
-    return optim.clip_grad_norm_(opt.params, cfg["max_grad_norm"] or float("inf"))
+    return distributed.local(optim.clip_grad_norm_(opt.params, cfg["max_grad_norm"] or float("inf")))
 
 
 def apply_step(opt: Optimization, step: int, swap: blockswap.BlockSwap | None = None) -> None:
