@@ -4,13 +4,16 @@ tests/test_distributed.py:
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_worker.py JOBS.json
 
-JOBS.json is a list of {"argv": [...], "rank": r, "stop_at": n, "fail_caching": bool}: on rank r,
-SIGTERM arrives during the n-th batch load (as a scheduler's would), or the latent cache fails.
+JOBS.json is a list of {"argv": [...], "rank": r, "stop_at": n, "fail_caching": bool, "script": bool}:
+on rank r, SIGTERM arrives during the n-th batch load (as a scheduler's would), or the latent
+cache fails; "script" runs train.py itself as `torchrun ... train.py ARGV` would (its __main__
+block, fresh from the file) and keeps its output.
 """
 import contextlib
 import io
 import json
 import os
+import runpy
 import signal
 import sys
 from pathlib import Path
@@ -40,13 +43,22 @@ def run(job: dict) -> dict:
 
     train.load_batch, cache.LatentCache.build = load_batch, build
     sys.argv = ["train.py", *job["argv"]]
-    errors = io.StringIO()
+    errors, output = io.StringIO(), io.StringIO()
     try:
-        with contextlib.redirect_stderr(errors):
-            code = train.run_cli()
+        with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(output):
+            code = script() if job.get("script") else train.run_cli()
     finally:
         train.load_batch, cache.LatentCache.build = real_load, real_build
-    return {"code": code, "stderr": errors.getvalue()[-3000:]}
+    return {"code": code, "stderr": errors.getvalue()[-3000:], "stdout": output.getvalue()[-3000:]}
+
+
+def script() -> int:
+    """train.py run as a program: its `if __name__ == "__main__"` block, exit status and all."""
+    try:
+        runpy.run_path(str(Path(__file__).resolve().parents[1] / "train.py"), run_name="__main__")
+    except SystemExit as exit:
+        return exit.code
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Several processes on CPU (gloo) through torchrun and train.py's real entry point:
-data-parallel LoRA against one process with the same global batch, a stop on one rank and the
-resume, FSDP2 full fine-tuning against one process, stopped and resumed on one process from its
-two-process checkpoint, its model file in the one-GPU loader, an error on one rank; and without
-processes: the refusals, the caching split and the plan per GPU."""
+data-parallel LoRA (and with the fused step) against one process with the same global batch, a
+stop on one rank and the resume, FSDP2 full fine-tuning of FLUX and SD3 against one
+process, stopped and resumed on one process from its two-process checkpoint, its model file in
+the one-GPU loader, an error on one rank; and without processes: the refusals, the caching split
+and the plan per GPU."""
 import json
 import os
 import shutil
@@ -25,12 +26,15 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+FLUX = dict(model_overrides={"axes_dim": [8, 20, 20]}, t5_max_length=8)
+
+
 def write_config(folder: Path, files: dict, **settings) -> str:
-    cfg = dict(files, model_overrides={"axes_dim": [8, 20, 20]}, output_dir=str(folder / "runs"),
-               cache_dir=str(folder / "cache"), device="cpu", dtype="fp32", resolution=16, t5_max_length=8,
-               learning_rate=1e-3, max_train_steps=4, save_every=2, sample_every=0, sample_at_start=False,
-               validate_every=0, gradient_checkpointing=False, lr_scheduler="constant", caption_dropout_rate=0.3,
-               save_dtype="fp32", **settings)
+    cfg = dict(FLUX, **files, output_dir=str(folder / "runs"), cache_dir=str(folder / "cache"), device="cpu",
+               dtype="fp32", resolution=16, learning_rate=1e-3, max_train_steps=4, save_every=2, sample_every=0,
+               sample_at_start=False, validate_every=0, gradient_checkpointing=False, lr_scheduler="constant",
+               caption_dropout_rate=0.3, save_dtype="fp32")
+    cfg = {k: v for k, v in {**cfg, **settings}.items() if v is not None}  # None: the default
     path = folder / f"{settings['run_name']}.py"
     path.write_text("".join(f"{k} = {v!r}\n" for k, v in cfg.items()))
     return str(path)
@@ -47,40 +51,53 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
 
 
+def sd3_files(root: Path) -> dict:
+    """SD3's demo files (an SD3.5-shaped MMDiT with CLIP-L, CLIP-G and T5; no VAE)."""
+    return dict(demo_data.make_sd3_demo(root / "sd3"), model_family="sd3", model_overrides={}, sample_prompts="")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Every multi-process run once: `train.py CONFIG` under torchrun (data-parallel LoRA), then
-    the worker (tests/distributed_worker.py) with its jobs; one-process references in between."""
+    """Every multi-process run once, in one torchrun of the worker (tests/distributed_worker.py):
+    `train.py CONFIG` as a program (data-parallel LoRA), then the other jobs; then the
+    one-process references."""
     root = tmp_path_factory.mktemp("distributed")
     files = demo_data.make_demo(root / "demo")
     files = {"model_path" if k == "flux_path" else k: v for k, v in files.items()}
-    lora = dict(network_dim=4, network_alpha=4.0)
+    lora, full = dict(network_dim=4, network_alpha=4.0), dict(train_mode="full", ema_decay=0.9)
+    fused = dict(fused_backward=True, max_grad_norm=0.0, **lora)
+    sd3 = dict(sd3_files(root), max_train_steps=3, save_every=0, train_mode="full", gradient_checkpointing=True)
     configs = {name: write_config(root, files, run_name=name, **settings) for name, settings in {
         "one": dict(batch_size=4, **lora), "dp": dict(batch_size=2, **lora), "dp_split": dict(batch_size=2, **lora),
-        "full_one": dict(batch_size=4, train_mode="full", ema_decay=0.9),
-        "fsdp": dict(batch_size=2, train_mode="full", ema_decay=0.9),
-        "fsdp_split": dict(batch_size=2, train_mode="full", ema_decay=0.9),
-        "broken": dict(batch_size=2, **lora)}.items()}
-    dp = torchrun("train.py", configs["dp"])
-    assert dp.returncode == 0, dp.stderr[-3000:]
-    jobs = [{"argv": [configs["dp_split"]], "rank": 1, "stop_at": 3},  # SIGTERM on rank 1 in step 3
+        "one_fused": dict(batch_size=4, **fused), "dp_fused": dict(batch_size=2, **fused),
+        "full_one": dict(batch_size=4, **full), "fsdp": dict(batch_size=2, **full),
+        "fsdp_split": dict(batch_size=2, **full), "broken": dict(batch_size=2, **lora),
+        "sd3_one": dict(batch_size=4, **sd3), "sd3_fsdp": dict(batch_size=2, **sd3)}.items()}
+    jobs = [{"argv": [configs["dp"]], "script": True},
+            {"argv": [configs["dp_split"]], "rank": 1, "stop_at": 3},  # SIGTERM on rank 1 in step 3
             {"argv": [configs["dp_split"], "--resume=latest"]},
+            {"argv": [configs["dp_fused"]]},
             {"argv": [configs["fsdp"]]},
             {"argv": [configs["fsdp_split"]], "rank": 1, "stop_at": 3},
-            {"argv": [configs["broken"], "--recache=True"], "rank": 1, "fail_caching": True}]
+            {"argv": [configs["broken"], "--recache=True"], "rank": 1, "fail_caching": True},
+            {"argv": [configs["sd3_fsdp"]]}]
     jobs_file = root / "jobs.json"
     jobs_file.write_text(json.dumps(jobs))
     worker = torchrun("tests/distributed_worker.py", str(jobs_file))
     assert worker.returncode == 0, worker.stderr[-3000:]
     results = [json.loads(jobs_file.with_suffix(f".rank{rank}.json").read_text()) for rank in (0, 1)]
-    train.main([configs["one"]])
-    train.main([configs["full_one"]])
-    return {"root": root, "runs": root / "runs", "configs": configs, "results": results, "dp_output": dp.stdout}
+    assert [r[0]["code"] for r in results] == [0, 0], results[0][0]["stderr"]
+    for name in ("one", "one_fused", "full_one", "sd3_one"):
+        train.main([configs[name]])
+    return {"root": root, "runs": root / "runs", "configs": configs, "results": results,
+            "dp_output": results[0][0]["stdout"]}
 
 
 def test_data_parallel_lora_equals_one_process_and_resumes_after_a_stop(runs):
     one, dp, split = (losses(runs["runs"] / name) for name in ("one", "dp", "dp_split"))
     assert sorted(one) == sorted(dp) == sorted(split) == [1, 2, 3, 4]
+    print("data parallel LoRA, 2 processes against 1, largest loss difference:",
+          max(abs(dp[step] - one[step]) for step in one))
     for step in one:
         assert abs(dp[step] - one[step]) < 1e-5, (step, dp[step], one[step])
         assert split[step] == dp[step]  # the resumed run continues the unbroken one exactly
@@ -88,19 +105,40 @@ def test_data_parallel_lora_equals_one_process_and_resumes_after_a_stop(runs):
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert "a global batch of 4 samples per step" in runs["dp_output"]
     assert "batch 2 per GPU x 2 GPUs" in runs["dp_output"]
-    stopped, resumed = ([ranks[job] for ranks in runs["results"]] for job in (0, 1))
+    stopped, resumed = ([ranks[job] for ranks in runs["results"]] for job in (1, 2))
     assert [r["code"] for r in stopped] == [143, 143] and [r["code"] for r in resumed] == [0, 0]
     assert "stopped at step 3 (SIGTERM)" in stopped[0]["stderr"]  # rank 0 stopped for rank 1's signal
     states = sorted(p.name for p in (runs["runs"] / "dp_split" / "state").iterdir())
     assert states == ["step_000002", "step_000003", "step_000004"]
 
 
+def test_data_parallel_with_the_fused_step_equals_one_process(runs):
+    """The fused step averages each gradient over the GPUs in its hook, before the update."""
+    one, dp = losses(runs["runs"] / "one_fused"), losses(runs["runs"] / "dp_fused")
+    assert sorted(one) == sorted(dp) == [1, 2, 3, 4]
+    assert all(abs(dp[step] - one[step]) < 1e-5 for step in one), (dp, one)
+    a, b = (load_file(str(runs["runs"] / n / f"{n}.safetensors")) for n in ("one_fused", "dp_fused"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_fsdp_full_fine_tuning_of_sd3_equals_one_process(runs):
+    """SD3's joint blocks as FSDP units after their gradient checkpointing; the gathered file."""
+    one, fsdp = (losses(runs["runs"] / f"sd3_{kind}") for kind in ("one", "fsdp"))
+    assert sorted(one) == sorted(fsdp) == [1, 2, 3]
+    print("SD3 FSDP2, 2 processes against 1, largest loss difference:", max(abs(fsdp[s] - one[s]) for s in one))
+    assert all(abs(fsdp[step] - one[step]) < 1e-5 for step in one), (fsdp, one)
+    a, b = (load_file(str(runs["runs"] / f"sd3_{kind}" / f"sd3_{kind}.safetensors")) for kind in ("one", "fsdp"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
 def test_fsdp_trains_like_one_process_and_resumes_on_one_from_two(runs, tmp_path):
     full_one, fsdp = losses(runs["runs"] / "full_one"), losses(runs["runs"] / "fsdp")
+    print("FLUX FSDP2, 2 processes against 1, largest loss difference:",
+          max(abs(fsdp[step] - full_one[step]) for step in full_one))
     for step in full_one:
         assert abs(fsdp[step] - full_one[step]) < 1e-5, (step, fsdp[step], full_one[step])
     fsdp_split = runs["runs"] / "fsdp_split"
-    assert [r[3]["code"] for r in runs["results"]] == [143, 143]
+    assert [r[5]["code"] for r in runs["results"]] == [143, 143]
     assert distributed.is_sharded(fsdp_split / "state" / "step_000003")
     assert len(list((fsdp_split / "state" / "step_000003" / "sharded").glob("*.distcp"))) == 2  # a shard per rank
     # one process, global batch kept (batch_size 4 = 2 x 2 GPUs)
@@ -120,7 +158,7 @@ def test_fsdp_trains_like_one_process_and_resumes_on_one_from_two(runs, tmp_path
 
 
 def test_an_error_on_one_rank_stops_every_rank_with_its_message(runs):
-    broken = [r[4] for r in runs["results"]]
+    broken = [r[6] for r in runs["results"]]
     assert [r["code"] for r in broken] == [1, 1]
     assert "error (rank 1): cannot read image broken.png" in broken[1]["stderr"]  # its own error
     assert "error (rank 0): rank 1 stopped while caching: ImageReadError: cannot read image broken.png" \
