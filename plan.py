@@ -584,9 +584,9 @@ def plan(cfg: dict, params=None, gpus: int = 1) -> dict:
 
 FSDP_MASTERS = "fp32 master weights (1/N each)"
 FSDP_GRADIENTS = "fp32 gradients (1/N each)"
-FSDP_OPTIMIZER = "AdamW state and EMA, fp32 (1/N each)"
-FSDP_GATHERED = "gathered for compute: two blocks and the root's weights"
-FSDP_REDUCING = "one block's gradients before the reduce-scatter"
+FSDP_OPTIMIZER = "AdamW state (and EMA), fp32 (1/N each)"
+FSDP_GATHERED = "gathered: two blocks and the root's weights"
+FSDP_REDUCING = "one block's gradients, to reduce-scatter"
 
 
 def several_gpus(setup: Setup, result: dict, gpus: int, mode: str) -> dict | None:
@@ -627,11 +627,11 @@ def format_several(result: dict, cfg: dict) -> list[str]:
         return [f"several GPUs: data parallel over {n}: every GPU holds the one-GPU figures above (batch_size "
                 f"{cfg['batch_size']} per GPU, a global batch of {cfg['batch_size'] * n}); after backward the "
                 f"gradient all-reduce adds one flat bucket of {several['bucket'] / MiB:,.0f} MiB", ""]
-    lines = [f"several GPUs: FSDP2 over {n}, per GPU (from the one-GPU step: batch_size {cfg['batch_size']} per "
-             f"GPU)".ljust(60) + "GiB"]
+    lines = [f"several GPUs: FSDP2 over {n}, per GPU, estimated from the one-GPU step (batch_size "
+             f"{cfg['batch_size']} per GPU)", "".ljust(60) + "GiB"]
     lines += [_row(name.replace("1/N", f"1/{n}"), f"{value / GiB:.2f}") for name, value in several["parts"].items()]
     lines += ["  " + "-" * 61, _row("planned peak per GPU, training", f"{result['phases']['training'] / GiB:.2f}"),
-              "  (the summary lines below are per GPU)", ""]
+              "  (the stages below are one GPU's run; the 'planned peak' lines are per GPU)", ""]
     return lines
 
 
