@@ -114,11 +114,20 @@ class World:
                 f"samples per step; learning_rate {cfg['learning_rate']:g} applies to the gradient averaged over those "
                 f"{total} (as on one GPU with batch_size={total}; it is not scaled by the number of GPUs)")
 
-    def seed_ranks(self, seed: int) -> None:
-        """After the weights are made (equal on every rank): torch's global generator differs per
-        rank from here (LoRA dropout); the noise comes from the run's own generator, shared."""
-        if self.size > 1:
-            torch.manual_seed(seed + self.rank)
+    def same_rng(self) -> None:
+        """torch's global generators (CPU and this GPU's) as rank 0 has them, on every rank, after
+        the ranks' different caching shares: from here every rank draws alike, so the LoRA
+        weights start equal, and replicated weights stay equal under random draws in the step
+        (stochastic rounding); LoRA dropout draws the same masks for each rank's rows, as
+        accelerate's default seeding does. The noise comes from the run's own generator."""
+        if self.size == 1:
+            return
+        cuda = self.device.type == "cuda"
+        states = [torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None]
+        dist.broadcast_object_list(states, src=0, device=self.device)
+        torch.set_rng_state(states[0])
+        if cuda:
+            torch.cuda.set_rng_state(states[1], self.device)
 
     # --- batches ---
 
@@ -161,7 +170,7 @@ class World:
         if self.mode != "ddp":
             return
         for bucket in _buckets([p.grad for p in params if p.grad is not None]):
-            flat = torch.cat([g.reshape(-1) for g in bucket])
+            flat = torch.cat([g.reshape(-1) for g in bucket]).to(self.device)  # NCCL: host gradients visit the GPU
             dist.all_reduce(flat)
             flat /= self.size
             offset = 0
@@ -232,15 +241,33 @@ def _buckets(grads: list[Tensor]) -> list[list[Tensor]]:
     return out + ([current] if current else [])
 
 
+def fsdp_problems(cfg: dict) -> list[str]:
+    """What in a full fine-tuning config FSDP cannot run, each with what to set instead."""
+    swapping = cfg["blocks_to_swap"] > 0 or cfg["double_blocks_to_swap"] > 0 or cfg["single_blocks_to_swap"] > 0
+    problems = [
+        (swapping, "block swap: FSDP already spreads the weights over the GPUs (each holds 1/N). Set "
+                   "blocks_to_swap=0, or distributed='ddp' to keep the whole model, swapped, on every GPU"),
+        (cfg["fused_backward"], "fused_backward: FSDP already keeps only 1/N of the gradients on each GPU. Set "
+                                "fused_backward=False (max_grad_norm clips as usual)"),
+        (cfg["optimizer"] != "adamw", f"optimizer={cfg['optimizer']!r}: FSDP trains sharded fp32 master weights "
+                                      "with AdamW, whose state is sharded too; set optimizer='adamw'"),
+        (cfg["dtype"] == "fp16", "dtype='fp16': FSDP computes in the config's dtype from fp32 master weights "
+                                 "without fp16 loss scaling; use dtype='bf16', or distributed='ddp' for fp16"),
+    ]
+    return [message for found, message in problems if found]
+
+
 def choose_mode(cfg: dict, size: int) -> str:
-    """distributed="auto": data parallel for LoRA, FSDP for full fine-tuning; one process
-    needs neither (unless distributed="fsdp" is asked for under torchrun)."""
+    """distributed="auto": data parallel for LoRA; FSDP for full fine-tuning, unless the config
+    uses what FSDP cannot run (a one-GPU config's block swap, fused step, Adafactor): then data
+    parallel, the config's memory settings on every GPU. One process needs neither (unless
+    distributed="fsdp" is asked for under torchrun)."""
     if cfg["distributed"] == "fsdp":
         return "fsdp"
     if size == 1:
         return "single"
     if cfg["distributed"] == "auto":
-        return "fsdp" if cfg["train_mode"] == "full" else "ddp"
+        return "fsdp" if cfg["train_mode"] == "full" and not fsdp_problems(cfg) else "ddp"
     return cfg["distributed"]
 
 
@@ -250,26 +277,21 @@ def check(cfg: dict, size: int) -> str:
     mode = choose_mode(cfg, size)
     if mode != "fsdp":
         return mode
-    swapping = cfg["blocks_to_swap"] > 0 or cfg["double_blocks_to_swap"] > 0 or cfg["single_blocks_to_swap"] > 0
-    refusals = [
-        (cfg["train_mode"] == "lora",
-         "LoRA trains data parallel (distributed='ddp', what 'auto' picks): its gradients are small, and FSDP "
-         "would gather the frozen base every step (SimpleTuner measured FSDP 3-6x slower than data parallel for "
-         "LoRA). To fit the base on each GPU use fp8_base or blocks_to_swap"),
-        (swapping, "block swap with FSDP: FSDP already spreads the weights over the GPUs (each holds 1/N). Set "
-                   "blocks_to_swap=0, or distributed='ddp' to keep the whole model, swapped, on every GPU"),
-        (cfg["fused_backward"], "fused_backward with FSDP: FSDP already keeps only 1/N of the gradients on each "
-                                "GPU. Set fused_backward=False (max_grad_norm clips as usual)"),
-        (cfg["optimizer"] != "adamw", f"optimizer={cfg['optimizer']!r} with FSDP: FSDP trains sharded fp32 master "
-                                      "weights with AdamW, whose state is sharded too; set optimizer='adamw'"),
-        (cfg["dtype"] == "fp16", "dtype='fp16' with FSDP: FSDP computes in the config's dtype from fp32 master "
-                                 "weights without fp16 loss scaling; use dtype='bf16', or distributed='ddp' for fp16"),
-    ]
-    problems = [message for refused, message in refusals if refused]
+    lora = ["LoRA trains data parallel (distributed='ddp', what 'auto' picks): its gradients are small, and FSDP "
+            "would gather the frozen base for every forward and backward. To fit the base on each GPU use "
+            "fp8_base or blocks_to_swap"] if cfg["train_mode"] == "lora" else []
+    problems = lora + fsdp_problems(cfg)
     if problems:
-        raise ConfigError(f"distributed: FSDP over {size} GPU(s) cannot run this config:\n  "
-                          + "\n  ".join(problems))
+        raise ConfigError(f"distributed='fsdp' over {size} GPU(s) cannot run this config:\n  " + "\n  ".join(problems))
     return mode
+
+
+def auto_note(cfg: dict, mode: str) -> str:
+    """Why distributed="auto" trains the whole model data parallel ("" when it does not)."""
+    if cfg["distributed"] != "auto" or cfg["train_mode"] != "full" or mode != "ddp":
+        return ""
+    return ("distributed='auto': full fine-tuning data parallel (the whole model, set up as on one GPU, on every "
+            "GPU), since FSDP cannot run this config (for FSDP, change these):\n  " + "\n  ".join(fsdp_problems(cfg)))
 
 
 def init(cfg: dict, device: torch.device) -> World:
@@ -284,6 +306,8 @@ def init(cfg: dict, device: torch.device) -> World:
         return World(device=device)
     if mode == "single":
         return World(device=device)
+    if auto_note(cfg, mode):
+        print(auto_note(cfg, mode))
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -312,29 +336,12 @@ def global_loss(loss: Tensor, per_sample: Tensor) -> tuple[Tensor, Tensor]:
     return loss + (mean - loss.detach()), torch.cat(parts)
 
 
-def rng_state(world: World, generator: torch.Generator) -> dict:
-    """checkpoint.rng_state (the shared noise generator, this rank's torch and CUDA states),
-    with every rank's own torch and CUDA states under "ranks"."""
-    import checkpoint
-
-    state = checkpoint.rng_state(generator)
-    if world.size > 1:
-        ranks = [None] * world.size
-        dist.all_gather_object(ranks, {k: state[k] for k in ("torch", "cuda") if k in state})
-        state["ranks"] = ranks
-    return state
-
-
 def restore_rng(world: World, state: dict, generator: torch.Generator) -> None:
-    """Each rank its own states when the number of processes is the one saved; otherwise rank
-    0's, and the other ranks draw a seed of their own from it (LoRA dropout stays per GPU)."""
+    """checkpoint.restore_rng (rank 0 saved the state), then every rank draws as rank 0 does."""
     import checkpoint
 
-    ranks = state.get("ranks") or []
-    own = ranks[world.rank] if len(ranks) == world.size else {}
-    checkpoint.restore_rng({**state, **own}, generator)
-    if world.size > 1 and not own:
-        torch.manual_seed(int(torch.randint(2**62, ())) + world.rank)
+    checkpoint.restore_rng(state, generator)
+    world.same_rng()
 
 
 def shutdown() -> None:

@@ -411,7 +411,7 @@ def save(run: Run) -> None:
             with ema.swapped(run.opt.params):
                 lora.save_lora(network, run.run_dir / f"{cfg['run_name']}_step{step:06d}_ema.safetensors", meta,
                                save_dtype, run.family, cfg["lora_format"])
-    info = {"data_order": run.order.state(), "rng": distributed.rng_state(run.world, run.generator), "config": cfg,
+    info = {"data_order": run.order.state(), "rng": checkpoint.rng_state(run.generator), "config": cfg,
             "identity": run.identity, "training_started_at": run.started_at,
             "loss_scaler": run.opt.scaler.state_dict() if run.opt.scaler is not None else None}
     distributed.save_state(run.world, run.run_dir, step, run.prepared, run.opt, info, cfg["keep_last"])
@@ -515,10 +515,10 @@ def train(cfg: dict) -> Path:
         # 2. data and caches
         cached = data.load_data(cfg, family, params, world.device, DTYPES[cfg["dtype"]], items, world)
         # 3, 4. the denoiser, what trains, the optimizer
+        world.same_rng()  # every GPU draws alike from here, whatever its caching share drew
         run = build_run(cfg, family, sd, params, world, run_dir, cached)
         run.identity, run.session_id = identity, random.randint(0, 2**32)
         del sd
-        world.seed_ranks(cfg["seed"])  # LoRA dropout differs per GPU (the weights started equal)
         # 5. resume
         run.started_at = time.time()
         resume(run, resume_dir)

@@ -66,13 +66,16 @@ def runs(tmp_path_factory):
     files = {"model_path" if k == "flux_path" else k: v for k, v in files.items()}
     lora, full = dict(network_dim=4, network_alpha=4.0), dict(train_mode="full", ema_decay=0.9)
     fused = dict(fused_backward=True, max_grad_norm=0.0, **lora)
+    # a one-GPU full fine-tuning config: bf16 weights, stochastic rounding from torch's generator
+    whole = dict(train_mode="full", optimizer="adafactor", dtype="bf16", max_train_steps=3, save_every=0)
     sd3 = dict(sd3_files(root), max_train_steps=3, save_every=0, train_mode="full", gradient_checkpointing=True)
     configs = {name: write_config(root, files, run_name=name, **settings) for name, settings in {
         "one": dict(batch_size=4, **lora), "dp": dict(batch_size=2, **lora), "dp_split": dict(batch_size=2, **lora),
         "one_fused": dict(batch_size=4, **fused), "dp_fused": dict(batch_size=2, **fused),
         "full_one": dict(batch_size=4, **full), "fsdp": dict(batch_size=2, **full),
         "fsdp_split": dict(batch_size=2, **full), "broken": dict(batch_size=2, **lora),
-        "sd3_one": dict(batch_size=4, **sd3), "sd3_fsdp": dict(batch_size=2, **sd3)}.items()}
+        "sd3_one": dict(batch_size=4, **sd3), "sd3_fsdp": dict(batch_size=2, **sd3),
+        "whole_one": dict(batch_size=4, **whole), "whole_dp": dict(batch_size=2, **whole)}.items()}
     jobs = [{"argv": [configs["dp"]], "script": True},
             {"argv": [configs["dp_split"]], "rank": 1, "stop_at": 3},  # SIGTERM on rank 1 in step 3
             {"argv": [configs["dp_split"], "--resume=latest"]},
@@ -80,14 +83,15 @@ def runs(tmp_path_factory):
             {"argv": [configs["fsdp"]]},
             {"argv": [configs["fsdp_split"]], "rank": 1, "stop_at": 3},
             {"argv": [configs["broken"], "--recache=True"], "rank": 1, "fail_caching": True},
-            {"argv": [configs["sd3_fsdp"]]}]
+            {"argv": [configs["sd3_fsdp"]]},
+            {"argv": [configs["whole_dp"]]}]
     jobs_file = root / "jobs.json"
     jobs_file.write_text(json.dumps(jobs))
     worker = torchrun("tests/distributed_worker.py", str(jobs_file))
     assert worker.returncode == 0, worker.stderr[-3000:]
     results = [json.loads(jobs_file.with_suffix(f".rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [r[0]["code"] for r in results] == [0, 0], results[0][0]["stderr"]
-    for name in ("one", "one_fused", "full_one", "sd3_one"):
+    for name in ("one", "one_fused", "full_one", "sd3_one", "whole_one"):
         train.main([configs[name]])
     return {"root": root, "runs": root / "runs", "configs": configs, "results": results,
             "dp_output": results[0][0]["stdout"]}
@@ -168,18 +172,29 @@ def test_an_error_on_one_rank_stops_every_rank_with_its_message(runs):
 # --- without processes --------------------------------------------------------------------------
 
 
+def test_a_one_gpu_full_fine_tuning_config_runs_data_parallel_like_one_process(runs):
+    """distributed="auto" with what FSDP cannot run (Adafactor) trains data parallel; every GPU
+    draws the same stochastic rounding, so the replicas stay equal and equal one process."""
+    one, dp = losses(runs["runs"] / "whole_one"), losses(runs["runs"] / "whole_dp")
+    assert sorted(one) == sorted(dp) == [1, 2, 3]
+    assert all(abs(dp[step] - one[step]) < 1e-3 for step in one), (dp, one)  # bf16 compute
+    a, b = (load_file(str(runs["runs"] / n / f"{n}.safetensors")) for n in ("whole_one", "whole_dp"))
+    assert all((a[k].float() - b[k].float()).abs().max() <= 2**-6 for k in a)  # two bf16 steps near 1
+
+
 @pytest.mark.parametrize("settings, message", [
     (dict(train_mode="lora", distributed="fsdp"), "LoRA trains data parallel"),
-    (dict(train_mode="full", blocks_to_swap=4, fused_backward=True, max_grad_norm=0.0), "block swap with FSDP"),
-    (dict(train_mode="full", fused_backward=True, max_grad_norm=0.0), "fused_backward with FSDP"),
-    (dict(train_mode="full", optimizer="adafactor"), "optimizer='adafactor' with FSDP"),
-    (dict(train_mode="full", dtype="fp16"), "dtype='fp16' with FSDP"),
+    (dict(train_mode="full", blocks_to_swap=4, fused_backward=True, max_grad_norm=0.0), "block swap: FSDP already spreads"),
+    (dict(train_mode="full", fused_backward=True, max_grad_norm=0.0), "fused_backward: FSDP"),
+    (dict(train_mode="full", optimizer="adafactor"), "optimizer='adafactor': FSDP"),
+    (dict(train_mode="full", dtype="fp16"), "dtype='fp16': FSDP"),
 ])
 def test_combinations_that_cannot_work_are_refused_before_loading(settings, message):
     cfg = {**DEFAULTS, **settings}
     with pytest.raises(ConfigError, match=message):
-        distributed.check(cfg, 2)
+        distributed.check({**cfg, "distributed": "fsdp"}, 2)
     assert distributed.check({**cfg, "distributed": "ddp"}, 2) == "ddp"  # the same config, data parallel
+    assert distributed.check({**cfg, "distributed": "auto"}, 2) == "ddp"  # what "auto" picks for it
 
 
 def test_modes():
@@ -187,6 +202,10 @@ def test_modes():
     assert [distributed.choose_mode(c, n) for c, n in ((lora, 1), (lora, 2), (full, 1), (full, 8))] == \
         ["single", "ddp", "single", "fsdp"]
     assert distributed.choose_mode({**full, "distributed": "ddp"}, 8) == "ddp"
+    one_gpu_config = {**full, "blocks_to_swap": 20, "fused_backward": True, "optimizer": "adafactor"}
+    assert distributed.choose_mode(one_gpu_config, 8) == "ddp"  # the same config on several GPUs
+    assert "FSDP cannot run this config" in distributed.auto_note(one_gpu_config, "ddp")
+    assert distributed.auto_note(full, "fsdp") == "" == distributed.auto_note(lora, "ddp")
     with pytest.raises(ConfigError, match="launch with torchrun"):
         distributed.init({**full, "distributed": "fsdp"}, torch.device("cpu"))
 
