@@ -9,12 +9,14 @@ torchtitan use: no accelerate, no DeepSpeed). The config is the same as on one G
 torchrun starts one process (a rank) per GPU; `init` reads its environment. What changes:
 
 Batches. `batch_size` is per GPU. train.py's DataOrder yields global batches of batch_size x
-ranks items (buckets and all); rank r takes rows r*batch_size .. (r+1)*batch_size - 1
-(`World.rows`). Every rank draws the random numbers of the whole global batch (caption
-dropout, noise, noise levels) from the same seeded generator, in the order one process would,
-and the network sees only its rows (training.training_loss(rows=)). N GPUs therefore compute
-the one-GPU step of the global batch, and a resume continues it exactly. The learning rate
-applies to the gradient averaged over the global batch (it is not scaled by N).
+ranks items; rank r loads rows r*batch_size .. (r+1)*batch_size - 1 (`World.batch`). Every
+rank draws the random numbers of the whole global batch (caption dropout, noise, noise levels)
+from the same seeded generator, in the order one process would, and the network sees only its
+rows (batch["rows"] in training.training_loss, whose loss is then the global batch's mean:
+`global_loss`). N GPUs therefore compute the one-GPU step of the global batch, and a resume
+continues it exactly. The learning rate applies to the gradient averaged over the global batch
+(it is not scaled by N). torch's own generators (LoRA dropout, stochastic rounding) are rank
+0's on every rank (`World.same_rng`), so replicated weights stay equal.
 
 Data parallel ("ddp": LoRA, or full fine-tuning with distributed="ddp"). Every GPU holds the
 whole model; after a step's backward passes the trainable gradients are averaged by
@@ -22,7 +24,9 @@ all-reduce in buckets (`average_gradients`), only those: a FLUX rank-16 LoRA mov
 70 MB per step. The fused step averages each gradient in its hook, before it is used, so it
 works here; block swap works too (LoRA weights never leave the device).
 
-FSDP2 ("fsdp": full fine-tuning). `shard` applies torch.distributed.fsdp.fully_shard as
+FSDP2 ("fsdp": full fine-tuning; what "auto" picks unless the config uses what FSDP cannot
+run, block swap, the fused step, Adafactor, fp16: a one-GPU config then runs data parallel,
+as on one GPU, and says why). `shard` applies torch.distributed.fsdp.fully_shard as
 torchtitan does: each of the family's blocks (already gradient-checkpointed) its own unit,
 then the root. Every rank loads the checkpoint memory-mapped in the file's own dtype (the
 pages are shared by the ranks of a machine: host memory does not grow with the GPU count),
