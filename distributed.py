@@ -110,13 +110,13 @@ class World:
         return f"{self.size} processes, {kind}, on {self.device.type}"
 
     def batch_note(self, cfg: dict) -> str:
-        """What batch_size and learning_rate mean on these GPUs, for the step arithmetic ("" on one)."""
+        """What batch_size and learning_rate mean on these GPUs, a line for the step arithmetic ("" on one)."""
         if self.size == 1:
             return ""
         total = cfg["batch_size"] * self.size
-        return (f"\n{self.describe()}: batch {cfg['batch_size']} per GPU x {self.size} GPUs = a global batch of {total} "
-                f"samples per step; learning_rate {cfg['learning_rate']:g} applies to the gradient averaged over those "
-                f"{total} (as on one GPU with batch_size={total}; it is not scaled by the number of GPUs)")
+        return (f"{self.describe()}: batch {cfg['batch_size']} per GPU x {self.size} GPUs = a global batch of "
+                f"{total} samples per step; learning_rate {cfg['learning_rate']:g} applies to the gradient averaged "
+                f"over those {total} (as on one GPU with batch_size={total}; it is not scaled by the number of GPUs)\n")
 
     def same_rng(self) -> None:
         """torch's global generators (CPU and this GPU's) as rank 0 has them, on every rank, after

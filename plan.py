@@ -627,7 +627,8 @@ def format_several(result: dict, cfg: dict) -> list[str]:
         note = distributed.auto_note(cfg, "ddp")
         return [f"several GPUs: data parallel over {n}: every GPU holds the one-GPU figures above (batch_size "
                 f"{cfg['batch_size']} per GPU, a global batch of {cfg['batch_size'] * n}); after backward the "
-                f"gradient all-reduce adds one flat bucket of {several['bucket'] / MiB:,.0f} MiB"] + ([note] if note else []) + [""]
+                f"gradient all-reduce adds one flat bucket of {several['bucket'] / MiB:,.0f} MiB"] \
+            + ([note] if note else []) + [""]
     lines = [f"several GPUs: FSDP2 over {n}, per GPU, estimated from the one-GPU step (batch_size "
              f"{cfg['batch_size']} per GPU)", "".ljust(60) + "GiB"]
     lines += [_row(name.replace("1/N", f"1/{n}"), f"{value / GiB:.2f}") for name, value in several["parts"].items()]

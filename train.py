@@ -167,7 +167,7 @@ class StopRequests:
     they ask it to save at the next step boundary and end (a second Ctrl-C stops at once).
     Used as a context manager; the previous handlers come back on exit."""
 
-    def __init__(self, world=None):
+    def __init__(self, world: distributed.World | None = None):
         self.signum: int | None = None  # the signal that asked the loop to stop
         self.in_loop, self.world = False, world or distributed.World()
         self.previous = {}
@@ -298,7 +298,7 @@ def check_model_settings(family, params, cfg: dict) -> None:
         raise ConfigError(str(error)) from None
 
 
-def build_run(cfg: dict, family, sd: dict, params, world, run_dir: Path, cached: data.Data) -> Run:
+def build_run(cfg: dict, family, sd: dict, params, world: distributed.World, run_dir: Path, cached: data.Data) -> Run:
     """Phases 3 and 4: the denoiser in host memory (the file memory-mapped), what trains, swap
     placement (or FSDP's shards), then the optimizer, schedule, fused step and EMA."""
     model = training.load_network(family, cfg, sd, distributed.load_dtype(world, sd, DTYPES[cfg["dtype"]]))
@@ -345,9 +345,10 @@ def print_arithmetic(run: Run) -> None:
     changed = {k: v for k, v in cfg.items() if v != DEFAULTS[k]}
     print(f"config (differences from the defaults; all of it is in {run.run_dir / 'config.py'}):")
     print(format_config(changed), end="")
-    print(f"{len(run.data.train)} images x {cfg['repeats']} repeats / (batch {cfg['batch_size'] * run.world.size} "
-          f"x accumulation {cfg['gradient_accumulation_steps']}) = {steps_per_epoch} steps per epoch; {cfg['max_train_steps']} "
-          f"steps = {cfg['max_train_steps'] / steps_per_epoch:.1f} epochs{run.world.batch_note(cfg)}")
+    print(f"{len(run.data.train)} images x {cfg['repeats']} repeats / (batch {cfg['batch_size'] * run.world.size} x "
+          f"accumulation {cfg['gradient_accumulation_steps']}) = {steps_per_epoch} steps per epoch; "
+          f"{cfg['max_train_steps']} steps = {cfg['max_train_steps'] / steps_per_epoch:.1f} epochs")
+    print(run.world.batch_note(cfg), end="")  # several GPUs: what batch_size and learning_rate mean there
     n_trainable = sum(p.numel() for p in run.prepared.trainable.values())
     held_out = len(run.data.val) if run.data.val is not None else 0
     print(f"training {n_trainable:,} parameters ({cfg['train_mode']}); saving every {cfg['save_every']} steps, "

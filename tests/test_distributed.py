@@ -105,7 +105,7 @@ def test_data_parallel_lora_equals_one_process_and_resumes_after_a_stop(runs):
     for step in one:
         assert abs(dp[step] - one[step]) < 1e-5, (step, dp[step], one[step])
         assert split[step] == dp[step]  # the resumed run continues the unbroken one exactly
-    a, b = load_file(str(runs["runs"] / "one" / "one.safetensors")), load_file(str(runs["runs"] / "dp" / "dp.safetensors"))
+    a, b = (load_file(str(runs["runs"] / name / f"{name}.safetensors")) for name in ("one", "dp"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert "a global batch of 4 samples per step" in runs["dp_output"]
     assert "batch 2 per GPU x 2 GPUs" in runs["dp_output"]
@@ -184,7 +184,7 @@ def test_a_one_gpu_full_fine_tuning_config_runs_data_parallel_like_one_process(r
 
 @pytest.mark.parametrize("settings, message", [
     (dict(train_mode="lora", distributed="fsdp"), "LoRA trains data parallel"),
-    (dict(train_mode="full", blocks_to_swap=4, fused_backward=True, max_grad_norm=0.0), "block swap: FSDP already spreads"),
+    (dict(train_mode="full", blocks_to_swap=4, fused_backward=True, max_grad_norm=0.0), "block swap: FSDP already"),
     (dict(train_mode="full", fused_backward=True, max_grad_norm=0.0), "fused_backward: FSDP"),
     (dict(train_mode="full", optimizer="adafactor"), "optimizer='adafactor': FSDP"),
     (dict(train_mode="full", dtype="fp16"), "dtype='fp16': FSDP"),
@@ -228,7 +228,8 @@ class TwoRanks(distributed.World):
 
 def test_caching_is_split_and_then_read_whole():
     fake = FakeCache()
-    assert distributed.build_shared(TwoRanks(rank=1, size=2), fake, list(range(7)), None, batch_size=3) == list(range(7))
+    shared = distributed.build_shared(TwoRanks(rank=1, size=2), fake, list(range(7)), None, batch_size=3)
+    assert shared == list(range(7))
     assert fake.calls == [([1, 3, 5], True, True), (list(range(7)), False, False)]  # its share, then all from disk
     assert fake.recache  # the setting is back for the next cache
 
