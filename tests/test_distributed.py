@@ -47,8 +47,9 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
+    records = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r[key] for r in records if key in r}
 
 
 def sd3_files(root: Path) -> dict:
@@ -65,6 +66,7 @@ def runs(tmp_path_factory):
     files = demo_data.make_demo(root / "demo")
     files = {"model_path" if k == "flux_path" else k: v for k, v in files.items()}
     lora, full = dict(network_dim=4, network_alpha=4.0), dict(train_mode="full", ema_decay=0.9)
+    watched = dict(validation_count=2, validate_every=2, sample_every=4, sample_steps=2)  # every rank runs them
     fused = dict(fused_backward=True, max_grad_norm=0.0, **lora)
     # a one-GPU full fine-tuning config: bf16 weights, stochastic rounding from torch's generator
     whole = dict(train_mode="full", optimizer="adafactor", dtype="bf16", max_train_steps=3, save_every=0)
@@ -72,8 +74,8 @@ def runs(tmp_path_factory):
     configs = {name: write_config(root, files, run_name=name, **settings) for name, settings in {
         "one": dict(batch_size=4, **lora), "dp": dict(batch_size=2, **lora), "dp_split": dict(batch_size=2, **lora),
         "one_fused": dict(batch_size=4, **fused), "dp_fused": dict(batch_size=2, **fused),
-        "full_one": dict(batch_size=4, **full), "fsdp": dict(batch_size=2, **full),
-        "fsdp_split": dict(batch_size=2, **full), "broken": dict(batch_size=2, **lora),
+        "full_one": dict(batch_size=4, **full, **watched), "fsdp": dict(batch_size=2, **full, **watched),
+        "fsdp_split": dict(batch_size=2, validation_count=2, **full), "broken": dict(batch_size=2, **lora),
         "sd3_one": dict(batch_size=4, **sd3), "sd3_fsdp": dict(batch_size=2, **sd3),
         "whole_one": dict(batch_size=4, **whole), "whole_dp": dict(batch_size=2, **whole)}.items()}
     jobs = [{"argv": [configs["dp"]], "script": True},
@@ -137,6 +139,12 @@ def test_fsdp_full_fine_tuning_of_sd3_equals_one_process(runs):
 
 def test_fsdp_trains_like_one_process_and_resumes_on_one_from_two(runs, tmp_path):
     full_one, fsdp = losses(runs["runs"] / "full_one"), losses(runs["runs"] / "fsdp")
+    val_one, val_fsdp = (losses(runs["runs"] / name, "val_loss") for name in ("full_one", "fsdp"))
+    assert sorted(val_one) == sorted(val_fsdp) == [2, 4]
+    assert all(abs(val_fsdp[step] - val_one[step]) < 1e-5 for step in val_one), (val_fsdp, val_one)
+    samples = sorted(p.name for p in (runs["runs"] / "fsdp" / "samples").iterdir())
+    assert samples == sorted(p.name for p in (runs["runs"] / "full_one" / "samples").iterdir())
+    assert samples == [f"step000004_0{i}.png" for i in range(4)]
     print("FLUX FSDP2, 2 processes against 1, largest loss difference:",
           max(abs(fsdp[step] - full_one[step]) for step in full_one))
     for step in full_one:
