@@ -487,7 +487,9 @@ def load_sharded(folder: Path, model: nn.Module, optimizer, ema, names: list[str
     if hasattr(model, "reshard"):
         model.reshard()
     state = _dcp_state(model, optimizer, ema, names)  # initializes the optimizer state to load into
-    dcp.load(state, checkpoint_id=str(Path(folder) / SHARDED))
+    with warnings.catch_warnings():  # on one process DCP warns that it loads without a process group: as meant
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(Path(folder) / SHARDED))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     if ema is not None:
         with torch.no_grad():
@@ -574,13 +576,13 @@ def _shard_like(full: Tensor, like: Tensor) -> Tensor:
 
 
 def read_sharded(folder: Path) -> dict:
-    """A sharded state's tensors in memory, on one process (inspection and tests)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    """A sharded state's tensors in memory, on one process (to look at; resuming uses
+    load_sharded): {"model": ..., "optimizer": ..., "ema": ...}, nested by name."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
-    state: dict = {}
-    dcp.load(state, checkpoint_id=str(Path(folder) / SHARDED), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
-    return state
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": one process, as meant
+        warnings.simplefilter("ignore", UserWarning)
+        return _load_state_dict_from_keys(checkpoint_id=str(Path(folder) / SHARDED))
 
 
 # --- the model file ----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import demo_data
 import distributed
 import plan
@@ -153,6 +154,8 @@ def test_fsdp_trains_like_one_process_and_resumes_on_one_from_two(runs, tmp_path
     assert [r[5]["code"] for r in runs["results"]] == [143, 143]
     assert distributed.is_sharded(fsdp_split / "state" / "step_000003")
     assert len(list((fsdp_split / "state" / "step_000003" / "sharded").glob("*.distcp"))) == 2  # a shard per rank
+    weights, extra, info = checkpoint.load_state(fsdp_split / "state" / "step_000003")  # read whole, for a look
+    assert info["step"] == 3 and weights.keys() == load_file(str(runs["runs"] / "fsdp" / "fsdp.safetensors")).keys()
     # one process, global batch kept (batch_size 4 = 2 x 2 GPUs)
     final = train.main([runs["configs"]["fsdp_split"], "--resume=latest", "--batch_size=4"])
     resumed = losses(fsdp_split)
