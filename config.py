@@ -193,6 +193,7 @@ DEFAULTS = dict(
 
 def _choices() -> dict[str, tuple]:
     """The allowed values of each choice key, read from the code that implements them."""
+    import distributed
     import lora
     import losses
     import optim
@@ -215,7 +216,7 @@ def _choices() -> dict[str, tuple]:
         lora_format=lora.LORA_FORMATS,
         weighting_scheme=losses.WEIGHTING_SCHEMES,
         text_encoder_placement=("device", "stream", "cpu"),
-        distributed=("auto", "ddp", "fsdp"),
+        distributed=distributed.MODES,
     )
 
 

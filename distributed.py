@@ -45,8 +45,8 @@ Data-parallel states are the one-GPU format, written by rank 0. Either kind resu
 another GPU count as long as the global batch stays (batch_size x GPUs).
 
 Caching. Each rank encodes its share of the images and captions (`build_shared`) and writes
-them (atomically: a file appears whole or not at all); after a barrier every rank reads the
-whole cache.
+them (atomically: a file appears whole or not at all); once all are done (`agree`) every rank
+reads the whole cache.
 
 Files and errors. Rank 0 alone writes files, samples and logs; the other ranks print
 nothing but their errors. Where ranks do different work (their caching shares, rank 0's
@@ -71,7 +71,7 @@ from torch import Tensor, nn
 import atomic
 from config import DTYPES, ConfigError
 
-MODES = ("auto", "ddp", "fsdp")
+MODES = ("auto", "ddp", "fsdp")  # the config's `distributed`
 TIMEOUT = datetime.timedelta(minutes=30)  # the longest a rank waits for the others (rank 0 writing a model)
 BUCKET_BYTES = 256 * 2**20  # gradients all-reduced together (a flat copy of this size at a time)
 SHARDED = "sharded"  # the torch.distributed.checkpoint folder inside a state folder
@@ -151,11 +151,10 @@ class World:
         share = batch_size // self.size
         return slice(self.rank * share, (self.rank + 1) * share)
 
-    def as_global(self, batch: dict, rows: slice | None, size: int) -> dict:
+    @staticmethod
+    def as_global(batch: dict, rows: slice, size: int) -> dict:
         """This rank's rows placed in a global batch of `size`, the other rows zeros (or empty
         captions): random draws over the batch are then the ones one process makes."""
-        if rows is None:
-            return batch
         out = {}
         for key, value in batch.items():
             if torch.is_tensor(value):
@@ -227,10 +226,6 @@ class World:
         flag = torch.tensor([signum or 0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item()) or None
-
-    def barrier(self) -> None:
-        if self.size > 1:
-            dist.barrier()
 
 
 def _buckets(grads: list[Tensor]) -> list[list[Tensor]]:
