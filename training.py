@@ -22,6 +22,7 @@ import fp8
 import lora
 import losses
 import optim
+from config import warmup_steps
 
 
 # --- what trains -----------------------------------------------------------------------------------
@@ -180,7 +181,7 @@ def build_optimization(trainable: dict[str, nn.Parameter], cfg: dict, seed: int 
     optimizer = optim.build_optimizer(param_groups(trainable, cfg, lr_multipliers), cfg["optimizer"], lr=cfg["learning_rate"],
                                       weight_decay=cfg["weight_decay"], betas=tuple(cfg["betas"]), eps=cfg["eps"],
                                       **extra)
-    scheduler = optim.build_scheduler(optimizer, cfg["lr_scheduler"], warmup_steps=cfg["lr_warmup_steps"],
+    scheduler = optim.build_scheduler(optimizer, cfg["lr_scheduler"], warmup_steps=warmup_steps(cfg),
                                       total_steps=cfg["max_train_steps"], end_lr_ratio=cfg["lr_end_ratio"],
                                       power=cfg["lr_power"])
     average_all, average_one = world.averaging() if world is not None else (None, None)

@@ -67,13 +67,18 @@ def runs(tmp_path_factory):
     files = demo_data.make_demo(root / "demo")
     files = {"model_path" if k == "flux_path" else k: v for k, v in files.items()}
     lora, full = dict(network_dim=4, network_alpha=4.0), dict(train_mode="full", ema_decay=0.9)
+    # square, landscape and portrait images in their aspect-ratio buckets (32x32, 48x16, 16x48)
+    shapes = demo_data.make_demo(root / "demo", shapes_of_images=True)["dataset_dir"]
+    lora_buckets = dict(lora, dataset_dir=shapes, enable_bucket=True, resolution=32, min_bucket_reso=16,
+                        max_bucket_reso=48)
     watched = dict(validation_count=2, validate_every=2, sample_every=4, sample_steps=2)  # every rank runs them
     fused = dict(fused_backward=True, max_grad_norm=0.0, **lora)
     # a one-GPU full fine-tuning config: bf16 weights, stochastic rounding from torch's generator
     whole = dict(train_mode="full", optimizer="adafactor", dtype="bf16", max_train_steps=3, save_every=0)
     sd3 = dict(sd3_files(root), max_train_steps=3, save_every=0, train_mode="full", gradient_checkpointing=True)
     configs = {name: write_config(root, files, run_name=name, **settings) for name, settings in {
-        "one": dict(batch_size=4, **lora), "dp": dict(batch_size=2, **lora), "dp_split": dict(batch_size=2, **lora),
+        "one": dict(batch_size=4, **lora_buckets), "dp": dict(batch_size=2, **lora_buckets),
+        "dp_split": dict(batch_size=2, **lora_buckets),
         "one_fused": dict(batch_size=4, **fused), "dp_fused": dict(batch_size=2, **fused),
         "full_one": dict(batch_size=4, **full, **watched), "fsdp": dict(batch_size=2, **full, **watched),
         "fsdp_split": dict(batch_size=2, validation_count=2, **full), "broken": dict(batch_size=2, **lora),
@@ -101,7 +106,11 @@ def runs(tmp_path_factory):
 
 
 def test_data_parallel_lora_equals_one_process_and_resumes_after_a_stop(runs):
+    """In aspect-ratio buckets: a global batch (2 per GPU x 2) never mixes buckets."""
     one, dp, split = (losses(runs["runs"] / name) for name in ("one", "dp", "dp_split"))
+    buckets = [b for b in json.loads((runs["runs"] / "dp" / "buckets.json").read_text()) if "resolution" in b]
+    assert sorted(b["resolution"] for b in buckets) == [[16, 48], [32, 32], [48, 16]]
+    assert {b["batch_size"] for b in buckets} == {4}  # the global batch
     assert sorted(one) == sorted(dp) == sorted(split) == [1, 2, 3, 4]
     print("data parallel LoRA, 2 processes against 1, largest loss difference:",
           max(abs(dp[step] - one[step]) for step in one))
@@ -143,8 +152,8 @@ def test_fsdp_trains_like_one_process_and_resumes_on_one_from_two(runs, tmp_path
     val_one, val_fsdp = (losses(runs["runs"] / name, "val_loss") for name in ("full_one", "fsdp"))
     assert sorted(val_one) == sorted(val_fsdp) == [2, 4]
     assert all(abs(val_fsdp[step] - val_one[step]) < 1e-5 for step in val_one), (val_fsdp, val_one)
-    samples = sorted(p.name for p in (runs["runs"] / "fsdp" / "samples").iterdir())
-    assert samples == sorted(p.name for p in (runs["runs"] / "full_one" / "samples").iterdir())
+    samples = sorted(p.name for p in (runs["runs"] / "fsdp" / "samples").glob("*.png"))
+    assert samples == sorted(p.name for p in (runs["runs"] / "full_one" / "samples").glob("*.png"))
     assert samples == [f"step000004_0{i}.png" for i in range(4)]
     print("FLUX FSDP2, 2 processes against 1, largest loss difference:",
           max(abs(fsdp[step] - full_one[step]) for step in full_one))
