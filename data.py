@@ -236,8 +236,7 @@ def arithmetic(data: "Data", order: "DataOrder", cfg: dict) -> str:
         total += len(samples)
         lines.append(f"{Path(section['dataset_dir']).name}: {images} images x {section['repeats']} repeats = "
                      f"{images * section['repeats']} samples in {len(mine)} bucket(s) -> "
-                     f"{sum(b.batches for b in mine)} batches of {mine[0].batch_size if mine else section['batch_size']} "
-                     f"at {section['resolution']}px")  # several GPUs: global batches
+                     f"{sum(b.batches for b in mine)} batches of {batch_size(section, mine)} at {section['resolution']}px")
     if len(lines) > 1:
         lines.append(f"all sections: {total} samples")
     accumulation = cfg["gradient_accumulation_steps"]
@@ -252,6 +251,11 @@ def arithmetic(data: "Data", order: "DataOrder", cfg: dict) -> str:
         lines.append(f"skipped {len(small)} image(s) too small for any bucket: {', '.join(small)} (buckets.json "
                      "says why)")
     return "\n".join(lines)
+
+
+def batch_size(section: dict, section_buckets: list) -> int:
+    """A section's batch size: with several GPUs the global one its buckets batch by."""
+    return section_buckets[0].batch_size if section_buckets else section["batch_size"]
 
 
 def schedule(cfg: dict) -> str:
