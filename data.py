@@ -236,7 +236,8 @@ def arithmetic(data: "Data", order: "DataOrder", cfg: dict) -> str:
         total += len(samples)
         lines.append(f"{Path(section['dataset_dir']).name}: {images} images x {section['repeats']} repeats = "
                      f"{images * section['repeats']} samples in {len(mine)} bucket(s) -> "
-                     f"{sum(b.batches for b in mine)} batches of {batch_size(section, mine)} at {section['resolution']}px")
+                     f"{sum(b.batches for b in mine)} batches of {batch_size(section, mine)} at "
+                     f"{section['resolution']}px")
     if len(lines) > 1:
         lines.append(f"all sections: {total} samples")
     accumulation = cfg["gradient_accumulation_steps"]
