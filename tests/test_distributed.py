@@ -1,6 +1,7 @@
 """Several processes on CPU (gloo) through torchrun and train.py's real entry point:
-data-parallel LoRA (and with the fused step) against one process with the same global batch, a
-stop on one rank and the resume, FSDP2 full fine-tuning of FLUX and SD3 against one
+data-parallel LoRA in aspect-ratio buckets (and with the fused step) against one process with
+the same global batch, a stop on one rank and the resume, a one-GPU full fine-tuning config
+(bf16, Adafactor) data parallel, FSDP2 full fine-tuning of FLUX and SD3 against one
 process, stopped and resumed on one process from its two-process checkpoint, its model file in
 the one-GPU loader, an error on one rank; and without processes: the refusals, the caching split
 and the plan per GPU."""
