@@ -1,5 +1,5 @@
 """Activation memory, applied to a network from outside: gradient checkpointing of its
-blocks and offloading what autograd saves to host memory.
+blocks, offloading what autograd saves to host memory, and token chunks of the feed-forwards.
 
 Both act on the lists of blocks a family names (families/: `Family.blocks`), so a network's
 forward stays the reference code: it calls `block(x, ...)` and knows nothing of either.
@@ -9,6 +9,12 @@ instance with one that runs the original forward under torch.utils.checkpoint (n
 when gradients are being recorded: the block keeps only its inputs, and its forward runs again
 in backward. Module hooks (block swap's, the memory plan's) fire around `block(...)` and
 therefore once per forward, never in the recompute, which calls the original forward directly.
+
+Token chunks. `chunk_feedforward(tokens)` makes the token-wise parts a network marks with
+models.layers.tokenwise (FLUX: the MLPs, linear1, linear2 over [attention | GELU]) run on that
+many tokens at a time, each chunk recomputed in backward: the 4x-wide hidden activations of a
+block's recompute then exist for one chunk. The one lever that needs the network's help: parts
+of a feed-forward are lines of a block's forward, not modules that could be wrapped from here.
 """
 import contextlib
 
@@ -35,6 +41,15 @@ def checkpoint_blocks(blocks: list[nn.Module], enabled: bool = True) -> None:
 
 def is_checkpointed(block: nn.Module) -> bool:
     return "forward" in block.__dict__
+
+
+def chunk_feedforward(tokens: int) -> None:
+    """Run every network's token-wise parts in chunks of `tokens` tokens from now on (0: whole).
+    Same results (each token meets the same operations); the cost is one more forward of each
+    chunked part per training step (its recompute inside the block's recompute)."""
+    from models.layers import set_token_chunk
+
+    set_token_chunk(tokens)
 
 
 def offload_activations(enabled: bool = True, pin_memory: bool = True, host_device="cpu",

@@ -92,6 +92,8 @@ DEFAULTS = dict(
     train_single_blocks="all",
     lora_embedders=False,         # also LoRA on img_in, time_in, vector_in, guidance_in, txt_in
     save_dtype="bf16",            # dtype of saved LoRA / model files
+    lora_dtype="fp32",            # LoRA weights while training: "fp32" or "bf16" (updates stochastically rounded:
+                                  # needs optimizer="adafactor" or "adamw8bit", or fused_backward)
     # --- checkpoints, samples, validation ---
     save_every=250,               # steps between LoRA files + resumable state
     keep_last=3,                  # resumable states kept
@@ -116,6 +118,13 @@ DEFAULTS = dict(
     single_blocks_to_swap=-1,
     swap_mode="exchange",         # "exchange" (weights move both ways) or "h2d_only" (frozen base, host copy is the master)
     pin_memory=True,              # pinned host memory for swapped blocks (faster copies; some systems prefer False)
+    swap_ring=0,                  # N >= 2: every block of every group streams through one ring of N device slots
+                                  # sized for the largest block (instead of blocks_to_swap); 0: off
+    swap_staging=False,           # h2d_only: swapped weights read where loading left them (memory-mapped file or
+                                  # quantized fp8), pageable, through 2 pinned staging buffers; no pinned host copy
+    chunk_feedforward=False,      # token-wise parts of a block (FLUX: MLPs, linear1, linear2) run in token chunks,
+                                  # each recomputed in backward: one chunk's hidden activations at a time
+    feedforward_chunk=1024,       # tokens per chunk
     fused_backward=False,         # optimizer step inside backward, one parameter at a time: no full set of gradients
     stochastic_rounding=True,     # bf16 trainable weights get stochastically rounded updates (fused step, Adafactor)
     fp8_base=False,               # frozen Linear weights stored as float8_e4m3fn, upcast inside the matmul
@@ -144,6 +153,7 @@ def _choices() -> dict[str, tuple]:
         huber_schedule=losses.HUBER_SCHEDULES,
         train_mode=("lora", "full"),
         save_dtype=("bf16", "fp16", "fp32"),
+        lora_dtype=("fp32", "bf16"),
         swap_mode=("exchange", "h2d_only"),
         text_encoder_placement=("device", "stream", "cpu"),
     )
@@ -327,7 +337,8 @@ def check_training_settings(cfg: dict) -> None:
 def check_memory_settings(cfg: dict) -> None:
     """Combinations of the memory switches that cannot work."""
     full = cfg["train_mode"] == "full"
-    swapping = cfg["blocks_to_swap"] > 0 or cfg["double_blocks_to_swap"] > 0 or cfg["single_blocks_to_swap"] > 0
+    swapping = cfg["blocks_to_swap"] > 0 or cfg["double_blocks_to_swap"] > 0 or cfg["single_blocks_to_swap"] > 0 \
+        or cfg["swap_ring"] > 0
     if cfg["fused_backward"] and cfg["max_grad_norm"] > 0:
         raise ConfigError("fused_backward updates each weight before the global gradient norm exists: set "
                           "max_grad_norm=0 (and max_grad_norm_per_param if you want clipping)")
@@ -346,6 +357,35 @@ def check_memory_settings(cfg: dict) -> None:
                           "updated while the block is on the GPU")
     if cfg["offload_activations"] and not cfg["gradient_checkpointing"]:
         raise ConfigError("offload_activations moves the checkpointed block inputs: set gradient_checkpointing=True")
+    check_streaming_settings(cfg)
+    if cfg["feedforward_chunk"] < 1:
+        raise ConfigError(f"feedforward_chunk must be at least 1 token, got {cfg['feedforward_chunk']}")
+    if cfg["lora_dtype"] == "bf16":
+        if full:
+            raise ConfigError("lora_dtype is the LoRA weights' dtype; train_mode='full' trains the model's own "
+                              "weights (in dtype): remove lora_dtype")
+        if cfg["optimizer"] == "adamw" and not cfg["fused_backward"]:
+            raise ConfigError("lora_dtype='bf16' needs stochastically rounded updates, which torch's AdamW does not "
+                              "make: use optimizer='adafactor' or 'adamw8bit', or fused_backward=True")
+        if not cfg["stochastic_rounding"]:
+            raise ConfigError("lora_dtype='bf16' without stochastic_rounding rounds most updates away: set "
+                              "stochastic_rounding=True or lora_dtype='fp32'")
+
+
+def check_streaming_settings(cfg: dict) -> None:
+    """The ring and staging: what they replace and what they need."""
+    counted = cfg["blocks_to_swap"] > 0 or cfg["double_blocks_to_swap"] > 0 or cfg["single_blocks_to_swap"] > 0
+    if cfg["swap_ring"] < 0 or cfg["swap_ring"] == 1:
+        raise ConfigError(f"swap_ring={cfg['swap_ring']}: 0 (off) or at least 2 device slots (one block computes "
+                          "while the next loads)")
+    if cfg["swap_ring"] and counted:
+        raise ConfigError("swap_ring streams every block; blocks_to_swap and the per-group counts choose some: set "
+                          "one or the other")
+    if cfg["swap_staging"] and cfg["swap_mode"] != "h2d_only":
+        raise ConfigError("swap_staging reads the swapped weights where loading left them and never writes them "
+                          "back: set swap_mode='h2d_only' (a frozen base)")
+    if cfg["swap_staging"] and not (counted or cfg["swap_ring"]):
+        raise ConfigError("swap_staging is how swapped blocks are read: set swap_ring or blocks_to_swap too")
 
 
 def check_type(key: str, value, default) -> None:

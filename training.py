@@ -61,7 +61,8 @@ def network_alpha(cfg: dict) -> float:
 def prepare(model: nn.Module, family, cfg: dict, device, host_device="cpu", allocate=None,
             on_trainable=None) -> Prepared:
     """Set the network up as training runs it: what trains, gradient checkpointing of the
-    family's blocks, block swap (or the whole model on `device`). `host_device`, `allocate` and
+    family's blocks, token chunks of the feed-forwards (for every forward from now on, sampling
+    included), block swap (or the whole model on `device`). `host_device`, `allocate` and
     `on_trainable(network, trainable)` (called before placement) let the memory plan run the
     same code on the meta device and label what it makes."""
     network, trainable, targets = choose_trainable(model, family, cfg, device)
@@ -69,6 +70,7 @@ def prepare(model: nn.Module, family, cfg: dict, device, host_device="cpu", allo
         on_trainable(network, trainable)
     groups = family.blocks(model)
     activations.checkpoint_blocks([b for group in groups.values() for b in group], cfg["gradient_checkpointing"])
+    activations.chunk_feedforward(cfg["feedforward_chunk"] if cfg["chunk_feedforward"] else 0)
     swap = place(model, family, cfg, device, cfg["swap_mode"], host_device, allocate)
     model.train()
     if network is not None:
@@ -79,13 +81,16 @@ def prepare(model: nn.Module, family, cfg: dict, device, host_device="cpu", allo
 def place(model: nn.Module, family, cfg: dict, device, mode: str, host_device="cpu",
           allocate=None) -> blockswap.BlockSwap | None:
     """The model on `device`, except the weights of the blocks the config swaps (training and
-    sampling alike), which stay in host memory and stream in."""
+    sampling alike), which stay in host memory and stream in: some blocks of each group
+    (blocks_to_swap with the family's split), or every block through one ring of swap_ring
+    device slots; read through staging buffers with swap_staging."""
     counts = family.swap_counts(model, cfg)
-    if not any(counts.values()):
+    if not any(counts.values()) and not cfg["swap_ring"]:
         model.to(device)
         return None
     return blockswap.BlockSwap(model, family.blocks(model), counts, device, mode=mode, pin_memory=cfg["pin_memory"],
-                               host_device=host_device, allocate=allocate)
+                               host_device=host_device, allocate=allocate, ring=cfg["swap_ring"],
+                               staging=cfg["swap_staging"] and mode == "h2d_only")
 
 
 # --- the text encoders during caching ----------------------------------------------------------------
