@@ -57,7 +57,7 @@ DEFAULTS = dict(
     gradient_checkpointing=True,
     kernels="auto",               # fused element-wise ops: "auto", "torch", "triton"
     # --- optimizer and schedule ---
-    optimizer="adamw",            # "adamw" or "adafactor"
+    optimizer="adamw",            # "adamw", "adafactor" (factored second moment) or "adamw8bit" (8-bit moments)
     learning_rate=1e-4,
     weight_decay=0.01,
     betas=(0.9, 0.999),

@@ -19,6 +19,7 @@ import blockswap
 import fp8
 import lora
 import optim
+from config import DTYPES
 
 
 # --- what trains -----------------------------------------------------------------------------------
@@ -46,9 +47,10 @@ def choose_trainable(model: nn.Module, family, cfg: dict, device=None):
         model.requires_grad_(True)
         return None, dict(model.named_parameters()), {}
     targets = family.lora_targets(model, cfg)
-    # LoRA weights train in fp32 whatever the base dtype; LoRAModule casts them for the matmul.
+    # LoRA weights train in lora_dtype (fp32 by default; bf16 with stochastically rounded updates)
+    # whatever the base dtype; LoRAModule casts them to the input's dtype for the matmul.
     network = lora.LoRANetwork.inject(model, targets, alpha=network_alpha(cfg), dropout=cfg["network_dropout"],
-                                      dtype=torch.float32, device=device, prefix=family.lora_prefix)
+                                      dtype=DTYPES[cfg["lora_dtype"]], device=device, prefix=family.lora_prefix)
     return network, dict(network.named_parameters()), targets
 
 
@@ -161,7 +163,7 @@ def build_optimization(trainable: dict[str, nn.Parameter], cfg: dict, seed: int 
     implementation off CUDA (optim.build_optimizer); `lr_multipliers` (parameter name ->
     factor; 0 freezes) come from the family (Family.lr_multipliers)."""
     params = list(trainable.values())
-    extra = {"stochastic_rounding": cfg["stochastic_rounding"]} if cfg["optimizer"] == "adafactor" \
+    extra = {"stochastic_rounding": cfg["stochastic_rounding"]} if cfg["optimizer"] in ("adafactor", "adamw8bit") \
         else {"foreach": foreach}
     optimizer = optim.build_optimizer(param_groups(trainable, cfg, lr_multipliers), cfg["optimizer"], lr=cfg["learning_rate"],
                                       weight_decay=cfg["weight_decay"], betas=tuple(cfg["betas"]), eps=cfg["eps"],
