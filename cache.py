@@ -54,7 +54,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CACHE_FORMAT = "1"  # bump when an entry's layout changes: every older entry is then rebuilt
 CROP_MODES = ("center", "random")
 # Names CachedDataset puts beside the text tensors; an encoder output may not use them.
-SAMPLE_NAMES = ("latent", "caption", "index", "original_size", "crop_top_left")
+SAMPLE_NAMES = ("latent", "caption", "index", "original_size", "crop_top_left", "target_size")
 
 
 # ---------------------------------------------------------------- dataset scan
@@ -793,8 +793,9 @@ class CachedDataset(torch.utils.data.Dataset):
     """Training samples read from the caches.
 
     Sample i: {"latent": (C, h, w), each text tensor of its caption, "caption": str,
-    "index": i, "original_size": (2,) and "crop_top_left": (2,) (height/top first; SDXL
-    conditions on them)}. Use `collate` as the DataLoader's collate_fn.
+    "index": i, "original_size": (2,), "crop_top_left": (2,) and "target_size": (2,), the
+    cropped image's size in pixels (height/top first; SDXL conditions on all three)}. Use
+    `collate` as the DataLoader's collate_fn.
     """
 
     def __init__(self, entries: list[LatentEntry], latent_cache: LatentCache, text_cache: TextCache | None = None):
@@ -815,6 +816,7 @@ class CachedDataset(torch.utils.data.Dataset):
             "index": index,
             "original_size": torch.tensor(entry.original_size),
             "crop_top_left": torch.tensor(entry.crop[:2]),
+            "target_size": torch.tensor(entry.crop[2:]),
         }
         return sample
 

@@ -92,6 +92,8 @@ DEFAULTS = dict(
     train_single_blocks="all",
     lora_embedders=False,         # also LoRA on img_in, time_in, vector_in, guidance_in, txt_in
     save_dtype="bf16",            # dtype of saved LoRA / model files
+    lora_format="kohya",          # LoRA file keys: "kohya" (lora_unet_..., ComfyUI), or "diffusers" (transformer.<module>.lora_A/B:
+                                  # diffusers' load_lora_weights and ComfyUI; for SD3, whose kohya names diffusers cannot read)
     lora_dtype="fp32",            # LoRA weights while training: "fp32" or "bf16" (updates stochastically rounded:
                                   # needs optimizer="adafactor" or "adamw8bit", or fused_backward)
     # --- checkpoints, samples, validation ---
@@ -107,13 +109,73 @@ DEFAULTS = dict(
     validate_every=100,           # 0 disables
     log_every=1,
     # --- SD3 / SD3.5 only (families/sd3.py) ---
+    sd3_variant="",               # "" reads it from model_path (shapes; "turbo" in the file name), or sd3-medium,
+                                  # sd3.5-medium, sd3.5-large, sd3.5-large-turbo (plans without the file; sampling defaults)
+    clip_g_path="",               # clip_g.safetensors or a CLIP-G folder; "" (and clip_l_path, t5_path "") reads the
+                                  # text_encoders.* sections of an all-in-one model_path (sd3_medium_incl_clips_t5xxlfp16)
+    clip_g_tokenizer="",          # folder or tokenizer.json; "" looks next to clip_g_path (tokenizer_2/, tokenizer/)
+    weighting_scheme="none",      # loss weight per sample: none, sigma_sqrt, cosmap (kohya compute_loss_weighting_for_sd3)
+    training_shift=1.0,           # kohya --training_shift: sigma <- shift * sigma / (1 + (shift - 1) sigma) after the draw
+    discrete_timesteps=True,      # sigma = floor(1000 sigma) / 1000, as kohya's SD3
+    clip_l_dropout_rate=0.0,      # per-sample, per-encoder caption dropout (that encoder's part becomes zeros; kohya)
+    clip_g_dropout_rate=0.0,
+    t5_dropout_rate=0.0,
+    pos_emb_random_crop_rate=0.0, # multi-resolution (SD3.5 Medium, kohya): a random pos_embed window this often
+    enable_scaled_pos_embed=False,  # multi-resolution (SD3.5 Medium, kohya): a scaled sin-cos table for the resolution
+    train_joint_blocks="all",     # which joint blocks train (LoRA targets; full fine-tuning freezes the others):
+                                  # "all", "none", "30-37" (detail), "12-24" (composition), "0-33" (last blocks frozen)
+    freeze_embedders=False,       # full fine-tuning: x/t/y/context embedders stay as they are (LoRA leaves them anyway)
+    sample_sampler="",            # "" the variant's (dpmpp_2m; euler for Large Turbo), "euler" or "dpmpp_2m"
+    sample_shift=0.0,             # sampling schedule shift; 0: 3.0, the released models'
+    sample_cfg=0.0,               # CFG scale against the negative prompt (--n, default ""); 0: the variant's (Large 4.5,
+                                  # Medium 5, Large Turbo 1); a prompt's --l overrides
+    sample_apg=False,             # adaptive projected guidance instead of plain CFG (seed 004's APG node)
+    apg_eta=0.0,                  # APG: weight of the update parallel to the prediction
+    apg_norm_threshold=15.0,      # APG: the update's L2 norm is clipped to this (0: no clipping)
+    apg_momentum=-0.5,            # APG: running average of the update (negative: the paper's reverse momentum)
+    sample_slg_scale=0.0,         # skip-layer guidance (SD3.5 Medium's reference: 2.5); 0 turns it off
+    slg_layers=(7, 8, 9),         # joint blocks left out of the skip pass
+    slg_start=0.01,               # SLG acts for steps i with start * steps < i < end * steps
+    slg_end=0.2,
 
     # --- SDXL only (families/sdxl.py) ---
+    clip_g_path="",               # OpenCLIP bigG; "" reads it (and CLIP-L when clip_l_path is "") from model_path's conditioner
+    max_token_length=75,          # caption tokens: 75, 150 or 225 (kohya's; one 77-token CLIP window per 75)
+    no_half_vae=True,             # the VAE in fp32 (kohya's --no_half_vae): the SDXL VAE overflows in fp16; False: the run's dtype
+    v_parameterization=False,     # v-prediction instead of epsilon (kohya's name)
+    zero_terminal_snr=False,      # rescale the betas so the last step is pure noise (Lin et al. 2024)
+    min_timestep=0,               # t is drawn from [min_timestep, max_timestep) of the 1000 DDPM steps
+    max_timestep=1000,
+    min_snr_gamma=0.0,            # min-SNR weighting min(SNR, gamma) / SNR (v: / (SNR + 1)); 0 off, 5 is the paper's
+    debiased_estimation_loss=False,  # weight 1 / sqrt(SNR) (v: 1 / (SNR + 1))
+    scale_v_pred_loss_like_noise_pred=False,
+    v_pred_like_loss=0.0,
+    noise_offset=0.0,             # eps += noise_offset * N(0, 1) per sample and channel (0.1 in seed 001's lean recipe)
+    noise_offset_random_strength=False,
+    adaptive_noise_scale=0.0,     # noise_offset += adaptive_noise_scale * |latent mean|; 0 off
+    multires_noise_iterations=0,  # pyramid noise levels; 0 off (6-10 typical)
+    multires_noise_discount=0.3,
+    ip_noise_gamma=0.0,           # input-perturbation noise on x_t only; 0 off (0.1 typical)
+    ip_noise_gamma_random_strength=False,
+    conv_dim=0,                   # LoCon: LoRA rank on the 3x3 convolutions too (0: none), as kohya's conv_dim
+    conv_alpha=0.0,               # their alpha; 0 means alpha = conv_dim
+    block_dims="",                # kohya's 23 ranks "r0,r1,...": base, 9 input, 3 middle, 9 output blocks, out
+    block_alphas="",              # 23 alphas in the same order ("" -> network_alpha)
+    conv_block_dims="",           # 23 LoCon ranks ("" -> conv_dim)
+    conv_block_alphas="",
+    down_lr_weight="",            # learning-rate factors of the 9 input blocks, or cosine/sine/linear/reverse_linear/zeros[+base]
+    mid_lr_weight="",             # 3 factors for the middle block
+    up_lr_weight="",              # 9 factors for the output blocks
+    block_lr_zero_threshold=0.0,  # factors at or below it become 0 (those blocks get no LoRA)
+    sample_sampler="euler",       # euler, euler_ancestral, ddim, dpmpp_2m
+    sample_schedule="leading",    # leading (SDXL's), trailing (zero-terminal-SNR models), linspace, karras
+    sample_cfg_scale=5.0,         # default CFG scale of the samples (a prompt's --l overrides it)
 
     # --- DeepFloyd IF only (families/deepfloyd.py) ---
 
     # --- memory (blockswap.py, optim.py, fp8.py; `python train.py CONFIG --plan` shows the effect) ---
-    blocks_to_swap=0,             # kohya's count for FLUX: n -> n//2 double + (n - n//2)*2 single blocks live in host memory
+    blocks_to_swap=0,             # kohya's count for FLUX: n -> n//2 double + (n - n//2)*2 single blocks live in host memory;
+                                  # SDXL: n blocks, the deepest level's transformer blocks first (families/sdxl.py)
     double_blocks_to_swap=-1,     # finer control; -1 derives both from blocks_to_swap
     single_blocks_to_swap=-1,
     swap_mode="exchange",         # "exchange" (weights move both ways) or "h2d_only" (frozen base, host copy is the master)
@@ -136,6 +198,7 @@ DEFAULTS = dict(
 
 def _choices() -> dict[str, tuple]:
     """The allowed values of each choice key, read from the code that implements them."""
+    import lora
     import losses
     import optim
 
@@ -155,12 +218,14 @@ def _choices() -> dict[str, tuple]:
         save_dtype=("bf16", "fp16", "fp32"),
         lora_dtype=("fp32", "bf16"),
         swap_mode=("exchange", "h2d_only"),
+        lora_format=lora.LORA_FORMATS,
+        weighting_scheme=losses.WEIGHTING_SCHEMES,
         text_encoder_placement=("device", "stream", "cpu"),
     )
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}  # the one name -> dtype table
-PATH_KEYS = ("model_path", "ae_path", "clip_l_path", "t5_path", "dataset_dir")
+PATH_KEYS = ("model_path", "ae_path", "clip_l_path", "clip_g_path", "t5_path", "dataset_dir")
 ALIASES = {"flux_path": "model_path"}  # old name -> key (configs written before the family seam)
 
 
@@ -172,12 +237,12 @@ def load_config(config_path: str | None, overrides: list[str] = (), check_files:
     """DEFAULTS, then the config file's assignments, then --key=value overrides; validated.
     check_files=False (the memory plan) skips the checks that model and data files exist."""
     cfg = dict(DEFAULTS)
-    if config_path:
-        cfg.update(read_config_file(config_path))
+    given = read_config_file(config_path) if config_path else {}
     for arg in overrides:
         key, value = parse_override(arg)
-        cfg[key] = value
-    validate(cfg, check_files=check_files)
+        given[key] = value
+    cfg.update(given)
+    validate(cfg, check_files=check_files, given=set(given))
     return cfg
 
 
@@ -217,9 +282,10 @@ def check_known_key(key: str) -> None:
         raise ConfigError(f"unknown config key {key!r}.{hint} All keys and defaults are in config.py.")
 
 
-def validate(cfg: dict, check_files: bool = True) -> None:
+def validate(cfg: dict, check_files: bool = True, given: set[str] | None = None) -> None:
     """Everything that can be checked without loading a model. Resolves model_family="auto"
-    from the model file's keys (its header: no weight is read)."""
+    from the model file's keys (its header: no weight is read), then gives the keys the config
+    does not set (`given`: the keys the file and command line set) the family's own defaults."""
     choices = _choices()
     for key, value in cfg.items():
         check_known_key(key)
@@ -242,6 +308,7 @@ def validate(cfg: dict, check_files: bool = True) -> None:
     check_training_settings(cfg)
     check_memory_settings(cfg)
     family = resolve_family(cfg, check_files)
+    apply_family_defaults(cfg, family, given)
     check_family_keys(cfg, family)
     multiple = family.resolution_multiple(cfg)
     if cfg["resolution"] % multiple:
@@ -267,6 +334,15 @@ def resolve_family(cfg: dict, check_files: bool):
         print(resolved.note)
     cfg["model_family"] = resolved.family.name
     return resolved.family
+
+
+def apply_family_defaults(cfg: dict, family, given: set[str] | None = None) -> None:
+    """Family.config_defaults for the keys the config leaves unset. Without `given` (a config
+    assembled in code) a key still at its DEFAULTS value counts as unset."""
+    for key, value in family.config_defaults().items():
+        unset = key not in given if given is not None else cfg[key] == DEFAULTS[key]
+        if unset:
+            cfg[key] = value
 
 
 def check_family_keys(cfg: dict, family) -> None:
@@ -345,6 +421,10 @@ def check_memory_settings(cfg: dict) -> None:
     if cfg["fused_backward"] and cfg["gradient_accumulation_steps"] > 1:
         raise ConfigError("fused_backward updates the weights in every backward: gradient accumulation is not "
                           "possible; set gradient_accumulation_steps=1 or fused_backward=False")
+    if cfg["fused_backward"] and cfg["dtype"] == "fp16":
+        raise ConfigError("dtype='fp16' scales the loss and skips a step whose gradients overflow, but fused_backward "
+                          "updates the weights inside backward, before that is known: use dtype='bf16' with "
+                          "fused_backward, or fused_backward=False")
     if cfg["max_grad_norm_per_param"] > 0 and not cfg["fused_backward"]:
         raise ConfigError("max_grad_norm_per_param is for fused_backward; without it use max_grad_norm")
     if full and cfg["fp8_base"]:

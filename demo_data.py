@@ -160,8 +160,145 @@ def make_demo(root: str | Path = "runs/demo_data") -> dict:
 
 # --- SD3 demo (configs/demo_sd3.py) ---------------------------------------------------------------
 
+# An SD3.5-shaped MMDiT: QK RMSNorm, attn2 in block 0 (MMDiT-X, as SD3.5 Medium), a pre-only last
+# context block; width 64 x depth. It denoises the 3-channel image itself (no VAE), like the FLUX demo.
+SD3_TINY = dict(depth=2, pos_embed_max_size=24, in_channels=3, out_channels=3, adm_in_channels=80,
+                context_embedder_in_features=96, qk_norm="rms", x_block_self_attn_layers=(0,))
+SD3_CLIP_WIDTHS = (32, 48)  # CLIP-L, CLIP-G: pooled 32 + 48 = adm_in_channels
+SD3_T5_WIDTH = 96  # = context_embedder_in_features, at least 32 + 48
+
+
+def make_sd3(path: Path, seed: int = 0) -> Path:
+    """Random tiny MMDiT weights under `model.diffusion_model.` (the released single-file layout),
+    with the fixed sin-cos pos_embed table the released files store."""
+    from models.layers import sincos_pos_embed_2d
+    from models.mmdit import MMDiT, MMDiTParams
+
+    if not path.exists():
+        torch.manual_seed(seed)
+        model = MMDiT(MMDiTParams(**SD3_TINY))
+        grid = torch.arange(float(SD3_TINY["pos_embed_max_size"]))
+        model.pos_embed.copy_(sincos_pos_embed_2d(model.params.hidden_size, grid, grid)[None].float())
+        tensors = {f"model.diffusion_model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+        save_file(tensors, str(path))
+    return path
+
+
+def make_sd3_clip(folder: Path, width: int, projection: bool, seed: int) -> Path:
+    """A tiny CLIP text model (CLIP-G: with its projection and exact GELU) and the demo tokenizer."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if not (folder / "config.json").exists():
+        vocab_size = make_clip_tokenizer(folder)
+        torch.manual_seed(seed)
+        config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width,
+                                num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                                projection_dim=width, hidden_act="gelu" if projection else "quick_gelu",
+                                bos_token_id=0, eos_token_id=1, pad_token_id=1)
+        (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).save_pretrained(folder)
+    return folder
+
+
+def make_sd3_t5(folder: Path, seed: int = 5) -> Path:
+    from transformers import T5Config, T5EncoderModel
+
+    if not (folder / "config.json").exists():
+        vocab_size = make_t5_tokenizer(folder)
+        torch.manual_seed(seed)
+        config = T5Config(vocab_size=vocab_size, d_model=SD3_T5_WIDTH, d_kv=16, d_ff=128, num_layers=2, num_heads=2,
+                          feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+        T5EncoderModel(config).save_pretrained(folder)
+    return folder
+
+
+def make_sd3_demo(root: str | Path = "runs/demo_sd3_data") -> dict:
+    """Create (once) and return the paths configs/demo_sd3.py points at."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    prompts = root / "prompts.txt"
+    if not prompts.exists():
+        make_prompts(prompts)
+    return dict(
+        dataset_dir=str(make_dataset(root / "shapes")),
+        model_path=str(make_sd3(root / "sd3_tiny.safetensors")),
+        clip_l_path=str(make_sd3_clip(root / "clip_l", SD3_CLIP_WIDTHS[0], projection=False, seed=3)),
+        clip_g_path=str(make_sd3_clip(root / "clip_g", SD3_CLIP_WIDTHS[1], projection=True, seed=4)),
+        t5_path=str(make_sd3_t5(root / "t5")),
+        sample_prompts=str(prompts),
+    )
+
+
 
 # --- SDXL demo (configs/demo_sdxl.py) -------------------------------------------------------------
+
+# A tiny SDXL-shaped checkpoint in the layout of sd_xl_base_1.0.safetensors, so the demo loads
+# through the real code: the UNet under model.diffusion_model. (3 levels of 32, 64, 64 channels,
+# 1 ResBlock each, attention at levels 1 and 2 and in the middle), CLIP-L under
+# conditioner.embedders.0.transformer. (HF layout) and bigG under conditioner.embedders.1.model.
+# (OpenCLIP layout: fused q/k/v, text_projection used as x @ P). No VAE: the UNet denoises the
+# 3-channel image (ae_path = "" and no first_stage_model keys), as the FLUX demo does.
+SDXL_TEXT_WIDTH = 32  # each tiny encoder's width: context 64 = CLIP-L 32 + bigG 32; pooled 32
+SDXL_TINY = dict(in_channels=3, out_channels=3, model_channels=32, channel_mult=[1, 2, 2], num_res_blocks=[1, 1, 1],
+                 transformer_depth=[0, 1, 1], transformer_depth_middle=1, context_dim=2 * SDXL_TEXT_WIDTH,
+                 adm_in_channels=SDXL_TEXT_WIDTH + 6 * 256, num_head_channels=16)
+
+
+def openclip_text_tower(sd: dict) -> dict:
+    """A CLIPTextModelWithProjection state dict as the OpenCLIP text tower SDXL files hold:
+    [q; k; v] fused into attn.in_proj, transformer.resblocks.N, ln_final, text_projection (P, x @ P)."""
+    out = {"token_embedding.weight": sd["text_model.embeddings.token_embedding.weight"],
+           "positional_embedding": sd["text_model.embeddings.position_embedding.weight"],
+           "ln_final.weight": sd["text_model.final_layer_norm.weight"],
+           "ln_final.bias": sd["text_model.final_layer_norm.bias"],
+           "text_projection": sd["text_projection.weight"].t().contiguous()}
+    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+             "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    layers = {int(k.split(".")[3]) for k in sd if k.startswith("text_model.encoder.layers.")}
+    for i in sorted(layers):
+        hf, oc = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{oc}attn.in_proj_{kind}"] = torch.cat([sd[f"{hf}self_attn.{p}_proj.{kind}"] for p in "qkv"])
+            out.update({f"{oc}{new}.{kind}": sd[f"{hf}{old}.{kind}"] for old, new in names.items()})
+    return out
+
+
+def _text_model_keys(model) -> dict:
+    """The released HF layout `text_model.*` (+ text_projection.weight), whichever transformers."""
+    return {(k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}"): v.contiguous()
+            for k, v in model.state_dict().items()}
+
+
+def make_sdxl(path: Path, unet: dict | None = None, seed: int = 0) -> Path:
+    """The tiny SDXL single file (see above), with the demo's CLIP tokenizer in tokenizer/ beside it
+    (where the loader looks for a single file's tokenizer). `unet` overrides SDXL_TINY's fields."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from models.unet import UNet, UNetParams
+
+    if path.exists():
+        return path
+    vocab_size = make_clip_tokenizer(path.parent / "tokenizer")
+    torch.manual_seed(seed)
+    text = dict(vocab_size=vocab_size, hidden_size=SDXL_TEXT_WIDTH, intermediate_size=2 * SDXL_TEXT_WIDTH,
+                num_hidden_layers=2, num_attention_heads=1, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                pad_token_id=1)
+    clip_l = CLIPTextModel(CLIPTextConfig(hidden_act="quick_gelu", **text))
+    clip_g = CLIPTextModelWithProjection(CLIPTextConfig(hidden_act="gelu", projection_dim=SDXL_TEXT_WIDTH, **text))
+    model = UNet(UNetParams(**{**SDXL_TINY, **(unet or {})}))
+    sd = {f"model.diffusion_model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    sd |= {f"conditioner.embedders.0.transformer.{k}": v for k, v in _text_model_keys(clip_l).items()}
+    sd |= {f"conditioner.embedders.1.model.{k}": v.contiguous()
+           for k, v in openclip_text_tower(_text_model_keys(clip_g)).items()}
+    save_file(sd, str(path))
+    return path
+
+
+def make_sdxl_demo(root: str | Path = "runs/demo_sdxl_data") -> dict:
+    """Create (once) and return the paths configs/demo_sdxl.py points at."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    return dict(dataset_dir=str(make_dataset(root / "shapes")), model_path=str(make_sdxl(root / "sdxl_tiny.safetensors")),
+                sample_prompts=str(make_prompts(root / "prompts.txt")))
 
 
 # --- DeepFloyd IF demo (configs/demo_if.py) -------------------------------------------------------

@@ -275,7 +275,7 @@ class LoRANetwork(nn.Module):
         cls,
         model: nn.Module,
         targets: dict[str, int],
-        alpha: float | None = None,
+        alpha: float | dict[str, float] | None = None,
         dropout: float = 0.0,
         dtype: torch.dtype | None = None,
         prefix: str = "lora_unet",
@@ -283,7 +283,8 @@ class LoRANetwork(nn.Module):
     ) -> "LoRANetwork":
         """Wrap each target Linear of `model` (module path -> rank; rank 0 is skipped).
 
-        alpha None means alpha = rank (scale 1). LoRA weights are made in `dtype` (default
+        alpha: one for every target, or module path -> alpha (a path it lacks gets alpha =
+        rank); None or 0 means alpha = rank (scale 1). LoRA weights are made in `dtype` (default
         fp32) on `device` (default: where the base weight is, meta included)."""
         modules = dict(model.named_modules())
         missing = sorted(p for p in targets if p not in modules)
@@ -298,7 +299,8 @@ class LoRANetwork(nn.Module):
             if rank == 0:
                 continue
             name = kohya_name(path, prefix)
-            loras[name] = LoRAModule(modules[path], rank, alpha, dropout, dtype=dtype, device=device)
+            path_alpha = alpha.get(path) if isinstance(alpha, dict) else alpha
+            loras[name] = LoRAModule(modules[path], rank, path_alpha, dropout, dtype=dtype, device=device)
             paths[name] = path
         network = cls(loras, paths, prefix)
         for lora in network.loras.values():
@@ -378,6 +380,41 @@ class LoRANetwork(nn.Module):
                 f"LoRA shapes differ (a different rank or model size?): {_shorten(wrong, 6)}. "
                 "Build the network with the file's ranks (targets_from_state_dict)."
             )
+
+
+# --- writing files -------------------------------------------------------------------------------
+
+LORA_FORMATS = ("kohya", "diffusers")  # config key lora_format
+
+
+def diffusers_state_dict(network: LoRANetwork, family, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """The network in diffusers / PEFT names, as diffusers' `load_lora_weights` reads them (and
+    ComfyUI, and load_lora_file here): per diffusers module the family names
+    (`family.lora_to_diffusers`), `<module>.lora_A.weight` (rank, in) and `<module>.lora_B.weight`
+    (its rows of lora_up, rank). A fused weight (q, k, v) becomes one module per slice, all with the
+    same lora_A. The format has no alpha (its readers take alpha = rank), so alpha / rank is folded
+    into lora_A: every reader applies the same delta."""
+    sd = {}
+    for name, lora in network.loras.items():
+        down = lora.lora_down.weight.detach().float() * (float(lora.alpha) / lora.rank)
+        modules = family.lora_to_diffusers(network.module_paths[name], lora.lora_up.weight.detach().float(), down)
+        for module, up in modules.items():  # each tensor its own storage (safetensors refuses shared ones)
+            sd[f"{module}.lora_A.weight"] = down.to(dtype or down.dtype, copy=True)
+            sd[f"{module}.lora_B.weight"] = up.to(dtype or up.dtype, copy=True)
+    return sd
+
+
+def save_lora(network: LoRANetwork, path: str | Path, metadata: dict[str, str] | None, dtype: torch.dtype,
+              family, lora_format: str = "kohya") -> None:
+    """Write the network's file atomically in `lora_format`: "kohya" (LoRANetwork.save) or
+    "diffusers" (diffusers_state_dict, for families whose kohya names diffusers cannot read)."""
+    if lora_format == "kohya":
+        network.save(path, metadata, dtype=dtype)
+        return
+    if lora_format != "diffusers":
+        raise ValueError(f"lora_format={lora_format!r}: choose one of {LORA_FORMATS}")
+    sd = {k: v.to("cpu").contiguous() for k, v in diffusers_state_dict(network, family, dtype).items()}
+    atomic.write_safetensors(sd, path, metadata)
 
 
 # --- reading files -------------------------------------------------------------------------------
@@ -473,7 +510,7 @@ def _native_path(module: str, family) -> tuple[str, int | None]:
 
 
 def _kohya_entry(path: str, parts: dict[str, Tensor], family) -> dict[str, Tensor]:
-    up = family.lora_up_from_diffusers(path, parts["up"])
+    up = family.lora_up_from_diffusers(path, parts["up"], parts["down"])
     name = kohya_name(path, family.lora_prefix)
     alpha = parts["alpha"].detach().float().reshape(())
     return {f"{name}.lora_down.weight": parts["down"], f"{name}.lora_up.weight": up, f"{name}.alpha": alpha}

@@ -634,8 +634,8 @@ def plan_decode(setup: Setup, latent: Tensor, training_peak: int, measure=nullco
         codec = setup.family.plan_codec(cfg, setup.params)
         if codec is None:
             return []
-        codec = codec.to(DTYPES[cfg["dtype"]])
-    z = latent.to(DTYPES[cfg["dtype"]])
+        codec = codec.to(setup.family.codec_dtype(cfg))
+    z = latent.to(setup.family.codec_dtype(cfg))
     tiles = [cfg["vae_tile_size"]] if cfg["vae_tile_size"] >= 0 else [0, sample.AUTO_TILE]
     for tile in tiles:
         stages = []
@@ -652,7 +652,7 @@ def plan_caching(cfg: dict, family, params, device="meta", measure=nullcontext) 
     """Before the denoiser loads: the autoencoder encodes vae_batch_size images, then the text
     encoders, placed as text_encoder_placement / text_encoder_fp8 say, encode text_batch_size
     captions. Each stage on a fresh device (the previous one has left it)."""
-    dtype, stages = DTYPES[cfg["dtype"]], []
+    dtype, stages = family.codec_dtype(cfg), []
     tracker = MemoryTracker(str(device), SHARED_OP_CACHE if str(device) == "meta" else None)
     with tracker, tracker.allocating(CODEC), _ops_through(tracker.run_op), torch.device(device):
         codec = family.plan_codec(cfg, params)

@@ -169,8 +169,10 @@ def parse_args(argv):
     parser.add_argument("--model_family", default="", help="'auto' (default) or a family name")
     parser.add_argument("--ae", default=None, help="ae.safetensors ('' decodes nothing: pixel-space models)")
     parser.add_argument("--clip_l", default=None)
+    parser.add_argument("--clip_g", default=None, help="CLIP-G (SD3); '' reads an all-in-one --model's text encoders")
     parser.add_argument("--t5", default=None)
     parser.add_argument("--clip_tokenizer", default=None)
+    parser.add_argument("--clip_g_tokenizer", default=None)
     parser.add_argument("--t5_tokenizer", default=None)
     parser.add_argument("--prompt", help="a prompt, kohya options allowed (--w 768 --s 20 ...)")
     parser.add_argument("--prompt_file", help="a kohya prompt file")
@@ -178,7 +180,7 @@ def parse_args(argv):
     parser.add_argument("--lora_on_the_fly", action="store_true", help="apply LoRAs as modules instead of merging")
     parser.add_argument("--out", default="samples", help="output image (.png, .jpg, .webp; one prompt) or folder")
     parser.add_argument("--seed", type=int, default=None, help="the seed of every prompt without its own --d")
-    parser.add_argument("--dtype", default=None, choices=("bf16", "fp32"))
+    parser.add_argument("--dtype", default=None, choices=("bf16", "fp32", "fp16"), help="fp16 where the family allows it (SDXL)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--t5_max_length", type=int, default=None, help="0: the family's default")
     parser.add_argument("--apply_t5_attn_mask", action="store_true", default=None, help="mask T5 padding")
@@ -193,7 +195,8 @@ def parse_args(argv):
 
 
 CLI_KEYS = {"model": "model_path", "model_family": "model_family", "ae": "ae_path", "clip_l": "clip_l_path",
-            "t5": "t5_path", "clip_tokenizer": "clip_tokenizer", "t5_tokenizer": "t5_tokenizer", "dtype": "dtype",
+            "clip_g": "clip_g_path", "t5": "t5_path", "clip_tokenizer": "clip_tokenizer",
+            "clip_g_tokenizer": "clip_g_tokenizer", "t5_tokenizer": "t5_tokenizer", "dtype": "dtype",
             "device": "device", "t5_max_length": "t5_max_length", "apply_t5_attn_mask": "apply_t5_attn_mask",
             "fp8_base": "fp8_base", "blocks_to_swap": "blocks_to_swap"}
 
@@ -212,7 +215,7 @@ def sampling_config(args) -> dict:
     if not args.config:
         cfg["model_family"] = args.model_family or "auto"
     validate(cfg, check_files=False)
-    for key in ("model_path", "ae_path", "clip_l_path", "t5_path"):
+    for key in ("model_path", "ae_path", "clip_l_path", "clip_g_path", "t5_path"):
         if cfg[key] and not Path(cfg[key]).exists():
             raise ConfigError(f"{key}: file or folder not found: {cfg[key]}")
     if not cfg["model_path"]:

@@ -333,6 +333,8 @@ def resume(run: Run, resume_dir: Path | None) -> None:
     scheduler._last_lr = [group["lr"] for group in run.opt.optimizer.param_groups]
     if run.opt.ema is not None and extra["ema"] is not None:
         run.opt.ema.load_state_dict(extra["ema"])
+    if run.opt.scaler is not None and info.get("loss_scaler"):
+        run.opt.scaler.load_state_dict(info["loss_scaler"])
     checkpoint.restore_rng(extra["rng"], run.generator)
     run.order.load(info["data_order"])
     run.step = info["step"]
@@ -408,12 +410,15 @@ def save(run: Run) -> None:
     if network is not None:
         meta = lora_metadata(run)
         save_dtype = DTYPES[cfg["save_dtype"]]
-        network.save(run.run_dir / f"{cfg['run_name']}_step{step:06d}.safetensors", meta, dtype=save_dtype)
+        lora.save_lora(network, run.run_dir / f"{cfg['run_name']}_step{step:06d}.safetensors", meta, save_dtype,
+                       run.family, cfg["lora_format"])
         if ema is not None:
             with ema.swapped(run.opt.params):
-                network.save(run.run_dir / f"{cfg['run_name']}_step{step:06d}_ema.safetensors", meta, dtype=save_dtype)
+                lora.save_lora(network, run.run_dir / f"{cfg['run_name']}_step{step:06d}_ema.safetensors", meta,
+                               save_dtype, run.family, cfg["lora_format"])
     info = {"data_order": run.order.state(), "rng": checkpoint.rng_state(run.generator), "config": cfg,
-            "identity": run.identity, "training_started_at": run.started_at}
+            "identity": run.identity, "training_started_at": run.started_at,
+            "loss_scaler": run.opt.scaler.state_dict() if run.opt.scaler is not None else None}
     checkpoint.save_state(run.run_dir, step, run.prepared.trainable, run.opt.fused or run.opt.optimizer,
                           run.opt.scheduler, ema, info, cfg["keep_last"])
 
@@ -439,17 +444,20 @@ def train_step(run: Run, bins: losses.LossBins) -> dict:
                 f"loss is {loss.item()} at step {run.step + 1} (images {batch['caption']}, noise levels "
                 f"{noised.level.tolist()}). Nothing was saved; {last_good_state(run)}. "
                 "Lower learning_rate, use dtype='bf16' rather than fp16, or check the data.")
-        (loss / cfg["gradient_accumulation_steps"]).backward()  # fused: the weights update in here
+        training.backward(run.opt, loss / cfg["gradient_accumulation_steps"])  # fused: the weights update in here
         step_loss += loss.item() / cfg["gradient_accumulation_steps"]
         bins.add(per_sample.detach(), noised.level)  # stays on the device: no extra sync
     grad_norm = training.close_gradients(run.opt, cfg)
-    if not torch.isfinite(grad_norm):
+    if not torch.isfinite(grad_norm) and not run.opt.skipped:  # fp16 overflows lower the loss scale instead
         raise TrainingError(f"gradient norm is {grad_norm.item()} at step {run.step + 1}; nothing was saved; "
                             f"{last_good_state(run)}. Lower learning_rate or check the data.")
     lr = run.opt.scheduler.get_last_lr()[0]
-    training.apply_step(run.opt, run.step + 1)
+    training.apply_step(run.opt, run.step + 1, run.prepared.swap)
     run.step += 1
-    return {"step": run.step, "epoch": run.order.epoch, "loss": step_loss, "lr": lr, "grad_norm": grad_norm.item()}
+    record = {"step": run.step, "epoch": run.order.epoch, "loss": step_loss, "lr": lr, "grad_norm": grad_norm.item()}
+    if run.opt.scaler is not None:
+        record["loss_scale"] = run.opt.scaler.scale  # the scale the next step uses
+    return record
 
 
 def after_step(run: Run, record: dict, bins: losses.LossBins, stop: StopRequests) -> None:
@@ -508,7 +516,7 @@ def train(cfg: dict) -> Path:
         items = data.dataset_items(cfg)
         identity = checkpoint.run_identity(cfg, items.fingerprint)
         if resume_dir is not None:
-            checkpoint.check_resume(resume_dir, cfg, family.lora_config_keys, identity)
+            checkpoint.check_resume(resume_dir, cfg, family.lora_config_keys + family.trained_config_keys, identity)
         # 2. data and caches
         cached = data.load_data(cfg, family, params, device, DTYPES[cfg["dtype"]], items)
         # 3, 4. the denoiser, what trains, the optimizer
@@ -542,7 +550,7 @@ def finish(run: Run) -> Path:
         with run.opt.ema.swapped(run.opt.params):
             write_final(run, path.with_name(f"{cfg['run_name']}_ema.safetensors"))
     if run.prepared.network is not None:
-        print(f"LoRA saved: {path} (kohya keys; loads in ComfyUI 'Load LoRA' and diffusers "
+        print(f"LoRA saved: {path} ({run.cfg['lora_format']} keys; loads in ComfyUI 'Load LoRA' and diffusers "
               f"pipe.load_lora_weights('{path}'))")
         for note in run.family.lora_loader_notes(run.prepared.targets):
             print(f"  note: {note}")
@@ -555,7 +563,7 @@ def write_final(run: Run, path: Path) -> None:
     """The LoRA file, or for full fine-tuning the model in the original layout."""
     save_dtype = DTYPES[run.cfg["save_dtype"]]
     if run.prepared.network is not None:
-        run.prepared.network.save(path, lora_metadata(run), dtype=save_dtype)
+        lora.save_lora(run.prepared.network, path, lora_metadata(run), save_dtype, run.family, run.cfg["lora_format"])
         return
     model = run.prepared.model
     tensors = {k: v.detach().to(save_dtype).contiguous().cpu() for k, v in model.state_dict().items()}
@@ -567,7 +575,8 @@ def public_config(cfg: dict) -> dict:
     writes no local paths either)."""
     from config import PATH_KEYS
 
-    keys = PATH_KEYS + ("cache_dir", "output_dir", "sample_prompts", "clip_tokenizer", "t5_tokenizer", "resume")
+    keys = PATH_KEYS + ("cache_dir", "output_dir", "sample_prompts", "clip_tokenizer", "clip_g_tokenizer", "t5_tokenizer",
+                        "resume")
     return {k: (Path(v).name if k in keys and isinstance(v, str) and v else v) for k, v in cfg.items()}
 
 

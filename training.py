@@ -5,8 +5,8 @@ so the plan cannot drift from training.
     prepared = prepare(network, family, cfg, device)      # what trains, checkpointing, swap
     opt = build_optimization(prepared.trainable, cfg)     # optimizer, fused step, schedule, EMA
     loss, per_sample, noised = training_loss(family, objective, prepared.model, batch, cfg, generator)
-    loss.backward()
-    grad_norm = close_gradients(opt, cfg)                 # clip (or close the fused step)
+    backward(opt, loss)                                   # loss.backward(), scaled for fp16
+    grad_norm = close_gradients(opt, cfg)                 # unscale (fp16), clip (or close the fused step)
     apply_step(opt, step)                                  # optimizer step, schedule, EMA
 """
 from dataclasses import dataclass
@@ -47,9 +47,10 @@ def choose_trainable(model: nn.Module, family, cfg: dict, device=None):
         model.requires_grad_(True)
         return None, dict(model.named_parameters()), {}
     targets = family.lora_targets(model, cfg)
+    alphas = {path: network_alpha(cfg) for path in targets} | family.lora_alphas(cfg, targets)
     # LoRA weights train in lora_dtype (fp32 by default; bf16 with stochastically rounded updates)
     # whatever the base dtype; LoRAModule casts them to the input's dtype for the matmul.
-    network = lora.LoRANetwork.inject(model, targets, alpha=network_alpha(cfg), dropout=cfg["network_dropout"],
+    network = lora.LoRANetwork.inject(model, targets, alpha=alphas, dropout=cfg["network_dropout"],
                                       dtype=DTYPES[cfg["lora_dtype"]], device=device, prefix=family.lora_prefix)
     return network, dict(network.named_parameters()), targets
 
@@ -142,6 +143,8 @@ class Optimization:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     fused: optim.FusedBackwardStep | None
     ema: optim.EMA | None
+    scaler: "LossScaler | None" = None  # dtype="fp16": dynamic loss scaling
+    skipped: bool = False  # the last step's gradients overflowed in fp16: no update was made
 
 
 def param_groups(trainable: dict[str, nn.Parameter], cfg: dict, lr_multipliers: dict[str, float] | None):
@@ -162,7 +165,10 @@ def build_optimization(trainable: dict[str, nn.Parameter], cfg: dict, seed: int 
     seeds the fused step's rounding noise (None on the meta device); `foreach` chooses AdamW's
     implementation off CUDA (optim.build_optimizer); `lr_multipliers` (parameter name ->
     factor; 0 freezes) come from the family (Family.lr_multipliers)."""
-    params = list(trainable.values())
+    frozen = {name for name, factor in (lr_multipliers or {}).items() if factor == 0}
+    for name in frozen:  # no gradient at all: nothing would ever step or clear it
+        trainable[name].requires_grad_(False)
+    params = [p for name, p in trainable.items() if name not in frozen]
     extra = {"stochastic_rounding": cfg["stochastic_rounding"]} if cfg["optimizer"] in ("adafactor", "adamw8bit") \
         else {"foreach": foreach}
     optimizer = optim.build_optimizer(param_groups(trainable, cfg, lr_multipliers), cfg["optimizer"], lr=cfg["learning_rate"],
@@ -177,7 +183,8 @@ def build_optimization(trainable: dict[str, nn.Parameter], cfg: dict, seed: int 
                                         max_grad_norm_per_param=cfg["max_grad_norm_per_param"] or None,
                                         stochastic_rounding=cfg["stochastic_rounding"])
     ema = optim.EMA(params, decay=cfg["ema_decay"], update_every=cfg["ema_every"]) if cfg["ema_decay"] else None
-    return Optimization(params, optimizer, scheduler, fused, ema)
+    scaler = LossScaler() if cfg["dtype"] == "fp16" else None
+    return Optimization(params, optimizer, scheduler, fused, ema, scaler)
 
 
 # --- one step ----------------------------------------------------------------------------------------
@@ -196,21 +203,85 @@ def training_loss(family, objective, model: nn.Module, batch: dict, cfg: dict,
     return loss, per_sample, noised
 
 
+def backward(opt: Optimization, loss: Tensor) -> None:
+    """loss.backward(), with the loss multiplied by the fp16 loss scale when there is one."""
+    (loss * opt.scaler.scale if opt.scaler is not None else loss).backward()
+
+
 def close_gradients(opt: Optimization, cfg: dict) -> Tensor:
-    """After the step's backward passes: clip to the global norm (the fused step has already
-    updated every weight and only measured the norm). Returns the norm before clipping."""
+    """After the step's backward passes: undo the fp16 loss scale, then clip to the global norm
+    (the fused step has already updated every weight and only measured the norm). Returns the
+    norm before clipping; with fp16 gradients that overflowed it is inf or NaN and `opt.skipped`
+    says that apply_step will make no update."""
     if opt.fused is not None:
         opt.fused.step()
         return opt.fused.last_grad_norm
+    opt.skipped = opt.scaler is not None and not opt.scaler.unscale_(opt.params)
     return optim.clip_grad_norm_(opt.params, cfg["max_grad_norm"] or float("inf"))
 
 
-def apply_step(opt: Optimization, step: int) -> None:
-    """The optimizer step (unless fused), the LR schedule, and the EMA of step number `step`
-    (counted from 1: the steps done once this one is)."""
+def apply_step(opt: Optimization, step: int, swap: blockswap.BlockSwap | None = None) -> None:
+    """The optimizer step (unless fused, or skipped after an fp16 overflow), the LR schedule, and
+    the EMA of step number `step` (counted from 1: the steps done once this one is). With block
+    swap the EMA reads swapped weights from their host copies: it waits for the side stream's
+    copies first."""
+    if opt.scaler is not None:
+        opt.scaler.update(finite=not opt.skipped)
     if opt.fused is None:
-        opt.optimizer.step()
+        if not opt.skipped:
+            opt.optimizer.step()
         opt.optimizer.zero_grad(set_to_none=True)
     opt.scheduler.step()
     if opt.ema is not None:
+        if swap is not None and step % opt.ema.update_every == 0:
+            swap.synchronize()  # a host sync, on the steps the average updates
         opt.ema.update(step)
+
+
+# --- fp16: dynamic loss scaling ----------------------------------------------------------------------
+
+
+class LossScaler:
+    """Dynamic loss scaling for dtype="fp16", with torch.amp.GradScaler's rules and defaults.
+
+    fp16 keeps 5 exponent bits: gradients below ~6e-8 flush to zero in an fp16 backward. So the
+    loss is multiplied by `scale` before backward (training.backward), which lifts every gradient
+    by the same factor, and the gradients are divided by it again before clipping and the step
+    (unscale_). If a gradient came out inf or NaN, the scale was too large: the step is skipped
+    (no update; the schedule and the EMA still count it) and the scale is multiplied by
+    `backoff_factor`. After `growth_interval` finite steps in a row it is multiplied by
+    `growth_factor`. A run thus finds the largest scale that does not overflow within a few
+    steps of starting, and keeps probing upward."""
+
+    def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0, backoff_factor: float = 0.5,
+                 growth_interval: int = 2000):
+        self.scale, self.growth_factor, self.backoff_factor = init_scale, growth_factor, backoff_factor
+        self.growth_interval = growth_interval
+        self.good_steps = 0  # finite steps since the last change of scale
+
+    @torch.no_grad()
+    def unscale_(self, params: list[nn.Parameter]) -> bool:
+        """Divide every gradient by the scale; return whether all of them are finite (one host
+        sync). On the meta device (the memory plan) nothing can be read: True."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return True
+        finite = torch.stack([g.isfinite().all() for g in grads]).all()
+        torch._foreach_mul_(grads, 1.0 / self.scale)
+        return finite.device.type == "meta" or bool(finite)
+
+    def update(self, finite: bool) -> None:
+        if not finite:
+            self.scale *= self.backoff_factor
+            self.good_steps = 0
+            return
+        self.good_steps += 1
+        if self.good_steps == self.growth_interval:
+            self.scale *= self.growth_factor
+            self.good_steps = 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])

@@ -35,6 +35,9 @@ class Family:
     required_paths: tuple[str, ...] = ()
     lora_prefix = "lora_unet"  # kohya's prefix of the denoiser's LoRA modules
     lora_config_keys: tuple[str, ...] = ()  # the family's LoRA keys, recorded in ss_network_args
+    # Keys besides the LoRA keys that decide which weights train (full fine-tuning too): a resume
+    # refuses to change them, as it refuses the LoRA keys.
+    trained_config_keys: tuple[str, ...] = ()
     latent_multiple = 1  # latent sides must be multiples of this (patch size, UNet downsamplings)
 
     # --- the checkpoint ----------------------------------------------------------------------------
@@ -84,6 +87,11 @@ class Family:
 
     # --- config ------------------------------------------------------------------------------------
 
+    def config_defaults(self) -> dict:
+        """Defaults of shared keys (config.py's DEFAULTS) that differ for this family, e.g. SD3's
+        timestep_sampling="logit_normal": config.py applies them to the keys a config does not set."""
+        return {}
+
     def check_config(self, cfg: dict) -> None:
         """Checks only this family needs, before any model loads; raise ConfigError."""
 
@@ -98,6 +106,13 @@ class Family:
         from models import load_codec
 
         return load_codec(cfg["ae_path"], dtype=dtype, device=device)
+
+    def codec_dtype(self, cfg: dict) -> torch.dtype:
+        """The dtype the codec runs in (the memory plan builds it so): the run's, unless the
+        family's autoencoder needs more (SDXL's overflows in fp16)."""
+        from config import DTYPES
+
+        return DTYPES[cfg["dtype"]]
 
     def text_encoder(self, cfg: dict, params, dtype: torch.dtype, device):
         """A prompt encoder: `.identity` (str), `.encode(list[str]) -> dict[str, Tensor]`
@@ -153,6 +168,11 @@ class Family:
         """Module path -> rank of every layer that gets a LoRA (block selection, group ranks)."""
         raise NotImplementedError
 
+    def lora_alphas(self, cfg: dict, targets: dict[str, int]) -> dict[str, float]:
+        """Module path -> alpha where a target's alpha is not the config's network_alpha (per-block
+        alphas, a separate alpha for convolutions); {} when every target takes network_alpha."""
+        return {}
+
     def lr_multipliers(self, cfg: dict, trainable: dict[str, nn.Parameter]) -> dict[str, float]:
         """Learning-rate factors by trainable parameter name (block-wise learning rates); {} for
         one learning rate."""
@@ -172,9 +192,17 @@ class Family:
         `slices` (index -> {"down", "up", "alpha"}) are the ones the file has."""
         raise ValueError(f"{path} is not a fused weight of {self.title}")
 
-    def lora_up_from_diffusers(self, path: str, up: Tensor) -> Tensor:
-        """A diffusers file's lora_up rows in the checkpoint's order (where the two differ)."""
+    def lora_up_from_diffusers(self, path: str, up: Tensor, down: Tensor | None = None) -> Tensor:
+        """A diffusers file's lora_up rows in the checkpoint's order (where the two differ); `down`
+        (rank, in) tells the module's input width where the row order depends on it."""
         return up
+
+    def lora_to_diffusers(self, path: str, up: Tensor, down: Tensor) -> dict[str, Tensor]:
+        """A LoRA of the native module `path` in diffusers names: diffusers module (with its
+        pipeline prefix, "transformer.") -> the lora_up rows that module gets (one entry, or one
+        per slice of a fused weight; `down` is shared by all). The inverse of lora_from_diffusers,
+        lora_slice_sizes and lora_up_from_diffusers (lora.py: lora_format="diffusers")."""
+        raise ValueError(f"{self.title} LoRA files are written in the kohya format only; set lora_format='kohya'")
 
     def lora_loader_notes(self, targets: dict[str, int]) -> list[str]:
         """What common loaders will not apply of a LoRA with these targets (said when saving)."""
@@ -251,7 +279,15 @@ class Resolved:
 def resolve(model_family: str, model_path: str, allow_pickle: bool = False) -> Resolved:
     """The family a config names, or the one its checkpoint's keys show ("auto")."""
     if model_family != "auto":
-        return Resolved(get(model_family), f"model_family={model_family!r}")
+        family = get(model_family)
+        if model_path and Path(model_path).exists():
+            sd = load_state_dict(model_path, allow_pickle=allow_pickle)  # the header only
+            if not family.detect(sd):
+                found = FAMILY_NAMES[detect_family(sd)]
+                raise ValueError(f"model_family={model_family!r}, but {Path(model_path).name} looks like {found}; "
+                                 "set model_family='auto' or the model_path of a "
+                                 f"{family.title} checkpoint")
+        return Resolved(family, f"model_family={model_family!r}")
     if not model_path or not Path(model_path).exists():
         return Resolved(get("flux"), "model_family='auto' and no model file to look at: FLUX.1")
     family = detect(load_state_dict(model_path, allow_pickle=allow_pickle), model_path)  # header only

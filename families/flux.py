@@ -233,7 +233,7 @@ class Flux(Family):
             return TOP_FROM_DIFFUSERS[module], None
         raise ValueError(f"LoRA module {module!r} has no FLUX.1 counterpart (is this a FLUX.1 LoRA?)")
 
-    def lora_up_from_diffusers(self, path: str, up: Tensor) -> Tensor:
+    def lora_up_from_diffusers(self, path: str, up: Tensor, down: Tensor | None = None) -> Tensor:
         if path == "final_layer.adaLN_modulation.1":
             return torch.cat(up.chunk(2, dim=0)[::-1])  # diffusers (scale, shift) -> BFL (shift, scale)
         return up

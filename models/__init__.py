@@ -14,15 +14,16 @@ from .loading import file_identity, load_state_dict
 class VAECodec:
     """The autoencoder: encode to scaled latents (the mean), decode back to pixels."""
 
-    def __init__(self, path: str, dtype: torch.dtype, device):
+    def __init__(self, path: str, dtype: torch.dtype, device, **overrides):
         from .vae import AutoEncoder
 
-        self.vae = AutoEncoder.from_state_dict(load_state_dict(path), dtype=dtype, device=device).eval()
+        # overrides: AutoEncoderParams fields, e.g. a family's scale_factor and shift_factor
+        self.vae = AutoEncoder.from_state_dict(load_state_dict(path), dtype=dtype, device=device, **overrides).eval()
         self.vae.requires_grad_(False)
         self.channels = self.vae.params.z_channels
         self.downscale = 2 ** (len(self.vae.params.ch_mult) - 1)  # 8 for the released autoencoders
         self.dtype = dtype
-        self.identity = f"vae:{file_identity(path)}:{dtype}"
+        self.identity = f"vae:{file_identity(path)}:{dtype}" + "".join(f":{k}={v}" for k, v in sorted(overrides.items()))
 
     @torch.no_grad()
     def encode(self, pixels: Tensor) -> Tensor:
@@ -71,8 +72,8 @@ class PixelCodec:
         return self
 
 
-def load_codec(ae_path: str, dtype: torch.dtype = torch.bfloat16, device="cpu"):
-    return VAECodec(ae_path, dtype, device) if ae_path else PixelCodec()
+def load_codec(ae_path: str, dtype: torch.dtype = torch.bfloat16, device="cpu", **overrides):
+    return VAECodec(ae_path, dtype, device, **overrides) if ae_path else PixelCodec()
 
 
 class FluxPromptEncoder:

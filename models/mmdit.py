@@ -282,8 +282,6 @@ class MMDiT(nn.Module):
       in the state dict unchanged.
     """
 
-    block_kinds = ("joint_blocks",)
-
     def __init__(self, params: MMDiTParams):
         super().__init__()
         self.params = p = params
@@ -372,10 +370,6 @@ class MMDiT(nn.Module):
             context, x = block(context, x, c)
         x = self.final_layer(x, c)  # (B, L, p*p*C)
         return rearrange(x, "B (h w) (p q C) -> B C (h p) (w q)", h=h, w=w, p=p, q=p)
-
-    def blocks(self) -> list[tuple[str, int, nn.Module]]:
-        """Every repeated block in execution order as (kind, index, module)."""
-        return [("joint_blocks", i, block) for i, block in enumerate(self.joint_blocks)]
 
     @classmethod
     def from_state_dict(cls, sd: dict, dtype: torch.dtype | None = None, device=None, **overrides) -> "MMDiT":

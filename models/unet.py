@@ -296,13 +296,6 @@ class UNet(nn.Module):
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h.type(x.dtype))
 
-    def blocks(self) -> list[tuple[str, int, nn.Module]]:
-        """Every repeated block in execution order as (kind, index, module); the middle block is
-        ("middle_block", 0, ...)."""
-        middle = [("middle_block", 0, self.middle_block)]
-        inputs = [("input_blocks", i, b) for i, b in enumerate(self.input_blocks)]
-        return inputs + middle + [("output_blocks", i, b) for i, b in enumerate(self.output_blocks)]
-
     @classmethod
     def from_state_dict(cls, sd: dict, dtype: torch.dtype | None = None, device=None, **overrides) -> "UNet":
         """Build from an SDXL checkpoint (its `model.diffusion_model.` keys; the VAE, text encoder

@@ -448,4 +448,5 @@ def test_cached_dataset_batches_through_a_dataloader(tmp_path):
     assert batch["caption"] == ["caption 0", "caption 1"] and batch["index"].tolist() == [0, 1]
     assert batch["original_size"].tolist() == [[20, 24], [20, 28]]
     assert batch["crop_top_left"].tolist() == [[0, 1], [0, 3]]  # 19 and 22 wide, centered
+    assert batch["target_size"].tolist() == [[16, 16], [16, 16]]  # the crop: the size SDXL is told it trains at
     assert cache.collate([dataset[2]])["latent"].shape == (1, 4, 4, 4)

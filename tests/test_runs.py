@@ -443,3 +443,24 @@ def test_lora_metadata_key_by_key_against_sd_scripts(tmp_path, demo_files):
     trainer = json.loads(meta["trainer_config"])  # the whole config, no local paths
     assert not [v for v in trainer.values() if isinstance(v, str) and os.sep in v]
     assert "modelspec.date" in meta and meta["modelspec.date"][:2] == "20"
+
+
+def test_a_file_of_another_family_is_named_before_loading(tmp_path, demo_files):
+    from safetensors.torch import save_file
+
+    other = tmp_path / "sdxl_unet.safetensors"  # an SDXL-shaped key set
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3),
+               "model.diffusion_model.label_emb.0.0.weight": torch.zeros(8, 8)}, str(other))
+    with pytest.raises(ConfigError, match="model_family='flux', but sdxl_unet.safetensors looks like an SDXL"):
+        train.main([write_config(tmp_path, demo_files, model_family="flux", model_path=str(other))])
+
+
+def test_schnell_samples_take_sample_steps_and_loader_notes_are_said(tmp_path, demo_files, capsys):
+    from families.flux import FAMILY as FLUX
+    from models.flux import FluxParams
+
+    schnell = FluxParams(guidance_embed=False)
+    assert FLUX.prompt_defaults({**train.DEFAULTS, "sample_steps": 9}, schnell).steps == 9
+    assert FLUX.prompt_defaults(dict(train.DEFAULTS), schnell).steps == 4  # schnell's own default
+    train.main([write_config(tmp_path, demo_files, max_train_steps=1, lora_embedders=True)])
+    assert "note: diffusers (guidance_in, img_in, time_in, txt_in, vector_in)" in capsys.readouterr().out

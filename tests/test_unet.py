@@ -149,15 +149,21 @@ def test_bf16_weights_run_close_to_fp32(tiny):
 
 
 def test_every_block_is_called_as_a_module_once_in_order(tiny):
-    # what checkpointing, block swap and LoRA rely on: hooks on the blocks see every call
+    # what checkpointing, block swap and LoRA rely on: hooks on the family's blocks (every
+    # ResBlock and transformer block, families/sdxl.py) see every call, in execution order
+    from families.sdxl import block_units
+
     sd, _, _ = tiny
     model = UNet.from_state_dict(dict(sd), num_head_channels=16).eval()
     calls = []
-    for kind, index, block in model.blocks():
-        block.register_forward_pre_hook(lambda module, args, name=(kind, index): calls.append(name))
+    units = block_units(model)
+    for i, (_, block) in enumerate(units):
+        block.register_forward_pre_hook(lambda module, args, i=i: calls.append(i))
     run_ours(model, random_inputs(TINY))
-    assert calls == [(kind, index) for kind, index, _ in model.blocks()]
-    assert len(calls) == 9 + 1 + 9
+    assert calls == list(range(len(units)))
+    resnets = 2 * 3 + 2 + 3 * 3  # per level in and out, middle
+    transformer_blocks = 2 * 1 + 3 * 1 + 2 * 2 + 3 * 2 + 2  # level 1 in/out, level 2 in/out, middle
+    assert len(calls) == resnets + transformer_blocks
 
 
 def test_infers_every_field_from_the_shapes():
