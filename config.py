@@ -125,10 +125,11 @@ DEFAULTS = dict(
     train_joint_blocks="all",     # which joint blocks train (LoRA targets; full fine-tuning freezes the others):
                                   # "all", "none", "30-37" (detail), "12-24" (composition), "0-33" (last blocks frozen)
     freeze_embedders=False,       # full fine-tuning: x/t/y/context embedders stay as they are (LoRA leaves them anyway)
-    sample_sampler="",            # "" the variant's (dpmpp_2m; euler for Large Turbo), "euler" or "dpmpp_2m"
+    sample_sampler="",            # "" the family's: SD3 the variant's (dpmpp_2m; euler for Large Turbo), SDXL euler;
+                                  # SD3 euler, dpmpp_2m; SDXL also euler_ancestral, ddim
     sample_shift=0.0,             # sampling schedule shift; 0: 3.0, the released models'
-    sample_cfg=0.0,               # CFG scale against the negative prompt (--n, default ""); 0: the variant's (Large 4.5,
-                                  # Medium 5, Large Turbo 1); a prompt's --l overrides
+    sample_cfg=0.0,               # CFG scale against the negative prompt (--n, default ""); 0: the family's (SD3.5 Large
+                                  # 4.5, Medium 5, Large Turbo 1; SDXL 5); a prompt's --l overrides
     sample_apg=False,             # adaptive projected guidance instead of plain CFG (seed 004's APG node)
     apg_eta=0.0,                  # APG: weight of the update parallel to the prediction
     apg_norm_threshold=15.0,      # APG: the update's L2 norm is clipped to this (0: no clipping)
@@ -139,7 +140,8 @@ DEFAULTS = dict(
     slg_end=0.2,
 
     # --- SDXL only (families/sdxl.py) ---
-    clip_g_path="",               # OpenCLIP bigG; "" reads it (and CLIP-L when clip_l_path is "") from model_path's conditioner
+    # clip_g_path (above, SD3) names SDXL's OpenCLIP bigG too; "" reads it (and CLIP-L when clip_l_path is "")
+    # from model_path's conditioner
     max_token_length=75,          # caption tokens: 75, 150 or 225 (kohya's; one 77-token CLIP window per 75)
     no_half_vae=True,             # the VAE in fp32 (kohya's --no_half_vae): the SDXL VAE overflows in fp16; False: the run's dtype
     v_parameterization=False,     # v-prediction instead of epsilon (kohya's name)
@@ -167,9 +169,7 @@ DEFAULTS = dict(
     mid_lr_weight="",             # 3 factors for the middle block
     up_lr_weight="",              # 9 factors for the output blocks
     block_lr_zero_threshold=0.0,  # factors at or below it become 0 (those blocks get no LoRA)
-    sample_sampler="euler",       # euler, euler_ancestral, ddim, dpmpp_2m
     sample_schedule="leading",    # leading (SDXL's), trailing (zero-terminal-SNR models), linspace, karras
-    sample_cfg_scale=5.0,         # default CFG scale of the samples (a prompt's --l overrides it)
 
     # --- DeepFloyd IF only (families/deepfloyd.py) ---
 

@@ -59,6 +59,7 @@ VAE_DOWNSCALE = 8
 SIZE_EMBEDDING = 6 * 256  # the size and crop part of y
 LORA_GROUPS = ("attn1", "attn2", "ff", "proj", "resnet")
 SAMPLE_SCHEDULES = ("leading", "trailing", "linspace", "karras")
+SAMPLE_CFG = 5.0  # the default CFG scale of the samples ("sample_cfg" 0); a prompt's --l overrides it
 # kohya's SDXL blocks (networks/lora.py: get_block_index, SDXL_NUM_OF_BLOCKS = 9, SDXL_NUM_OF_MID_BLOCKS = 3):
 # 0 base (time_embed, label_emb), 1-9 input_blocks.0-8, 10-12 middle_block.0-2, 13-21 output_blocks.0-8, 22 out.
 KOHYA_IO_BLOCKS, KOHYA_MID_BLOCKS = 9, 3
@@ -79,7 +80,7 @@ class SDXL(Family):
                    "ip_noise_gamma_random_strength", "huber_schedule", "conv_dim", "conv_alpha", "block_dims",
                    "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight", "mid_lr_weight",
                    "up_lr_weight", "block_lr_zero_threshold", "sample_sampler", "sample_schedule",
-                   "sample_cfg_scale")
+                   "sample_cfg")
     lora_config_keys = ("conv_dim", "conv_alpha", "block_dims", "block_alphas", "conv_block_dims",
                         "conv_block_alphas", "down_lr_weight", "mid_lr_weight", "up_lr_weight",
                         "block_lr_zero_threshold")
@@ -142,7 +143,7 @@ class SDXL(Family):
         """fp16 is allowed (loss scaling, training.LossScaler); everything else is checked here."""
         if cfg["max_token_length"] not in SDXL_MAX_TOKEN_LENGTHS:
             raise ConfigError(f"max_token_length={cfg['max_token_length']}: choose one of {SDXL_MAX_TOKEN_LENGTHS}")
-        if cfg["sample_sampler"] not in samplers.DDPM_SAMPLERS:
+        if cfg["sample_sampler"] not in ("",) + samplers.DDPM_SAMPLERS:
             raise ConfigError(f"sample_sampler={cfg['sample_sampler']!r}: choose one of {samplers.DDPM_SAMPLERS}")
         if cfg["sample_schedule"] not in SAMPLE_SCHEDULES:
             raise ConfigError(f"sample_schedule={cfg['sample_schedule']!r}: choose one of {SAMPLE_SCHEDULES}")
@@ -197,8 +198,8 @@ class SDXL(Family):
 
     def prompt_defaults(self, cfg: dict, params) -> "SDXLPrompt":
         return SDXLPrompt(prompt="", width=cfg["resolution"], height=cfg["resolution"], seed=cfg["seed"],
-                          steps=cfg["sample_steps"] or 30, cfg_scale=cfg["sample_cfg_scale"],
-                          sampler=cfg["sample_sampler"], schedule=cfg["sample_schedule"],
+                          steps=cfg["sample_steps"] or 30, cfg_scale=cfg["sample_cfg"] or SAMPLE_CFG,
+                          sampler=cfg["sample_sampler"] or "euler", schedule=cfg["sample_schedule"],
                           v_prediction=cfg["v_parameterization"], zero_terminal_snr=cfg["zero_terminal_snr"])
 
     def sample_conditioning(self, text: dict, prompt: sample.SamplePrompt, device) -> dict:
