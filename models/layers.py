@@ -263,12 +263,47 @@ def tokenwise(fn, *inputs: Tensor, recompute: bool = True) -> Tensor:
     # matmul library may pick another kernel that rounds differently.
     count = -(-length // _token_chunk)
     sizes = [length // count + (i < length % count) for i in range(count)]
-    chunks = zip(*(x.split(sizes, dim=1) for x in inputs))
-    if recompute and torch.is_grad_enabled():
-        outputs = [checkpoint(fn, *chunk, use_reentrant=False) for chunk in chunks]
-    else:
-        outputs = [fn(*chunk) for chunk in chunks]
+    shared = [{"left": count, "buffer": None, "shape": x.shape} for x in inputs]
+    outputs, start = [], 0
+    for size in sizes:
+        # Each chunk is cut just before it runs, so in backward its gradient is written out as soon as
+        # its own backward is done (autograd runs later-made nodes first), not after every chunk's.
+        chunk = [_chunk_of(x, start, size, s) for x, s in zip(inputs, shared)]
+        start += size
+        use_checkpoint = recompute and torch.is_grad_enabled()
+        outputs.append(checkpoint(fn, *chunk, use_reentrant=False) if use_checkpoint else fn(*chunk))
     return torch.cat(outputs, dim=1)
+
+
+def _chunk_of(x: Tensor, start: int, size: int, shared: dict) -> Tensor:
+    """x[:, start:start + size]. With gradients, the chunk's gradient is written into one buffer
+    for x (_ChunkOf) instead of each chunk's being kept until the last and concatenated (as
+    x.split's backward would): one copy of x's gradient instead of two."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return x.narrow(1, start, size)
+    return _ChunkOf.apply(x, start, size, shared)
+
+
+class _ChunkOf(torch.autograd.Function):
+    """x[:, start:start + size]; in backward the gradient goes into the buffer in `shared`, and the
+    chunk whose gradient completes it returns the buffer as x's gradient (the others return none)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, start: int, size: int, shared: dict) -> Tensor:
+        ctx.start, ctx.size, ctx.shared = start, size, shared
+        return x.narrow(1, start, size)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        shared = ctx.shared
+        if shared["buffer"] is None:
+            shared["buffer"] = grad.new_empty(shared["shape"])
+        shared["buffer"].narrow(1, ctx.start, ctx.size).copy_(grad)
+        shared["left"] -= 1
+        if shared["left"]:
+            return None, None, None, None
+        buffer, shared["buffer"] = shared["buffer"], None
+        return buffer, None, None, None
 
 
 # --- fused-op entry points -----------------------------------------------------------------------
