@@ -86,7 +86,7 @@ def test_dequantize_in_blocks_of_rows_is_the_one_product(per_row, monkeypatch):
     import fp8
 
     weight_fp8, scale = quantize_weight(torch.randn(100, 48) * torch.logspace(-2, 0, 100)[:, None], per_row)
-    monkeypatch.setattr(fp8, "DEQUANTIZE_ROWS", 32)  # 100 rows -> 32, 32, 32, 4
+    monkeypatch.setattr(fp8, "DEQUANTIZE_ELEMENTS", 32 * 48)  # 100 rows of 48 -> 32, 32, 32, 4
     for dtype in (torch.bfloat16, torch.float32):
         assert torch.equal(dequantize_weight(weight_fp8, scale, dtype), (weight_fp8.float() * scale).to(dtype))
 
