@@ -107,7 +107,8 @@ def place_text_encoders(networks: dict[str, nn.Module], cfg: dict, device, host_
     device budget: text_encoder_fp8 stores their layers' Linear weights in fp8 (a released fp8
     T5 file stays its fp8 numbers); text_encoder_placement "device" moves them whole, "stream"
     keeps each encoder's layers in host memory and streams them through two device slots
-    (blockswap, one way), "cpu" leaves them on the CPU. Returns the swaps (keep them alive)."""
+    (blockswap, one way; with swap_staging read as loaded, without a pinned copy), "cpu" leaves
+    them on the CPU. Returns the swaps (keep them alive)."""
     from models.text import encoder_blocks, fp8_linears
 
     placement, swaps = cfg["text_encoder_placement"], []
@@ -120,7 +121,8 @@ def place_text_encoders(networks: dict[str, nn.Module], cfg: dict, device, host_
         if placement == "stream" and len(blocks) > blockswap.MIN_RESIDENT:
             counts = {"layers": len(blocks) - blockswap.MIN_RESIDENT}
             swaps.append(blockswap.BlockSwap(net, {"layers": blocks}, counts, device, mode="h2d_only",
-                                             pin_memory=cfg["pin_memory"], host_device=host_device, allocate=allocate))
+                                             pin_memory=cfg["pin_memory"], host_device=host_device, allocate=allocate,
+                                             staging=cfg["swap_staging"]))
         else:
             net.to(device)
     return swaps
