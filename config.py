@@ -191,6 +191,8 @@ DEFAULTS = dict(
     stochastic_rounding=True,     # bf16 trainable weights get stochastically rounded updates (fused step, Adafactor)
     fp8_base=False,               # frozen Linear weights stored as float8_e4m3fn, upcast inside the matmul
     fp8_per_row=False,            # one fp8 scale per output row instead of per tensor
+    fp8_base_cache="",            # a folder: the fp8 block weights are written there once (12 GB for FLUX.1) and
+                                  # read memory-mapped afterwards (page cache, not process memory); "" quantizes each run
     offload_activations=False,    # checkpointed block inputs go to host memory
 )
 # fmt: on
@@ -429,6 +431,8 @@ def check_memory_settings(cfg: dict) -> None:
         raise ConfigError("max_grad_norm_per_param is for fused_backward; without it use max_grad_norm")
     if full and cfg["fp8_base"]:
         raise ConfigError("fp8_base stores frozen weights in fp8: it needs train_mode='lora'")
+    if cfg["fp8_base_cache"] and not cfg["fp8_base"]:
+        raise ConfigError("fp8_base_cache keeps the fp8 weights of fp8_base in a file: set fp8_base=True or remove it")
     if full and swapping and cfg["swap_mode"] == "h2d_only":
         raise ConfigError("swap_mode='h2d_only' never copies weights back, so it cannot swap trained weights: "
                           "use swap_mode='exchange' for full fine-tuning")

@@ -9,17 +9,21 @@ so the plan cannot drift from training.
     grad_norm = close_gradients(opt, cfg)                 # unscale (fp16), clip (or close the fused step)
     apply_step(opt, step)                                  # optimizer step, schedule, EMA
 """
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 import activations
+import atomic
 import blockswap
 import fp8
 import lora
 import optim
 from config import DTYPES
+from models.loading import load_state_dict
 
 
 # --- what trains -----------------------------------------------------------------------------------
@@ -35,8 +39,31 @@ class Prepared:
 
 
 def load_network(family, cfg: dict, sd: dict, dtype: torch.dtype) -> nn.Module:
-    """The denoiser in host memory (the file stays memory-mapped; fp8 base if the config says)."""
+    """The denoiser in host memory (the file stays memory-mapped; fp8 base if the config says).
+    With fp8_base_cache, the fp8 weights come memory-mapped from a file of them, written there
+    the first time (fp8_weight_file)."""
+    if cfg["fp8_base"] and cfg["fp8_base_cache"]:
+        sd = load_state_dict(fp8_weight_file(family, cfg, sd, dtype))
     return family.load(sd, cfg, dtype=dtype, device="cpu")
+
+
+def fp8_weight_file(family, cfg: dict, sd: dict, dtype: torch.dtype) -> Path:
+    """The network with its block weights quantized to fp8, as a checkpoint in fp8_base_cache
+    (fp8 weights and `.weight_scale`s in the checkpoint's names: ComfyUI's scaled-fp8 layout,
+    which loads as it is), keyed by the model file, fp8_per_row and dtype. Quantizing a bf16
+    file leaves the fp8 weights in process memory (11 GiB for FLUX.1); read from this file they
+    are pages of a memory-mapped file, which the OS can drop and read again: with swap_staging
+    that is what a 16 GB machine needs."""
+    source = Path(cfg["model_path"])
+    stat = source.stat()
+    key = f"{source.name}|{stat.st_size}|{stat.st_mtime_ns}|{cfg['fp8_per_row']}|{cfg['dtype']}"
+    name = f"{source.name.split('.')[0]}-fp8-{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors"
+    path = Path(cfg["fp8_base_cache"]) / name
+    if not path.exists():
+        print(f"writing the fp8 weights once to {path} (read memory-mapped from now on)")
+        tensors = {k: v.contiguous() for k, v in family.load(sd, cfg, dtype=dtype, device="cpu").state_dict().items()}
+        atomic.write_safetensors(tensors, path, {"source": source.name, "key": key})
+    return path
 
 
 def choose_trainable(model: nn.Module, family, cfg: dict, device=None):
