@@ -97,8 +97,9 @@ def test_detection_tells_sd3_from_flux_and_sdxl(demo):
     sdxl = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1),
             "model.diffusion_model.label_emb.0.0.weight": torch.zeros(1)}
     assert not FAMILY.detect(sdxl)
+    assert families.detect(sdxl).name == "sdxl"
     with pytest.raises(ValueError, match="looks like"):
-        families.detect(sdxl)
+        families.detect({"model.diffusion_model.something.weight": torch.zeros(1)})
     diffusers_layout = {"pos_embed.proj.weight": torch.zeros(1), "transformer_blocks.0.attn.add_q_proj.weight": 0}
     assert FAMILY.detect(diffusers_layout)  # so that params() can say what to do instead
     with pytest.raises(ValueError, match="diffusers-format SD3 transformer"):
