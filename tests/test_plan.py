@@ -193,8 +193,9 @@ def test_config_plans_within_its_goal_without_model_files(name, tmp_path, capsys
             assert f"planned peak, {phase}: {phases[phase] / GiB:.2f} GiB" in out.splitlines()
 
 
-def test_flux_12gb_swaps_the_fewest_blocks_that_meet_its_goal():
-    result = train.main([str(CONFIGS / "flux_12gb.py"), "--plan", "--kernels=torch", "--blocks_to_swap=22"])
+def test_flux_12gb_swaps_at_most_one_block_more_than_its_goal_needs():
+    """Its header: 23 blocks, one more than the fewest (22) that plan within 8 GiB, for a margin."""
+    result = train.main([str(CONFIGS / "flux_12gb.py"), "--plan", "--kernels=torch", "--blocks_to_swap=21"])
     assert result["phases"]["whole run"] > GOALS_GIB["flux_12gb.py"] * GiB
 
 
