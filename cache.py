@@ -51,10 +51,10 @@ from tqdm import tqdm
 import atomic
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-CACHE_FORMAT = "1"  # bump when an entry's layout changes: every older entry is then rebuilt
+CACHE_FORMAT = "2"  # bump when an entry's layout changes: every older entry is then rebuilt
 CROP_MODES = ("center", "random")
 # Names CachedDataset puts beside the text tensors; an encoder output may not use them.
-SAMPLE_NAMES = ("latent", "caption", "index", "original_size", "crop_top_left", "target_size")
+SAMPLE_NAMES = ("latent", "mask", "caption", "index", "original_size", "crop_top_left", "target_size")
 
 
 # ---------------------------------------------------------------- dataset scan
@@ -66,14 +66,17 @@ class ImageItem:
 
     image_path: Path
     caption: str  # the text trained on, instance prompt / trigger word already prepended
-    # (top, left, height, width) in the resized image; None lets the cache's resolution and
-    # crop mode decide. Aspect buckets will set it per image.
-    crop: tuple[int, int, int, int] | None = None
+    # "center", "random" or a (top, left, height, width) box in the resized image; None: the
+    # cache's crop mode
+    crop: tuple[int, int, int, int] | str | None = None
     repeat: int = 0  # which copy of the image this is, 0 .. repeats-1
     flip: bool = False  # mirror left-right (set on a copy to cache a flipped version too)
+    size: tuple[int, int] | None = None  # (height, width) to crop to (its bucket); None: the cache's resolution
+    mask: str | None = None  # loss mask: "alpha" (the image's alpha channel) or a mask image file; None: none
 
 
-def scan_dataset(folder, caption_ext=".txt", instance_prompt=None, repeats=1, default_caption="") -> list[ImageItem]:
+def scan_dataset(folder, caption_ext=".txt", instance_prompt=None, repeats=1, default_caption="",
+                 keep_lines=False) -> list[ImageItem]:
     """Find the images of a dataset folder and their captions.
 
     Two layouts: images (png/jpg/jpeg/webp/bmp, subfolders included) each with a caption file
@@ -82,7 +85,9 @@ def scan_dataset(folder, caption_ext=".txt", instance_prompt=None, repeats=1, de
     Face imagefolder convention; "caption" is accepted for "text").
     An image without a caption gets `default_caption`; those images are listed in a warning.
     `instance_prompt` (a trigger word) is put in front of every caption, unless the caption
-    already starts with it. Returns the images in file order, the whole list `repeats` times.
+    already has it. Whitespace runs become one space; keep_lines=True keeps the lines of a
+    caption apart ("\n"), for captions.py to draw one per epoch. Returns the images in file
+    order, the whole list `repeats` times.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -91,9 +96,9 @@ def scan_dataset(folder, caption_ext=".txt", instance_prompt=None, repeats=1, de
         raise ValueError(f"repeats must be a whole number >= 1, got {repeats!r}")
     metadata = folder / "metadata.jsonl"
     if metadata.exists():
-        pairs = read_metadata_jsonl(metadata)
+        pairs = read_metadata_jsonl(metadata, keep_lines)
     else:
-        pairs = read_caption_files(folder, caption_ext)
+        pairs = read_caption_files(folder, caption_ext, keep_lines)
     if not pairs:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {folder}")
     uncaptioned = [path for path, caption in pairs if caption is None]
@@ -125,10 +130,15 @@ def warn_caption_problems(pairs: list[tuple[Path, str | None]], caption_ext: str
         warnings.warn(f"{len(shared)} caption file(s) serve several images: {list_some(examples, 5)}", stacklevel=3)
 
 
-def check_images(items: list[ImageItem], resolution, on_error: str = "skip") -> tuple[list[ImageItem], list]:
+EXIF_ORIENTATION = 0x0112  # values 5 to 8 turn the image by 90 degrees
+
+
+def check_images(items: list[ImageItem], resolution, on_error: str = "skip",
+                 sizes: dict | None = None) -> tuple[list[ImageItem], list]:
     """Open every image's header and check its data before any model loads. Returns the
     readable items and the (path, reason) of the others; on_error="stop" raises instead.
-    Warns about images smaller than the training size (they are upscaled)."""
+    Warns about images smaller than the training size (they are upscaled). `sizes`, when
+    given, receives each readable image's upright (width, height) by path."""
     readable, skipped, small = [], [], []
     height, width = as_height_width(resolution)
     for item in items:
@@ -136,6 +146,9 @@ def check_images(items: list[ImageItem], resolution, on_error: str = "skip") -> 
             with Image.open(item.image_path) as image:
                 size = image.size
                 image.verify()  # the file's structure and checksums, without decoding the pixels
+            with Image.open(item.image_path) as image:  # verify() leaves the image unusable: open again
+                if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
+                    size = size[::-1]  # open_rgb turns it upright
         except Exception as error:  # PIL raises many kinds; each means "cannot use this file"
             if on_error == "stop":
                 raise ImageReadError(f"cannot read image {item.image_path}: {type(error).__name__}: {error}") from None
@@ -143,6 +156,8 @@ def check_images(items: list[ImageItem], resolution, on_error: str = "skip") -> 
             continue
         if size[0] < width or size[1] < height:
             small.append(item.image_path.name)
+        if sizes is not None:
+            sizes[item.image_path] = size
         readable.append(item)
     if skipped:
         warnings.warn(f"skipping {len(skipped)} unreadable image(s) (on_bad_image='skip'): "
@@ -161,7 +176,7 @@ def dataset_fingerprint(items: list[ImageItem], folder, repeats: int) -> str:
     return hashlib.sha256(json.dumps([rows, repeats]).encode()).hexdigest()[:16]
 
 
-def read_caption_files(folder: Path, caption_ext: str) -> list[tuple[Path, str | None]]:
+def read_caption_files(folder: Path, caption_ext: str, keep_lines=False) -> list[tuple[Path, str | None]]:
     """(image, caption or None) for every image under `folder`, hidden folders left out."""
     caption_ext = caption_ext if caption_ext.startswith(".") else "." + caption_ext
     images = sorted(
@@ -171,20 +186,20 @@ def read_caption_files(folder: Path, caption_ext: str) -> list[tuple[Path, str |
         and path.is_file()
         and not any(part.startswith(".") for part in path.relative_to(folder).parts)
     )
-    return [(image, read_caption(image.with_suffix(caption_ext))) for image in images]
+    return [(image, read_caption(image.with_suffix(caption_ext), keep_lines)) for image in images]
 
 
-def read_caption(path: Path) -> str | None:
+def read_caption(path: Path, keep_lines=False) -> str | None:
     """The caption in a text file, or None when there is no such file."""
     if not path.exists():
         return None
     try:
-        return clean_caption(path.read_text(encoding="utf-8-sig"))
+        return clean_caption(path.read_text(encoding="utf-8-sig"), keep_lines)
     except UnicodeDecodeError as error:
         raise ValueError(f"caption file {path} is not UTF-8 text ({error}); save it as UTF-8") from None
 
 
-def read_metadata_jsonl(path: Path) -> list[tuple[Path, str | None]]:
+def read_metadata_jsonl(path: Path, keep_lines=False) -> list[tuple[Path, str | None]]:
     """(image, caption or None) for every line of a metadata.jsonl; a missing image is an error."""
     pairs, missing = [], []
     for line_number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
@@ -201,7 +216,7 @@ def read_metadata_jsonl(path: Path) -> list[tuple[Path, str | None]]:
         if not image.is_file():
             missing.append(record["file_name"])
         caption = record.get("text", record.get("caption"))
-        pairs.append((image, None if caption is None else clean_caption(str(caption))))
+        pairs.append((image, None if caption is None else clean_caption(str(caption), keep_lines)))
     if missing:
         raise ValueError(
             f"{path} names {len(missing)} image(s) that do not exist: {list_some(missing)}. Fix or remove those lines."
@@ -209,15 +224,19 @@ def read_metadata_jsonl(path: Path) -> list[tuple[Path, str | None]]:
     return pairs
 
 
-def clean_caption(text: str) -> str:
-    """Runs of whitespace, newlines included, become one space."""
+def clean_caption(text: str, keep_lines=False) -> str:
+    """Runs of whitespace, newlines included, become one space; keep_lines=True keeps the
+    non-empty lines apart."""
+    if keep_lines:
+        return "\n".join(line for line in (" ".join(part.split()) for part in text.splitlines()) if line)
     return " ".join(text.split())
 
 
 def with_instance_prompt(caption: str, instance_prompt: str | None) -> str:
-    if not instance_prompt or caption.startswith(instance_prompt):
-        return caption
-    return f"{instance_prompt}, {caption}" if caption else instance_prompt
+    """The trigger word in front, trimmed and never twice (captions.with_instance_prompt)."""
+    import captions
+
+    return captions.with_instance_prompt(caption, instance_prompt or "")
 
 
 def list_some(names, limit: int = 20) -> str:
@@ -270,27 +289,72 @@ def choose_crop(resized: tuple[int, int], target: tuple[int, int], mode: str, ge
     raise ValueError(f"crop must be one of {CROP_MODES} or a (top, left, height, width) box, got {mode!r}")
 
 
-def prepare_image(image: Image.Image, resolution, crop="center", generator=None, flip=False):
-    """load_image on an opened RGB image, also returning the (height, width) of the original."""
-    original = (image.height, image.width)
+def crop_geometry(original: tuple[int, int], resolution, crop="center", generator=None):
+    """(resized (height, width), crop box (top, left, height, width) in the resized image) for an
+    image of `original` (height, width) cropped to `resolution` by `crop` (see load_image)."""
     if isinstance(crop, str):
         target = as_height_width(resolution)
         resized = cover_size(original, target)
-        box = choose_crop(resized, target, crop, generator)
-    else:
-        box = tuple(int(v) for v in crop)
-        resized = cover_size(original, box[2:])
-        top, left, height, width = box
-        if top < 0 or left < 0 or top + height > resized[0] or left + width > resized[1]:
-            raise ValueError(f"crop box {box} does not fit the image resized to {resized}")
+        return resized, choose_crop(resized, target, crop, generator)
+    box = tuple(int(v) for v in crop)
+    resized = cover_size(original, box[2:])
     top, left, height, width = box
-    if resized != original:
-        image = image.resize((resized[1], resized[0]), Image.Resampling.LANCZOS)  # PIL sizes are (w, h)
+    if top < 0 or left < 0 or top + height > resized[0] or left + width > resized[1]:
+        raise ValueError(f"crop box {box} does not fit the image resized to {resized}")
+    return resized, box
+
+
+def resize_crop_flip(image: Image.Image, resized, box, flip: bool, resample=Image.Resampling.LANCZOS) -> Image.Image:
+    top, left, height, width = box
+    if resized != (image.height, image.width):
+        image = image.resize((resized[1], resized[0]), resample)  # PIL sizes are (w, h)
     image = image.crop((left, top, left + width, top + height))
-    if flip:
-        image = ImageOps.mirror(image)
+    return ImageOps.mirror(image) if flip else image
+
+
+def mirrored_box(box, resized_width: int) -> tuple[int, int, int, int]:
+    """The crop box as seen in the mirrored image, what SDXL's crop conditioning takes for a
+    flipped sample: the left edge becomes (resized width - right edge); the top stays (kohya
+    sd-scripts mirrors its crop_ltrb the same way, train_util.py: `target_size[0] - crop_ltrb[2]`)."""
+    top, left, height, width = box
+    return top, resized_width - left - width, height, width
+
+
+def prepare_image(image: Image.Image, resolution, crop="center", generator=None, flip=False):
+    """load_image on an opened RGB image, also returning the (height, width) of the original.
+    A flipped image's box is given in the flipped frame (mirrored_box)."""
+    original = (image.height, image.width)
+    resized, box = crop_geometry(original, resolution, crop, generator)
+    image = resize_crop_flip(image, resized, box, flip)
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # (H, W, 3), 0..255
+    box = mirrored_box(box, resized[1]) if flip else box
     return rearrange(pixels, "h w c -> c h w").float() / 127.5 - 1, box, original
+
+
+def open_mask(source: str, image_path, size: tuple[int, int]) -> Image.Image:
+    """The loss mask of an image as an 8-bit grey image of the upright image's (height, width):
+    its alpha channel (opaque = trained; no alpha: all trained), or a mask file (white = trained,
+    black = ignored), resized to the image when it differs."""
+    path = image_path if source == "alpha" else source
+    with Image.open(path) as opened:
+        opened.load()
+        upright = ImageOps.exif_transpose(opened)
+    if source == "alpha":
+        has_alpha = upright.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in upright.info
+        return upright.convert("RGBA").getchannel("A") if has_alpha else Image.new("L", upright.size, 255)
+    mask = upright.convert("L")
+    if mask.size != (size[1], size[0]):
+        mask = mask.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    return mask
+
+
+def latent_mask(mask: Image.Image, resized, box, flip: bool, downscale: int) -> Tensor:
+    """(1, h, w) in [0, 1] at the latent's size: the mask cropped like the image, then averaged
+    over each latent pixel's downscale x downscale patch (area downscaling; a latent pixel whose
+    pixels are all masked is exactly 0)."""
+    cropped = resize_crop_flip(mask, resized, box, flip, Image.Resampling.BOX)  # area averages: no ringing
+    pixels = torch.from_numpy(np.array(cropped, dtype=np.float32) / 255.0)[None, None]  # (1, 1, H, W)
+    return torch.nn.functional.avg_pool2d(pixels, downscale)[0] if downscale > 1 else pixels[0]
 
 
 def load_image(path, resolution, crop="center", generator=None, flip=False) -> tuple[Tensor, tuple[int, int, int, int]]:
@@ -477,21 +541,34 @@ class LatentCache:
         return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1  # < 2**63
 
     def target_size(self, item: ImageItem) -> tuple[int, int]:
-        return self.resolution if item.crop is None else tuple(item.crop[2:])
+        if item.crop is not None and not isinstance(item.crop, str):
+            return tuple(item.crop[2:])
+        return tuple(item.size) if item.size is not None else self.resolution
+
+    def crop_of(self, item: ImageItem):
+        """The item's crop: its box, its mode, or the cache's mode."""
+        if item.crop is None:
+            return self.crop_mode
+        if isinstance(item.crop, str) and item.crop not in CROP_MODES:
+            raise ValueError(f"crop must be one of {CROP_MODES} or a (top, left, height, width) box, got {item.crop!r}")
+        return item.crop
 
     def fields(self, item: ImageItem) -> dict:
         """Everything that changes the latent of `item`; the entry's file name is a hash of it."""
+        crop = self.crop_of(item)
         fields = {
             "kind": "latent",
             "image": self.image_identity(Path(item.image_path)),
             "size": list(self.target_size(item)),
-            "crop": self.crop_mode if item.crop is None else list(item.crop),
+            "crop": crop if isinstance(crop, str) else list(crop),
             "flip": item.flip,
             "encoder": self.encoder_identity,
             "dtype": dtype_name(self.dtype),
         }
         if fields["crop"] == "random":
             fields["crop_seed"] = self.crop_seed(item)
+        if item.mask is not None:  # the alpha channel is part of the image; a mask file has its own identity
+            fields["mask"] = "alpha" if item.mask == "alpha" else self.image_identity(Path(item.mask))
         return fields
 
     def build(
@@ -556,22 +633,30 @@ class LatentCache:
 
     def load(self, key: str) -> Tensor:
         """The latent (C, h, w) of an entry, checked against its name, checksum and shape."""
+        return self._read(key)[0]["latent"]
+
+    def load_tensors(self, key: str) -> dict[str, Tensor]:
+        """{"latent": (C, h, w)} and, for an item with a mask, "mask": (1, h, w) in [0, 1]."""
         return self._read(key)[0]
 
-    def _read(self, key: str) -> tuple[Tensor, dict, tuple[int, int]]:
-        """(latent, info, (channels, downscale)) of an entry, checked in full, or CacheEntryError."""
+    def _read(self, key: str) -> tuple[dict[str, Tensor], dict, tuple[int, int]]:
+        """(tensors, info, (channels, downscale)) of an entry, checked in full, or CacheEntryError."""
         path = self.path(key)
         tensors, fields, info = read_entry(path, key)
         if fields.get("encoder") != self.encoder_identity or fields.get("dtype") != dtype_name(self.dtype):
             raise CacheEntryError(path, f"was made by {fields.get('encoder')!r} in {fields.get('dtype')}, "
                                         f"not by this cache's {self.encoder_identity!r} in {dtype_name(self.dtype)}")
-        if set(tensors) != {"latent"}:
-            raise CacheEntryError(path, f"holds {sorted(tensors)}, expected one 'latent'")
+        expected = {"latent", "mask"} if "mask" in fields else {"latent"}
+        if set(tensors) != expected:
+            raise CacheEntryError(path, f"holds {sorted(tensors)}, expected {sorted(expected)}")
         try:
             kind = check_latent_shape(tensors["latent"], tuple(fields["size"]), path)
         except (KeyError, ValueError) as error:
             raise CacheEntryError(path, f"has a wrong shape ({error})") from error
-        return tensors["latent"], info, kind
+        if "mask" in tensors and tuple(tensors["mask"].shape) != (1, *tensors["latent"].shape[1:]):
+            raise CacheEntryError(path, f"has a mask of shape {tuple(tensors['mask'].shape)} for a latent of shape "
+                                        f"{tuple(tensors['latent'].shape)}")
+        return tensors, info, kind
 
     def _check_entry(self, key: str) -> tuple[tuple[int, int], tuple[int, int, int, int], tuple[int, int]]:
         """(original size, crop, (channels, downscale)) of a valid entry on disk, or CacheEntryError."""
@@ -604,14 +689,19 @@ class LatentCache:
                 self._image_failed(item.image_path, error)
                 continue
             generator = None
-            if item.crop is None and self.crop_mode == "random":
+            crop = self.crop_of(item)
+            if crop == "random":
                 generator = torch.Generator().manual_seed(fields_of[key]["crop_seed"])
-            crop = self.crop_mode if item.crop is None else item.crop
             try:
-                pixels, box, original = prepare_image(image, self.resolution, crop, generator, item.flip)
+                resized, box = crop_geometry((image.height, image.width), self.target_size(item), crop, generator)
+                mask = open_mask(item.mask, item.image_path, (image.height, image.width)) if item.mask else None
             except ValueError as error:  # an explicit crop box that does not fit: a setting to fix
                 raise ValueError(f"{item.image_path}: {error}") from None
-            loaded.append((key, item, pixels, box, original))
+            except OSError as error:  # an unreadable mask file
+                self._image_failed(item.mask, error)
+                continue
+            pixels, recorded, original = prepare_image(image, box[2:], box, None, item.flip)  # recorded: flipped frame
+            loaded.append((key, item, pixels, recorded, original, (mask, resized, box)))
         if not loaded:
             return {}
         pixels = torch.stack([entry[2] for entry in loaded])  # (B, 3, H, W)
@@ -623,7 +713,7 @@ class LatentCache:
         latents = latents.detach().to("cpu", self.dtype)
 
         done = {}
-        for (key, item, _, box, original), latent in zip(loaded, latents):
+        for (key, item, _, box, original, (mask, resized, unflipped)), latent in zip(loaded, latents):
             latent = latent.clone()  # its own storage, not a view of the batch
             if not torch.isfinite(latent).all():
                 raise FloatingPointError(
@@ -632,7 +722,10 @@ class LatentCache:
                 )
             kind = check_latent_shape(latent, tuple(box[2:]), item.image_path)
             info = {"image": str(item.image_path), "original_size": list(original), "crop": list(box)}
-            write_entry(self.path(key), {"latent": latent}, fields_of[key], info)
+            tensors = {"latent": latent}
+            if mask is not None:
+                tensors["mask"] = latent_mask(mask, resized, unflipped, item.flip, kind[1])
+            write_entry(self.path(key), tensors, fields_of[key], info)
             done[key] = (original, box, kind)
         return done
 
@@ -808,7 +901,7 @@ class CachedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         entry = self.entries[index]
-        sample = {"latent": self.latent_cache.load(entry.key)}
+        sample = dict(self.latent_cache.load_tensors(entry.key))  # "latent" (and "mask")
         if self.text_cache is not None:
             sample |= self.text_cache.load(entry.item.caption)
         sample |= {

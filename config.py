@@ -30,8 +30,30 @@ DEFAULTS = dict(
     instance_prompt="",           # trigger word prepended to every caption
     caption_dropout_rate=0.0,     # train this fraction of samples on the empty caption (for CFG at sampling)
     repeats=1,                    # each image counts this many times per epoch
-    resolution=1024,              # square training size in pixels
-    crop="center",                # "center" or "random" (random crops are seeded per image)
+    resolution=1024,              # training size: a square, or with buckets the area resolution x resolution
+    crop="center",                # "center" or "random" (random crops are seeded per image and repeat)
+    datasets=[],                  # dataset sections, each a dict of SECTION_KEYS (below) over these defaults:
+                                  # [{"dataset_dir": "data/me", "repeats": 5}, {"dataset_dir": "data/reg", "resolution": 512}]
+    # aspect-ratio buckets (buckets.py; kohya's keys)
+    enable_bucket=False,          # each image in the bucket of nearest aspect ratio at the training area
+    min_bucket_reso=256,          # shortest bucket side in pixels
+    max_bucket_reso=1024,         # longest bucket side in pixels
+    bucket_reso_steps=0,          # bucket sides are multiples of this; 0: the family's resolution multiple
+    bucket_no_upscale=False,      # never enlarge an image: small images get a bucket of their own size
+    flip_aug=False,               # each sample mirrored left-right with probability 1/2 (both versions cached)
+    # captions (captions.py; kohya's keys): changes per epoch are cached as caption variants
+    caption_prefix="",            # put before every caption (after the instance prompt)
+    caption_suffix="",            # put after every caption
+    caption_separator=",",        # between tags
+    shuffle_caption=False,        # shuffle the tags after the first keep_tokens, per epoch
+    keep_tokens=0,                # tags kept in front
+    keep_tokens_separator="",     # e.g. "|||": everything before it is kept in place
+    caption_tag_dropout_rate=0.0, # drop each unkept tag with this probability, per epoch
+    enable_wildcard=False,        # {a|b|c} choices and multi-line captions: one drawn per epoch
+    # masked loss: masked pixels add nothing to the loss (kohya's keys)
+    masked_loss=False,            # loss mask from mask_dir (white = trained, black = ignored)
+    alpha_mask=False,             # loss mask from each image's alpha channel (transparent = ignored)
+    mask_dir="",                  # masks named like the images (kohya's conditioning_data_dir)
     cache_dir="",                 # "" -> <dataset_dir>/.cache
     recache=False,                # rebuild latent and text caches
     hash_images=False,            # key image cache entries by content hash instead of size + mtime
@@ -52,6 +74,7 @@ DEFAULTS = dict(
     device="auto",                # "auto" (cuda if available), "cuda", "cpu"
     dtype="bf16",                 # weights and compute: "bf16", "fp32", "fp16" where the family allows it
     max_train_steps=1000,
+    max_train_epochs=0,           # > 0: train this many epochs (max_train_steps follows from the data)
     batch_size=1,
     gradient_accumulation_steps=1,
     gradient_checkpointing=True,
@@ -65,7 +88,7 @@ DEFAULTS = dict(
     max_grad_norm=1.0,            # global-norm clipping; 0 disables (must be 0 with fused_backward)
     max_grad_norm_per_param=0.0,  # per-parameter clipping, the one kind fused_backward allows; 0 disables
     lr_scheduler="constant_with_warmup",  # constant, constant_with_warmup, cosine_with_warmup, polynomial, linear
-    lr_warmup_steps=0,
+    lr_warmup_steps=0,            # steps, or a fraction of max_train_steps when below 1 (0.1 = 10%)
     lr_end_ratio=0.0,             # polynomial/cosine end LR as a fraction of learning_rate
     lr_power=1.0,                 # polynomial power
     ema_decay=0.0,                # 0 disables EMA of the trainable weights
@@ -98,16 +121,19 @@ DEFAULTS = dict(
                                   # needs optimizer="adafactor" or "adamw8bit", or fused_backward)
     # --- checkpoints, samples, validation ---
     save_every=250,               # steps between LoRA files + resumable state
+    save_every_n_epochs=0,        # also save at the end of every N-th epoch
     keep_last=3,                  # resumable states kept
     resume="",                    # "" (fresh), "latest" (error if none), "auto" (latest if any), or a state folder
     overwrite=False,              # a fresh run into a folder holding a run moves the old run aside (else: an error)
     sample_every=250,             # 0 disables
+    sample_every_n_epochs=0,      # also sample at the end of every N-th epoch
     sample_at_start=True,
     sample_prompts="",            # file in kohya syntax (--n --w --h --d --l --g --s), or "" for none
     sample_steps=0,               # 0: the family's default (FLUX dev 28, schnell 4)
     sample_guidance=3.5,          # default embedded guidance for samples (dev)
     validate_every=100,           # 0 disables
     log_every=1,
+    tensorboard=True,             # also write TensorBoard events (<run>/tensorboard) when the package is installed
     # --- SD3 / SD3.5 only (families/sd3.py) ---
     sd3_variant="",               # "" reads it from model_path (shapes; "turbo" in the file name), or sd3-medium,
                                   # sd3.5-medium, sd3.5-large, sd3.5-large-turbo (plans without the file; sampling defaults)
@@ -228,7 +254,16 @@ def _choices() -> dict[str, tuple]:
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}  # the one name -> dtype table
 PATH_KEYS = ("model_path", "ae_path", "clip_l_path", "clip_g_path", "t5_path", "dataset_dir")
-ALIASES = {"flux_path": "model_path"}  # old name -> key (configs written before the family seam)
+ALIASES = {"flux_path": "model_path",  # old name -> key (configs written before the family seam)
+           "conditioning_data_dir": "mask_dir"}  # kohya's name
+# What a dataset section may set (the rest comes from the top level), and kohya's names for some.
+SECTION_KEYS = ("dataset_dir", "repeats", "resolution", "batch_size", "caption_ext", "crop", "enable_bucket",
+                "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale", "flip_aug",
+                "instance_prompt", "caption_prefix", "caption_suffix", "caption_separator", "shuffle_caption",
+                "keep_tokens", "keep_tokens_separator", "caption_tag_dropout_rate", "enable_wildcard", "alpha_mask",
+                "mask_dir")
+SECTION_ALIASES = {"image_dir": "dataset_dir", "num_repeats": "repeats", "class_tokens": "instance_prompt",
+                   "train_batch_size": "batch_size", "conditioning_data_dir": "mask_dir"}
 
 
 class ConfigError(ValueError):
@@ -312,9 +347,8 @@ def validate(cfg: dict, check_files: bool = True, given: set[str] | None = None)
     family = resolve_family(cfg, check_files)
     apply_family_defaults(cfg, family, given)
     check_family_keys(cfg, family)
-    multiple = family.resolution_multiple(cfg)
-    if cfg["resolution"] % multiple:
-        raise ConfigError(f"resolution {cfg['resolution']} must be a multiple of {multiple} for {family.title}")
+    for section in sections(cfg):
+        check_data_settings(section, family)
     family.check_config(cfg)
     if check_files:
         check_paths(cfg, family)
@@ -366,11 +400,16 @@ def check_paths(cfg: dict, family) -> None:
         raise ConfigError("kernels='triton' needs the triton package (pip install triton); use 'auto' or 'torch'")
     if not cfg["model_path"]:
         raise ConfigError(f"model_path is empty: set it to the {family.title} checkpoint")
-    if not cfg["dataset_dir"]:
-        raise ConfigError("dataset_dir is empty: set it to a folder of images with .txt captions")
-    for key in PATH_KEYS + ("sample_prompts",):
+    if not cfg["dataset_dir"] and not cfg["datasets"]:
+        raise ConfigError("dataset_dir is empty: set it to a folder of images with .txt captions (or list "
+                          "dataset sections in datasets)")
+    for key in PATH_KEYS + ("sample_prompts", "mask_dir"):
         if cfg[key] and not Path(cfg[key]).exists():
             raise ConfigError(f"{key}: file or folder not found: {cfg[key]}")
+    for i, section in enumerate(sections(cfg) if cfg["datasets"] else []):
+        for key in ("dataset_dir", "mask_dir"):
+            if section[key] and not Path(section[key]).exists():
+                raise ConfigError(f"datasets[{i}] {key}: folder not found: {section[key]}")
     missing = [key for key in family.required_paths if not cfg[key]]
     if missing:
         raise ConfigError(f"{' and '.join(missing)} empty: {family.title} needs them (see README, where the files "
@@ -384,9 +423,19 @@ def check_optimizer_settings(cfg: dict) -> None:
         raise ConfigError(f"betas={betas!r}: two numbers in [0, 1), e.g. (0.9, 0.999)")
     if cfg["weight_decay"] < 0:
         raise ConfigError(f"weight_decay must be >= 0, got {cfg['weight_decay']}")
-    if cfg["lr_warmup_steps"] < 0 or cfg["lr_warmup_steps"] > cfg["max_train_steps"]:
-        raise ConfigError(f"lr_warmup_steps={cfg['lr_warmup_steps']} must be between 0 and max_train_steps "
+    warmup = cfg["lr_warmup_steps"]
+    if warmup < 0 or (warmup >= 1 and warmup != int(warmup)):
+        raise ConfigError(f"lr_warmup_steps={warmup}: a whole number of steps, or a fraction of the run below 1 "
+                          "(0.1 = the first 10% of the steps)")
+    if warmup > cfg["max_train_steps"] and not cfg["max_train_epochs"]:
+        raise ConfigError(f"lr_warmup_steps={warmup} must be between 0 and max_train_steps "
                           f"({cfg['max_train_steps']})")
+    if warmup and cfg["lr_scheduler"] == "constant":
+        raise ConfigError(f"lr_scheduler='constant' has no warmup but lr_warmup_steps={warmup}: use "
+                          "'constant_with_warmup' or lr_warmup_steps=0")
+    for key in ("max_train_epochs", "save_every_n_epochs", "sample_every_n_epochs"):
+        if cfg[key] < 0:
+            raise ConfigError(f"{key} must be >= 0 (0 = off), got {cfg[key]}")
     if cfg["eps"] <= 0:
         raise ConfigError(f"eps must be > 0, got {cfg['eps']}")
 
@@ -472,8 +521,81 @@ def check_streaming_settings(cfg: dict) -> None:
         raise ConfigError("swap_staging is how swapped blocks are read: set swap_ring or blocks_to_swap too")
 
 
+def warmup_steps(cfg: dict) -> int:
+    """lr_warmup_steps in steps: a value below 1 is a fraction of max_train_steps (kohya's rule)."""
+    warmup = cfg["lr_warmup_steps"]
+    return int(warmup * cfg["max_train_steps"]) if warmup < 1 else int(warmup)
+
+
+def sections(cfg: dict) -> list[dict]:
+    """The dataset sections, each as a whole config: the top level's values with the section's
+    own (SECTION_KEYS, or kohya's names in SECTION_ALIASES). No `datasets`: the top level is the
+    one section."""
+    if not isinstance(cfg["datasets"], (list, tuple)):
+        raise ConfigError(f"datasets must be a list of dicts, got {type(cfg['datasets']).__name__}")
+    if not cfg["datasets"]:
+        return [cfg]
+    out = []
+    for i, section in enumerate(cfg["datasets"]):
+        if not isinstance(section, dict):
+            raise ConfigError(f"datasets[{i}] must be a dict like {{'dataset_dir': 'data/me', 'repeats': 2}}, "
+                              f"got {section!r}")
+        own = {}
+        for key, value in section.items():
+            key = SECTION_ALIASES.get(key, key)
+            if key not in SECTION_KEYS:
+                close = difflib.get_close_matches(key, SECTION_KEYS, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"datasets[{i}]: {key!r} cannot be set per section.{hint} A section may set: "
+                                  f"{', '.join(SECTION_KEYS)}")
+            check_type(f"datasets[{i}]['{key}']", value, DEFAULTS[key])
+            own[key] = value
+        if not own.get("dataset_dir"):
+            raise ConfigError(f"datasets[{i}] has no dataset_dir: each section names its folder of images")
+        out.append({**cfg, **own, "datasets": []})
+    return out
+
+
+def bucket_steps(cfg: dict, family) -> int:
+    """bucket_reso_steps, or the family's resolution multiple when it is 0."""
+    return cfg["bucket_reso_steps"] or family.resolution_multiple(cfg)
+
+
+def check_data_settings(cfg: dict, family) -> None:
+    """The data keys of one section (or of the top level): sizes, buckets, captions, masks."""
+    where = f"dataset {cfg['dataset_dir']!r}: " if cfg["datasets"] == [] and cfg["dataset_dir"] else ""
+    for key in ("repeats", "resolution", "batch_size"):
+        if cfg[key] < 1:
+            raise ConfigError(f"{where}{key} must be at least 1, got {cfg[key]}")
+    if cfg["crop"] not in ("center", "random"):
+        raise ConfigError(f"{where}crop={cfg['crop']!r}: choose 'center' or 'random'")
+    multiple = family.resolution_multiple(cfg)
+    if cfg["resolution"] % multiple:
+        raise ConfigError(f"{where}resolution {cfg['resolution']} must be a multiple of {multiple} for {family.title}")
+    if cfg["enable_bucket"]:
+        steps = bucket_steps(cfg, family)
+        if steps % multiple:
+            raise ConfigError(f"{where}bucket_reso_steps={steps} must be a multiple of {multiple} for {family.title}")
+        for key in ("min_bucket_reso", "max_bucket_reso"):
+            if cfg[key] < steps or cfg[key] % steps:
+                raise ConfigError(f"{where}{key}={cfg[key]} must be a positive multiple of bucket_reso_steps ({steps})")
+        if not cfg["min_bucket_reso"] <= cfg["resolution"] <= cfg["max_bucket_reso"]:
+            raise ConfigError(f"{where}resolution={cfg['resolution']} must lie between min_bucket_reso "
+                              f"({cfg['min_bucket_reso']}) and max_bucket_reso ({cfg['max_bucket_reso']})")
+    if cfg["keep_tokens"] < 0 or not 0 <= cfg["caption_tag_dropout_rate"] < 1:
+        raise ConfigError(f"{where}keep_tokens must be >= 0 and caption_tag_dropout_rate in [0, 1)")
+    if not cfg["caption_separator"]:
+        raise ConfigError(f"{where}caption_separator is empty: tags need a separator (kohya's is ',')")
+    if cfg["masked_loss"] and not cfg["alpha_mask"] and not cfg["mask_dir"]:
+        raise ConfigError(f"{where}masked_loss=True needs the masks: mask_dir (mask images named like the images) "
+                          "or alpha_mask=True (the images' alpha channels)")
+
+
 def check_type(key: str, value, default) -> None:
     expected = type(default)
+    if key == "lr_warmup_steps" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return  # steps, or a fraction of the run
+
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return  # 1 is fine where 1.0 is expected
     if expected is tuple and isinstance(value, list):

@@ -26,30 +26,41 @@ FLUX_TINY = dict(in_channels=12, out_channels=12, vec_in_dim=32, context_in_dim=
                  num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[8, 20, 20])
 
 
-def draw_shape(colour: str, shape: str, rng: random.Random) -> Image.Image:
-    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (25, 25, 35))
+WIDE, TALL = (60, 20), (20, 60)  # landscape and portrait images: the demo's buckets 48x16 and 16x48
+
+
+def draw_shape(colour: str, shape: str, rng: random.Random, size=(IMAGE_SIZE, IMAGE_SIZE)) -> Image.Image:
+    """A shape on a dark background in an image of (width, height) `size`."""
+    width, height = size
+    image = Image.new("RGB", size, (25, 25, 35))
     draw = ImageDraw.Draw(image)
-    size = rng.randint(14, 22)
-    x, y = rng.randint(2, IMAGE_SIZE - size - 2), rng.randint(2, IMAGE_SIZE - size - 2)
+    side = rng.randint(min(width, height) * 7 // 16, min(width, height) * 11 // 16)
+    x, y = rng.randint(2, width - side - 2), rng.randint(2, height - side - 2)
     fill = COLOURS[colour]
     if shape == "circle":
-        draw.ellipse([x, y, x + size, y + size], fill=fill)
+        draw.ellipse([x, y, x + side, y + side], fill=fill)
     elif shape == "square":
-        draw.rectangle([x, y, x + size, y + size], fill=fill)
+        draw.rectangle([x, y, x + side, y + side], fill=fill)
     else:
-        draw.polygon([(x + size / 2, y), (x, y + size), (x + size, y + size)], fill=fill)
+        draw.polygon([(x + side / 2, y), (x, y + side), (x + side, y + side)], fill=fill)
     return image
 
 
-def make_dataset(folder: Path, seed: int = 0) -> Path:
+def make_dataset(folder: Path, seed: int = 0, shapes_of_images: bool = True) -> Path:
+    """VARIANTS square images per (colour, shape), and with `shapes_of_images` one landscape and
+    one portrait image each (the demo trains them in aspect-ratio buckets)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
+    sizes = [(f"{v}", (IMAGE_SIZE, IMAGE_SIZE)) for v in range(VARIANTS)]
+    if shapes_of_images:
+        sizes += [("wide", WIDE), ("tall", TALL)]
     for colour in COLOURS:
         for shape in SHAPES:
-            for v in range(VARIANTS):
-                stem = folder / f"{colour}_{shape}_{v}"
+            for name, size in sizes:
+                stem = folder / f"{colour}_{shape}_{name}"
+                image = draw_shape(colour, shape, rng, size)  # drawn either way: the same images every time
                 if not stem.with_suffix(".png").exists():
-                    draw_shape(colour, shape, rng).save(stem.with_suffix(".png"))
+                    image.save(stem.with_suffix(".png"))
                     stem.with_suffix(".txt").write_text(f"a {colour} {shape}")
     return folder
 
@@ -145,12 +156,14 @@ def make_prompts(path: Path) -> Path:
     return path
 
 
-def make_demo(root: str | Path = "runs/demo_data") -> dict:
-    """Create (once) and return the paths the demo config points at."""
+def make_demo(root: str | Path = "runs/demo_data", shapes_of_images: bool = False) -> dict:
+    """Create (once) and return the paths the demo config points at; shapes_of_images adds the
+    landscape and portrait images (in their own folder, "shapes_buckets")."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    data = root / ("shapes_buckets" if shapes_of_images else "shapes")
     return dict(
-        dataset_dir=str(make_dataset(root / "shapes")),
+        dataset_dir=str(make_dataset(data, shapes_of_images=shapes_of_images)),
         flux_path=str(make_flux(root / "flux_tiny.safetensors")),
         clip_l_path=str(make_clip(root / "clip_l")),
         t5_path=str(make_t5(root / "t5")),

@@ -6,6 +6,7 @@ so this file holds what every family shares:
         --clip_l clip_l.safetensors --t5 t5xxl_fp16.safetensors \
         --prompt "a photo of a cat" --lora my_lora.safetensors:0.8 --out cat.png
     python sample.py --config configs/flux_8gb.py --prompt "..."   # files and memory settings of a config
+    python sample.py --compare runs/my_lora [--prompt "..."] [--seed 7]   # every saved file, one strip
 
 Prompt files use the kohya syntax, one prompt a line:
     a red circle --n blurry --w 1024 --h 768 --d 42 --l 1.0 --g 3.5 --s 28
@@ -14,6 +15,7 @@ lines starting with # are comments).
 """
 import argparse
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -127,6 +129,25 @@ def to_pil(pixels: Tensor) -> Image.Image:
 
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+LABEL_HEIGHT = 14  # pixels of the text band above each image of a grid
+
+
+def image_grid(images: list[Image.Image], labels: list[str], columns: int | None = None) -> Image.Image:
+    """Images in rows of `columns` (default: a near-square grid), each cell the size of the
+    largest image plus a LABEL_HEIGHT band with its label: columns x cell width by rows x
+    (cell height + LABEL_HEIGHT) pixels."""
+    from PIL import ImageDraw
+
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    cell_w, cell_h = max(im.width for im in images), max(im.height for im in images)
+    grid = Image.new("RGB", (columns * cell_w, rows * (cell_h + LABEL_HEIGHT)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        x, y = (i % columns) * cell_w, (i // columns) * (cell_h + LABEL_HEIGHT)
+        draw.text((x + 2, y + 1), label[: max(1, cell_w // 6)], fill="black")  # ~6 px per character
+        grid.paste(image, (x, y + LABEL_HEIGHT))
+    return grid
 
 
 def save_image(image: Image.Image, path: str | Path, prompt: SamplePrompt, extra: dict | None = None) -> None:
@@ -187,10 +208,12 @@ def parse_args(argv):
     parser.add_argument("--model_overrides", default=None, help="JSON of network overrides (tiny models)")
     parser.add_argument("--fp8_base", action="store_true", default=None, help="block weights in fp8")
     parser.add_argument("--blocks_to_swap", type=int, default=None, help="kohya's count of blocks kept in host memory")
+    parser.add_argument("--compare", default="", metavar="RUN_DIR",
+                        help="one prompt at one seed through every file a run saved, side by side in one strip")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
-    if not args.prompt and not args.prompt_file:
-        parser.error("give --prompt or --prompt_file")
+    if not args.prompt and not args.prompt_file and not args.compare:
+        parser.error("give --prompt or --prompt_file (or --compare RUN_DIR)")
     return args
 
 
@@ -281,10 +304,73 @@ def write_samples(args, family, model, codec, prompts, encoded, cfg) -> list[Pat
     return paths
 
 
+def saved_files(run_dir: Path, run_name: str) -> list[tuple[str, Path]]:
+    """(label, file) of every step file of a run, by step, then the final file (EMA twins left out)."""
+    steps = [p for p in run_dir.glob(f"{run_name}_step*.safetensors") if not p.stem.endswith("_ema")]
+    found = [(f"step {int(p.stem.rsplit('_step', 1)[1])}", p) for p in steps]
+    final = run_dir / f"{run_name}.safetensors"
+    return sorted(found, key=lambda lp: int(lp[0].split()[1])) + ([("final", final)] if final.exists() else [])
+
+
+def compare_run(args) -> Path:
+    """`--compare RUN_DIR`: the base model (LoRA runs) and every saved file of the run render one
+    prompt (--prompt, or the run's first sample prompt) at one seed; the images go side by side
+    into one strip, labelled, written to --out (an image name) or RUN_DIR/compare.png."""
+    import families
+    import lora
+    from config import DTYPES, load_config
+    from models.loading import load_state_dict
+
+    run_dir = Path(args.compare)
+    if not (run_dir / "config.py").is_file():
+        raise FileNotFoundError(f"--compare {run_dir}: no config.py there; give a run folder (runs/<run_name>)")
+    cfg = load_config(str(run_dir / "config.py"), check_files=False)
+    files = saved_files(run_dir, cfg["run_name"])
+    if not files:
+        raise FileNotFoundError(f"--compare {run_dir}: the run saved no {cfg['run_name']}*.safetensors files yet")
+    for flag in ("device", "dtype"):
+        if getattr(args, flag):
+            cfg[flag] = getattr(args, flag)
+    family, dtype = families.get(cfg["model_family"]), DTYPES[cfg["dtype"]]
+    device = torch.device(cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    sd = load_state_dict(cfg["model_path"], allow_pickle=cfg["allow_pickle"])
+    params = family.params(sd, cfg)
+    defaults = family.prompt_defaults(cfg, params)
+    prompt = parse_prompt_line(args.prompt, defaults) if args.prompt else \
+        (read_prompt_file(cfg["sample_prompts"], defaults)[:1] or [None])[0]
+    if prompt is None:
+        raise ValueError(f"--compare {run_dir}: the run has no sample prompts; give --prompt")
+    prompt = replace(prompt, seed=args.seed) if args.seed is not None else prompt
+    (cond, neg), = encode_prompts(family, cfg, params, [prompt], dtype, device)
+    codec, latents, labels = family.codec(cfg, dtype, "cpu"), [], []
+    lora_run = cfg["train_mode"] == "lora"
+    if lora_run:
+        files = [("base", None)] + files
+        model = family.load(sd, cfg, dtype=dtype, device="cpu").requires_grad_(False).eval().to(device)
+    for label, path in files:
+        if lora_run and path is not None:
+            network = lora.apply_lora_file(model, path, family, merge=False)
+        elif not lora_run:
+            model = family.load(load_state_dict(str(path)), cfg, dtype=dtype, device=device)
+            model.requires_grad_(False).eval()
+        latents.append(generate_latent(family, model, codec, prompt, cond, neg))
+        if lora_run and path is not None:
+            network.remove()
+        labels.append(label)
+    images = decode_images(codec, latents, device, cfg["vae_tile_size"])
+    strip = image_grid(images, labels, columns=len(images))
+    out = Path(args.out) if Path(args.out).suffix.lower() in IMAGE_FORMATS else run_dir / "compare.png"
+    save_image(strip, out, prompt, {"files": labels})
+    print(f"saved {out}: {', '.join(labels)} ({prompt.prompt!r}, seed {prompt.seed})")
+    return out
+
+
 def main(argv=None) -> list[Path]:
     args = parse_args(argv)
     if Path(args.out).suffix and Path(args.out).suffix.lower() not in IMAGE_FORMATS:
         raise SystemExit(f"error: --out {args.out}: choose a .png, .jpg or .webp file name, or a folder")
+    if args.compare:
+        return [compare_run(args)]
     return run_cli(args)
 
 

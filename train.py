@@ -31,6 +31,7 @@ import data
 import families
 import lora
 import losses
+import metrics
 import sample
 import training
 from activations import offload_activations
@@ -45,31 +46,6 @@ class TrainingError(RuntimeError):
 
 
 # --- the pieces the loop uses -----------------------------------------------------------------
-
-
-class DataOrder:
-    """Which items form each batch: a seeded permutation per epoch, walked in batch-size steps.
-    (epoch, position) is all that resume needs to continue with the same batches."""
-
-    def __init__(self, num_items: int, batch_size: int, seed: int):
-        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
-        self.epoch, self.position = 0, 0
-        self.batches_per_epoch = num_items // batch_size  # the tail that does not fill a batch waits for the next epoch
-
-    def next_batch(self) -> list[int]:
-        if self.position >= self.batches_per_epoch:
-            self.epoch, self.position = self.epoch + 1, 0
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.num_items, generator=generator).tolist()
-        start = self.position * self.batch_size
-        self.position += 1
-        return order[start : start + self.batch_size]
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load(self, state: dict) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
 
 
 def load_batch(dataset, indices: list[int], device) -> dict:
@@ -111,7 +87,7 @@ def validation_loss(run: "Run", indices: list[int]) -> tuple[float, dict]:
             noise = torch.randn(x0.shape, generator=generator).to(run.device)
             noised = objective.noised_at(x0, noise, s)
             out = run.family.predict(model, noised.x_t, noised.t, run.family.conditioning(batch, run.cfg))
-            per_level[s].append(objective.loss(out, x0, noised)[0].item())
+            per_level[s].append(objective.loss(out, x0, noised, mask=batch.get("mask"))[0].item())
     model.train(was_training)
     means = {f"{s:.1f}": sum(v) / len(v) for s, v in per_level.items()}
     return sum(means.values()) / len(means), means
@@ -137,6 +113,11 @@ def sample_images(run: "Run", step: int) -> list[Path]:
         path = run.run_dir / "samples" / f"step{step:06d}_{i:02d}.png"
         sample.save_image(image, path, prompt, {"step": step})
         paths.append(path)
+    grid = sample.image_grid(images, [p.prompt for p in run.data.prompts])  # every prompt of this step
+    sample.save_image(grid, run.run_dir / "samples" / "grids" / f"step{step:06d}.png", run.data.prompts[0],
+                      {"step": step})
+    if run.metrics is not None:
+        run.metrics.image("samples", grid, step)
     model.train(was_training)
     return paths
 
@@ -269,7 +250,7 @@ class Run:
     prepared: training.Prepared
     opt: training.Optimization
     objective: object
-    order: DataOrder
+    order: data.DataOrder
     generator: torch.Generator
     metrics: MetricsLog | None = None
     step: int = 0
@@ -302,8 +283,7 @@ def build_run(cfg: dict, family, sd: dict, params, device, run_dir: Path, cached
         print(prepared.swap.describe())
     opt = training.build_optimization(prepared.trainable, cfg, seed=cfg["seed"],
                                       lr_multipliers=family.lr_multipliers(cfg, prepared.trainable))
-    images = len({entry.item.image_path for entry in cached.train.entries})
-    order = DataOrder(images * cfg["repeats"], cfg["batch_size"], cfg["seed"])  # entry = index % entries
+    order = data.DataOrder([(b.members, b.batch_size) for b in cached.buckets], cfg["seed"])
     return Run(cfg, family, params, device, run_dir, cached, prepared, opt, family.objective(cfg), order,
                torch.Generator().manual_seed(cfg["seed"]))
 
@@ -345,21 +325,14 @@ def resume(run: Run, resume_dir: Path | None) -> None:
 def print_arithmetic(run: Run) -> None:
     """Phase 6's preamble: the settings that differ from the defaults and the step arithmetic."""
     cfg = run.cfg
-    per_step = cfg["batch_size"] * cfg["gradient_accumulation_steps"]
-    steps_per_epoch = max(1, run.order.num_items // per_step)
     changed = {k: v for k, v in cfg.items() if v != DEFAULTS[k]}
     print(f"config (differences from the defaults; all of it is in {run.run_dir / 'config.py'}):")
     print(format_config(changed), end="")
-    print(f"{len(run.data.train)} images x {cfg['repeats']} repeats / (batch {cfg['batch_size']} x accumulation "
-          f"{cfg['gradient_accumulation_steps']}) = {steps_per_epoch} steps per epoch; "
-          f"{cfg['max_train_steps']} steps = {cfg['max_train_steps'] / steps_per_epoch:.1f} epochs")
+    print(data.arithmetic(run.data, run.order, cfg))  # per dataset section and for the whole; images left out
     n_trainable = sum(p.numel() for p in run.prepared.trainable.values())
     held_out = len(run.data.val) if run.data.val is not None else 0
-    print(f"training {n_trainable:,} parameters ({cfg['train_mode']}); saving every {cfg['save_every']} steps, "
-          f"sampling every {cfg['sample_every']}, validating every {cfg['validate_every']} ({held_out} held-out images)")
-    if run.data.skipped:
-        names = ", ".join(Path(path).name for path, _ in run.data.skipped)
-        print(f"skipped {len(run.data.skipped)} unreadable image(s): {names}")
+    print(f"training {n_trainable:,} parameters ({cfg['train_mode']}); {data.schedule(cfg)}, "
+          f"validating every {cfg['validate_every']} ({held_out} held-out images)")
 
 
 def lora_metadata(run: Run) -> dict[str, str]:
@@ -374,13 +347,6 @@ def run_facts(run: Run) -> dict:
     """What kohya records about a run besides its settings (train_network.py's metadata)."""
     cfg, order = run.cfg, run.order
     updates_per_epoch = max(1, -(-order.batches_per_epoch // cfg["gradient_accumulation_steps"]))
-    captions = [e.item.caption for e in run.data.train.entries]
-    tags: dict[str, int] = {}
-    for caption in captions:
-        for tag in (t.strip() for t in caption.split(",")):
-            if tag:
-                tags[tag] = tags.get(tag, 0) + 1
-    folder = Path(cfg["dataset_dir"]).name
     optimizer = type(run.opt.optimizer)
     facts = {
         "session_id": run.session_id,
@@ -390,11 +356,9 @@ def run_facts(run: Run) -> dict:
         "num_batches_per_epoch": order.batches_per_epoch,
         "num_epochs": -(-cfg["max_train_steps"] // updates_per_epoch),
         "total_batch_size": cfg["batch_size"] * cfg["gradient_accumulation_steps"],
-        "dataset_dirs": {folder: {"n_repeats": cfg["repeats"],
-                                  "img_count": len({e.item.image_path for e in run.data.train.entries})}},
-        "tag_frequency": {folder: tags},
         "optimizer": f"{optimizer.__module__}.{optimizer.__name__}",
         "sd_model_name": Path(cfg["model_path"]).name,
+        **data.dataset_facts(run.data, cfg),  # folders, tag frequency, buckets
     }
     if cfg["ae_path"]:
         facts["vae_name"] = Path(cfg["ae_path"]).name
@@ -433,7 +397,7 @@ def train_step(run: Run, bins: losses.LossBins) -> dict:
     cfg, data = run.cfg, run.data
     step_loss = 0.0
     for _ in range(cfg["gradient_accumulation_steps"]):
-        indices = [i % len(data.train) for i in run.order.next_batch()]
+        indices = [(i, run.order.epoch) for i in run.order.next_batch()]  # (sample, epoch): its flip and caption
         batch = drop_captions(load_batch(data.train, indices, run.device), data.empty_caption,
                               cfg["caption_dropout_rate"], run.generator)
         with offload_activations(cfg["offload_activations"], pin_memory=cfg["pin_memory"]):
@@ -471,9 +435,11 @@ def after_step(run: Run, record: dict, bins: losses.LossBins, stop: StopRequests
         bins.reset()
     if step % cfg["log_every"] == 0 or last or stop.requested or "val_loss" in record or "loss_by_sigma" in record:
         run.metrics.log(record)
-    if run.data.prompts and cfg["sample_every"] and (step % cfg["sample_every"] == 0 or last):
+    epoch = run.order.finished_epoch()  # 0 unless the step just done ended an epoch
+    sampling = run.data.prompts and (cfg["sample_every"] or cfg["sample_every_n_epochs"])
+    if sampling and (data.due(step, cfg["sample_every"]) or last or data.due(epoch, cfg["sample_every_n_epochs"])):
         sample_images(run, step)
-    if (cfg["save_every"] and step % cfg["save_every"] == 0) or last or stop.requested:
+    if data.due(step, cfg["save_every"]) or last or stop.requested or data.due(epoch, cfg["save_every_n_epochs"]):
         save(run)
         run.metrics.plot()
 
@@ -513,7 +479,7 @@ def train(cfg: dict) -> Path:
         sd = load_state_dict(cfg["model_path"], allow_pickle=cfg["allow_pickle"])  # memory-mapped: no data read yet
         params = family.params(sd, cfg)
         check_model_settings(family, params, cfg)
-        items = data.dataset_items(cfg)
+        items = data.plan_data(cfg, family, run_dir)  # buckets.json and the bucket table, before any model loads
         identity = checkpoint.run_identity(cfg, items.fingerprint)
         if resume_dir is not None:
             checkpoint.check_resume(resume_dir, cfg, family.lora_config_keys + family.trained_config_keys, identity)
@@ -527,12 +493,14 @@ def train(cfg: dict) -> Path:
         run.started_at = time.time()
         resume(run, resume_dir)
         atomic.write_text(run_dir / "config.py", format_config(cfg))
-        run.metrics = MetricsLog(run_dir, resume_step=run.step)
+        run.metrics = MetricsLog(run_dir, resume_step=run.step, tensorboard=cfg["tensorboard"])
         print_arithmetic(run)
         # 6. the loop
         loop(run, stop)
     run.metrics.plot()
+    run.metrics.close()
     if stop.requested:
+        metrics.print_summary(run, None)
         raise RunStopped(stop.signum, f"stopped at step {run.step} ({signal.Signals(stop.signum).name}); the state "
                                       f"is saved: continue with --resume=latest")
     # 7. finish
@@ -549,13 +517,7 @@ def finish(run: Run) -> Path:
     if run.opt.ema is not None:
         with run.opt.ema.swapped(run.opt.params):
             write_final(run, path.with_name(f"{cfg['run_name']}_ema.safetensors"))
-    if run.prepared.network is not None:
-        print(f"LoRA saved: {path} ({run.cfg['lora_format']} keys; loads in ComfyUI 'Load LoRA' and diffusers "
-              f"pipe.load_lora_weights('{path}'))")
-        for note in run.family.lora_loader_notes(run.prepared.targets):
-            print(f"  note: {note}")
-    else:
-        print(f"model saved: {path} (original {run.family.title} keys; loads wherever the original file does)")
+    metrics.print_summary(run, path)
     return path
 
 
@@ -576,8 +538,9 @@ def public_config(cfg: dict) -> dict:
     from config import PATH_KEYS
 
     keys = PATH_KEYS + ("cache_dir", "output_dir", "sample_prompts", "clip_tokenizer", "clip_g_tokenizer", "t5_tokenizer",
-                        "resume")
-    return {k: (Path(v).name if k in keys and isinstance(v, str) and v else v) for k, v in cfg.items()}
+                        "resume", "mask_dir", "image_dir", "conditioning_data_dir")  # the last two: kohya names
+    out = {k: (Path(v).name if k in keys and isinstance(v, str) and v else v) for k, v in cfg.items()}
+    return out | {"datasets": [public_config(section) for section in cfg.get("datasets", [])]}  # their folders too
 
 
 USER_ERRORS = (ConfigError, checkpoint.RunFolderError, TrainingError, FileNotFoundError, ValueError, OSError)

@@ -22,7 +22,7 @@ import blockswap
 import fp8
 import lora
 import optim
-from config import DTYPES
+from config import DTYPES, warmup_steps
 from models.loading import load_state_dict
 
 
@@ -203,7 +203,7 @@ def build_optimization(trainable: dict[str, nn.Parameter], cfg: dict, seed: int 
     optimizer = optim.build_optimizer(param_groups(trainable, cfg, lr_multipliers), cfg["optimizer"], lr=cfg["learning_rate"],
                                       weight_decay=cfg["weight_decay"], betas=tuple(cfg["betas"]), eps=cfg["eps"],
                                       **extra)
-    scheduler = optim.build_scheduler(optimizer, cfg["lr_scheduler"], warmup_steps=cfg["lr_warmup_steps"],
+    scheduler = optim.build_scheduler(optimizer, cfg["lr_scheduler"], warmup_steps=warmup_steps(cfg),
                                       total_steps=cfg["max_train_steps"], end_lr_ratio=cfg["lr_end_ratio"],
                                       power=cfg["lr_power"])
     fused = None

@@ -1,6 +1,7 @@
 # The CPU demo: a tiny FLUX-architecture model (2 double + 2 single blocks, width 96) learns
-# coloured shapes from 48 generated 32x32 images. No download, no GPU: about 2.5 minutes on
-# 2 CPU cores. It skips the VAE and trains on the pixels directly (ae_path = ""): the
+# coloured shapes from 72 generated images (48 square 32x32, 12 landscape 60x20, 12 portrait
+# 20x60) in aspect-ratio buckets (the table is printed before the model loads). No download,
+# no GPU: about 2.5 minutes on 2 CPU cores. It skips the VAE and trains on the pixels directly (ae_path = ""): the
 # "latent" is the 3-channel image, packed into 2x2 patches like a FLUX latent. Everything
 # else is the real path: caches, flow-matching loss, the loop (full fine-tuning here: a
 # random model has everything to learn; train_mode="lora" runs the same loop on LoRA),
@@ -12,7 +13,7 @@
 # colours and shapes) and runs/demo/loss.png.
 from demo_data import make_demo
 
-_files = make_demo("runs/demo_data")
+_files = make_demo("runs/demo_data", shapes_of_images=True)
 dataset_dir = _files["dataset_dir"]
 model_path = _files["flux_path"]
 clip_l_path = _files["clip_l_path"]
@@ -23,7 +24,10 @@ model_overrides = {"axes_dim": [8, 20, 20]}  # tiny head dim (48): the released 
 run_name = "demo"
 device = "cpu"
 dtype = "fp32"                  # bf16 matmuls are slow on most CPUs
-resolution = 32
+resolution = 32                 # the training area: 32 x 32 pixels
+enable_bucket = True            # square images train at 32x32, landscape at 48x16, portrait at 16x48
+min_bucket_reso = 16
+max_bucket_reso = 48
 t5_max_length = 8               # "a red circle" + end token fits
 train_mode = "full"             # the random tiny model has everything to learn
 max_train_steps = 1000

@@ -194,7 +194,9 @@ def test_explicit_crop_box_and_flip_are_their_own_entries(tmp_path):
     cache_ = latent_cache(tmp_path)
     entries = cache_.build([plain, boxed, flipped], FakeVAE(), progress=False)
     assert len({e.key for e in entries}) == 3
-    assert [e.crop for e in entries] == [(0, 1, 16, 16), (0, 3, 16, 16), (0, 1, 16, 16)]
+    # the flipped entry records its box in the mirrored image (SDXL's crop conditioning):
+    # left = resized width 19 - right edge 17 = 2
+    assert [e.crop for e in entries] == [(0, 1, 16, 16), (0, 3, 16, 16), (0, 2, 16, 16)]
     # The fake VAE pools 4x4 blocks, so mirroring the image mirrors the latent.
     assert torch.allclose(cache_.load(entries[2].key), cache_.load(entries[0].key).flip(-1))
 

@@ -122,7 +122,8 @@ def test_a_stopped_run_saves_exits_nonzero_and_resumes(tmp_path, demo_files, mon
     monkeypatch.setattr(train, "load_batch", stop_in_step_3)
     monkeypatch.setattr(sys, "argv", ["train.py", write_config(tmp_path, demo_files, save_every=0)])
     assert train.run_cli() == code
-    assert "stopped at step 3" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "stopped at step 3" in printed.err and "stopped at step 3: everything is in" in printed.out  # the summary
     run = tmp_path / "runs" / "t"
     assert (run / "t_step000003.safetensors").exists() and not (run / "t.safetensors").exists()
     monkeypatch.setattr(train, "load_batch", real_load_batch)
@@ -405,7 +406,8 @@ KOHYA_EXPECTED = {
     "ss_sigmoid_scale": "1.0", "ss_model_prediction_type": "raw", "ss_discrete_flow_shift": "3.1582",
     "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": "flux-1-dev/lora",
     "modelspec.implementation": "https://github.com/black-forest-labs/flux", "modelspec.resolution": "16x16",
-    "modelspec.title": "t",
+    "modelspec.title": "t", "ss_caption_tag_dropout_rate": "0.0",
+    "ss_min_bucket_reso": "None", "ss_max_bucket_reso": "None",  # kohya: None without enable_bucket
 }
 # Written by kohya but not here, and why.
 KOHYA_NOT_WRITTEN = {
@@ -418,13 +420,12 @@ KOHYA_NOT_WRITTEN = {
     "ss_min_snr_gamma": "SDXL's", "ss_ip_noise_gamma": "SDXL's", "ss_debiased_estimation": "SDXL's",
     "ss_noise_offset_random_strength": "SDXL's", "ss_ip_noise_gamma_random_strength": "SDXL's",
     "ss_training_comment": "no such option", "ss_caption_dropout_every_n_epochs": "no such option",
-    "ss_caption_tag_dropout_rate": "no such option", "ss_face_crop_aug_range": "no such option",
+    "ss_face_crop_aug_range": "no such option",
     "ss_scale_weight_norms": "no such option", "ss_huber_scale": "not offered (always 1)",
     "ss_fp8_base_unet": "one fp8 switch", "ss_validation_seed": "validation uses the run's seed",
     "ss_validation_split": "validation_count is a count", "ss_max_validation_steps": "all held-out images",
     "ss_validate_every_n_epochs": "steps only", "ss_validate_every_n_steps": "validate_every",
-    "ss_resize_interpolation": "always Lanczos", "ss_min_bucket_reso": "no buckets yet",
-    "ss_max_bucket_reso": "no buckets yet", "ss_bucket_info": "no buckets yet",
+    "ss_resize_interpolation": "always Lanczos",
 }
 
 
@@ -440,6 +441,7 @@ def test_lora_metadata_key_by_key_against_sd_scripts(tmp_path, demo_files):
     assert json.loads(meta["ss_network_args"])["network_dim"] == 4
     assert json.loads(meta["ss_dataset_dirs"]) == {Path(demo_files["dataset_dir"]).name: {"n_repeats": 1, "img_count": 48}}
     assert sum(json.loads(meta["ss_tag_frequency"])[Path(demo_files["dataset_dir"]).name].values()) >= 48
+    assert json.loads(meta["ss_bucket_info"]) == {"buckets": {"0": {"resolution": [16, 16], "count": 48}}}
     trainer = json.loads(meta["trainer_config"])  # the whole config, no local paths
     assert not [v for v in trainer.values() if isinstance(v, str) and os.sep in v]
     assert "modelspec.date" in meta and meta["modelspec.date"][:2] == "20"
