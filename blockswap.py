@@ -259,10 +259,15 @@ class BlockSwap:
 
     # -- placement --
 
-    def _buffer(self, kind: str, group: _Group) -> Tensor:
+    def _buffer(self, kind: str, group: _Group, block: int | None = None) -> Tensor:
+        """A slot or host buffer sized for the group's largest block; h2d_only's host copies, which
+        never change hands, sized for their own `block` (a UNet's blocks differ a hundredfold)."""
         on_device = kind == "slot"
+        nbytes = group.buffer_bytes
+        if self.mode == "h2d_only" and block is not None:
+            nbytes = _layout_bytes(group.weights[block])
         pin = self.on_cuda if kind == "staging" else self.pin_memory and not on_device
-        return self.allocate(kind, group.buffer_bytes, self.device if on_device else self.host_device, pin)
+        return self.allocate(kind, nbytes, self.device if on_device else self.host_device, pin)
 
     def _place(self, group: _Group) -> None:
         """Slots that swapped blocks pass through become byte buffers holding their first block;
@@ -276,12 +281,12 @@ class BlockSwap:
                 group.slots[b] = self._buffer("slot", group)
                 targets = _views(group.slots[b], weights)
                 if self.mode == "h2d_only" and not self.staging:  # the master copy on the host
-                    group.host[b] = self._buffer("master", group)
+                    group.host[b] = self._buffer("master", group, b)
                     self._fill(_views(group.host[b], weights), weights)
             elif self.staging:
                 continue  # waits where it is
             else:
-                group.host[b] = self._buffer("host", group)
+                group.host[b] = self._buffer("host", group, b)
                 targets = _views(group.host[b], weights)
             self._fill(targets, weights)
             for w, target in zip(weights, targets):

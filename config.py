@@ -16,10 +16,11 @@ import torch
 DEFAULTS = dict(
     # --- model files (see README "Where the files come from") ---
     model_family="auto",          # "auto" (read from model_path's keys), or one of families.names(): "flux"
-    model_path="",                # the denoiser: flux1-dev.safetensors, flux1-schnell.safetensors (a file, folder or index)
+    model_path="",                # the denoiser: flux1-dev.safetensors, flux1-schnell.safetensors (a file, folder or index);
+                                  # DeepFloyd IF: the model folder (IF-I-XL-v1.0: config.yml + weights, or its unet/)
     ae_path="",                   # ae.safetensors; "" trains on pixels directly (the demo)
     clip_l_path="",               # clip_l.safetensors or a CLIPTextModel folder
-    t5_path="",                   # t5xxl_fp16.safetensors / t5xxl_fp8_e4m3fn.safetensors or a folder
+    t5_path="",                   # t5xxl_fp16.safetensors / t5xxl_fp8_e4m3fn.safetensors or a folder (IF: text_encoder/)
     clip_tokenizer="",            # folder or tokenizer.json; "" looks next to clip_l_path
     t5_tokenizer="",              # folder, tokenizer.json or spiece.model; "" looks next to t5_path
     model_overrides={},           # network hyper-parameters to override (tiny test models: FLUX axes_dim)
@@ -59,7 +60,8 @@ DEFAULTS = dict(
     hash_images=False,            # key image cache entries by content hash instead of size + mtime
     on_bad_image="skip",          # "skip" (listed at the end) or "stop"
     t5_max_length=0,              # 0 -> 512 for dev, 256 for schnell
-    apply_t5_attn_mask=False,     # mask T5 padding in the encoder and in attention
+    apply_t5_attn_mask=False,     # mask T5 padding in the encoder and in attention (DeepFloyd IF: its T5 always
+                                  # masks; this masks the UNet's cross-attention, where the released models see all 77)
     validation_count=0,           # hold out this many images for validation loss (0 = off)
     vae_batch_size=1,             # images per autoencoder pass while caching latents
     text_batch_size=8,            # captions per text-encoder pass while caching
@@ -129,6 +131,7 @@ DEFAULTS = dict(
     sample_every_n_epochs=0,      # also sample at the end of every N-th epoch
     sample_at_start=True,
     sample_prompts="",            # file in kohya syntax (--n --w --h --d --l --g --s), or "" for none
+    sample_sizes="",              # "64,96,64x96" (W or WxH): every sample prompt at each size; "" = their own
     sample_steps=0,               # 0: the family's default (FLUX dev 28, schnell 4)
     sample_guidance=3.5,          # default embedded guidance for samples (dev)
     validate_every=100,           # 0 disables
@@ -155,7 +158,7 @@ DEFAULTS = dict(
                                   # SD3 euler, dpmpp_2m; SDXL also euler_ancestral, ddim
     sample_shift=0.0,             # sampling schedule shift; 0: 3.0, the released models'
     sample_cfg=0.0,               # CFG scale against the negative prompt (--n, default ""); 0: the family's (SD3.5 Large
-                                  # 4.5, Medium 5, Large Turbo 1; SDXL 5); a prompt's --l overrides
+                                  # 4.5, Medium 5, Large Turbo 1; SDXL 5; IF 7 stage I, 4 stage II); a prompt's --l overrides
     sample_apg=False,             # adaptive projected guidance instead of plain CFG (seed 004's APG node)
     apg_eta=0.0,                  # APG: weight of the update parallel to the prediction
     apg_norm_threshold=15.0,      # APG: the update's L2 norm is clipped to this (0: no clipping)
@@ -198,10 +201,23 @@ DEFAULTS = dict(
     sample_schedule="leading",    # leading (SDXL's), trailing (zero-terminal-SNR models), linspace, karras
 
     # --- DeepFloyd IF only (families/deepfloyd.py) ---
+    # IF also reads SDXL's DDPM keys above (min_timestep ... ip_noise_gamma_random_strength; not v_parameterization or
+    # zero_terminal_snr: IF predicts epsilon with a learned variance), apply_t5_attn_mask and sample_cfg
+    if_unconditional_embedding="",  # IF's resources/zero_t5-v1_1-xxl_vector.npy: the "" caption's T5 states; "" encodes ""
+    if_clean_captions=True,       # IF's caption clean-up (URLs, markup, symbols) before T5, as the original does
+    if_freeze_variance=False,     # False: the variance channels train with the hybrid VLB term, as the original;
+                                  # True: epsilon only (the variance output drifts only through shared layers), and
+                                  # samples use the fixed-small variance (diffusers' IF LoRA docs, SimpleTuner's advice)
+    if_aug_levels=(0.0, 1.0),     # stage II: low-res noise-augmentation level drawn uniformly per sample (the original's)
+    if_sample_aug_level=0.25,     # stage II samples and validation: the low-res image's augmentation level
+    if_respacing="",              # sampler: "" -> "150" stage I, "smart50" stage II; also "smart100", "fast27", "ddim50", "50"
+    if_dynamic_threshold=0.0,     # x0 clip ratio (percentile 0.95): 0 -> 1.5 stage I, 1.0 stage II
+    if_sample_low_res="",         # stage II samples in training: the image they upscale; "" -> the dataset's first image
 
     # --- memory (blockswap.py, optim.py, fp8.py; `python train.py CONFIG --plan` shows the effect) ---
     blocks_to_swap=0,             # kohya's count for FLUX: n -> n//2 double + (n - n//2)*2 single blocks live in host memory;
-                                  # SDXL: n blocks, the deepest level's transformer blocks first (families/sdxl.py)
+                                  # SDXL: n blocks, the deepest level's transformer blocks first (families/sdxl.py);
+                                  # DeepFloyd IF: n blocks of each group, down and up (families/deepfloyd.py)
     double_blocks_to_swap=-1,     # finer control; -1 derives both from blocks_to_swap
     single_blocks_to_swap=-1,
     swap_mode="exchange",         # "exchange" (weights move both ways) or "h2d_only" (frozen base, host copy is the master)
@@ -344,6 +360,7 @@ def validate(cfg: dict, check_files: bool = True, given: set[str] | None = None)
     check_optimizer_settings(cfg)
     check_training_settings(cfg)
     check_memory_settings(cfg)
+    check_sample_sizes(cfg["sample_sizes"])
     family = resolve_family(cfg, check_files)
     apply_family_defaults(cfg, family, given)
     check_family_keys(cfg, family)
@@ -414,6 +431,15 @@ def check_paths(cfg: dict, family) -> None:
     if missing:
         raise ConfigError(f"{' and '.join(missing)} empty: {family.title} needs them (see README, where the files "
                           "come from)")
+
+
+def check_sample_sizes(sizes: str) -> None:
+    import sample
+
+    try:
+        sample.at_sizes([], sizes)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def check_optimizer_settings(cfg: dict) -> None:

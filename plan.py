@@ -70,7 +70,6 @@ import training
 from activations import offload_activations
 from config import DTYPES
 from models import layers
-from models.loading import load_state_dict
 from models.vae import decode_tiled
 
 GiB = 2**30
@@ -399,8 +398,8 @@ def model_params(family, cfg: dict) -> tuple[object, str]:
     """The model's shapes: from the checkpoint header when the file is there, else the released model's."""
     path = cfg["model_path"]
     if path and Path(path).exists():
-        sd = load_state_dict(path, allow_pickle=cfg["allow_pickle"])  # memory-mapped: reads the header
-        return family.params(sd, cfg), f"shapes read from {path}"
+        checkpoint = family.read_checkpoint(path, cfg)  # memory-mapped: reads the header
+        return family.params(checkpoint, cfg), f"shapes read from {path}"
     overrides = " with model_overrides" if cfg["model_overrides"] else ""
     return family.default_params(cfg), f"{path or 'model_path'} not found: {family.title} released shapes{overrides}"
 
