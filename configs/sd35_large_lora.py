@@ -9,7 +9,7 @@
 # Planned peaks, python train.py configs/sd35_large_lora.py --plan (plans: not yet measured on a GPU):
 #   plain torch (--kernels=torch): caching 1.41, training 3.92, sampling 3.94, whole run 3.94 GiB
 #   Triton kernels (the default):  caching 1.41, training 3.88, sampling 3.94, whole run 3.94 GiB
-#   nvidia-smi about 4.7-5.4 GiB; 8.3 GiB of host memory for tensors while training.
+#   nvidia-smi about 4.7-5.4 GiB; 8.2 GiB of host memory for tensors while training.
 #
 #   python train.py configs/sd35_large_lora.py --dataset_dir=/path/to/images
 #
