@@ -46,7 +46,7 @@ def draw_shape(colour: str, shape: str, rng: random.Random, size=(IMAGE_SIZE, IM
     return image
 
 
-def make_dataset(folder: Path, seed: int = 0, shapes_of_images: bool = True) -> Path:
+def make_dataset(folder: Path, seed: int = 0, shapes_of_images: bool = False) -> Path:
     """VARIANTS square images per (colour, shape), and with `shapes_of_images` one landscape and
     one portrait image each (the demo trains them in aspect-ratio buckets)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -364,7 +364,7 @@ def make_if_demo(root: str | Path = "runs/demo_data") -> dict:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     return dict(
-        dataset_dir=str(make_dataset(root / "shapes", shapes_of_images=False)),  # the square images, as demo.py's
+        dataset_dir=str(make_dataset(root / "shapes")),  # the square images
         t5_path=str(make_t5(root / "t5")),
         if_stage1=str(make_if_unet(root / "if_stage1_tiny", IF_STAGE_I_TINY, seed=3)),
         if_stage2=str(make_if_unet(root / "if_stage2_tiny", IF_STAGE_II_TINY, seed=4)),
