@@ -33,6 +33,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ import atomic
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CACHE_FORMAT = "2"  # bump when an entry's layout changes: every older entry is then rebuilt
 CROP_MODES = ("center", "random")
+ENTRY_HEADER_BYTES = 1024  # a cache file's safetensors header (key fields, checksums) is under 1 KiB
 # Names CachedDataset puts beside the text tensors; an encoder output may not use them.
 SAMPLE_NAMES = ("latent", "mask", "caption", "index", "original_size", "crop_top_left", "target_size")
 
@@ -829,7 +831,7 @@ class TextCache:
         with tqdm(total=len(pending), desc="caching text", unit="caption", disable=not progress) as bar:
             for start in range(0, len(pending), batch_size):
                 batch = pending[start : start + batch_size]
-                shapes |= self._encode_batch(batch, encode_texts)
+                shapes |= self._encode_batch(batch, encode_texts, to_write=len(pending) if start == 0 else 0)
                 bar.update(len(batch))
 
         distinct = {tuple(sorted(s.items())) for s in shapes.values()}
@@ -845,7 +847,9 @@ class TextCache:
         key = self.key(caption)
         return read_entry(self.path(key), key)[0]
 
-    def _encode_batch(self, batch: list[tuple[str, str]], encode_texts) -> dict:
+    def _encode_batch(self, batch: list[tuple[str, str]], encode_texts, to_write: int = 0) -> dict:
+        """Encode and write one batch; with `to_write` (the first batch), first say how much disk
+        the entries to write will take, and stop if the disk has less free."""
         captions = [caption for _, caption in batch]
         with torch.no_grad():
             outputs = encode_texts(captions)
@@ -857,6 +861,8 @@ class TextCache:
             if not isinstance(value, Tensor) or value.ndim == 0 or value.shape[0] != len(captions):
                 raise ValueError(f"encode_texts output {name!r} must be a tensor with first dimension {len(captions)}, "
                                  f"got {getattr(value, 'shape', type(value))}")
+        if to_write:
+            self._check_disk({name: self._stored(value[0]) for name, value in outputs.items()}, to_write)
         shapes = {}
         for row, (key, caption) in enumerate(batch):
             tensors = {name: self._stored(value[row]) for name, value in outputs.items()}
@@ -870,6 +876,19 @@ class TextCache:
             write_entry(self.path(key), tensors, fields, {"caption": caption})
             shapes[key] = {name: tuple(t.shape) for name, t in tensors.items()}
         return shapes
+
+    def _check_disk(self, entry: dict[str, Tensor], count: int) -> None:
+        """Print the disk `count` entries like `entry` need (tensor bytes plus about 1 KiB of
+        header each); an OSError when the cache's disk has less free."""
+        per_entry = sum(t.numel() * t.element_size() for t in entry.values()) + ENTRY_HEADER_BYTES
+        total = per_entry * count
+        dtypes = sorted({dtype_name(t.dtype) for t in entry.values() if t.is_floating_point()})
+        print(f"text cache: {count} caption(s) to encode, about {total / 2**20:,.1f} MiB on disk "
+              f"({per_entry / 2**10:,.0f} KiB each, {', '.join(dtypes)}) in {self.cache_dir}")
+        free = shutil.disk_usage(self.cache_dir).free
+        if free < total:
+            raise OSError(f"the text cache needs about {total / 2**30:.2f} GiB but {self.cache_dir} has "
+                          f"{free / 2**30:.2f} GiB free; free some space or set cache_dir elsewhere")
 
     def _stored(self, tensor: Tensor) -> Tensor:
         """One row of an output on the CPU, in its own storage, floats in the cache dtype."""

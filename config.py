@@ -16,10 +16,11 @@ import torch
 DEFAULTS = dict(
     # --- model files (see README "Where the files come from") ---
     model_family="auto",          # "auto" (read from model_path's keys), or one of families.names(): "flux"
-    model_path="",                # the denoiser: flux1-dev.safetensors, flux1-schnell.safetensors (a file, folder or index)
+    model_path="",                # the denoiser: flux1-dev.safetensors, flux1-schnell.safetensors (a file, folder or index);
+                                  # DeepFloyd IF: the model folder (IF-I-XL-v1.0: config.yml + weights, or its unet/)
     ae_path="",                   # ae.safetensors; "" trains on pixels directly (the demo)
     clip_l_path="",               # clip_l.safetensors or a CLIPTextModel folder
-    t5_path="",                   # t5xxl_fp16.safetensors / t5xxl_fp8_e4m3fn.safetensors or a folder
+    t5_path="",                   # t5xxl_fp16.safetensors / t5xxl_fp8_e4m3fn.safetensors or a folder (IF: text_encoder/)
     clip_tokenizer="",            # folder or tokenizer.json; "" looks next to clip_l_path
     t5_tokenizer="",              # folder, tokenizer.json or spiece.model; "" looks next to t5_path
     model_overrides={},           # network hyper-parameters to override (tiny test models: FLUX axes_dim)
@@ -59,7 +60,8 @@ DEFAULTS = dict(
     hash_images=False,            # key image cache entries by content hash instead of size + mtime
     on_bad_image="skip",          # "skip" (listed at the end) or "stop"
     t5_max_length=0,              # 0 -> 512 for dev, 256 for schnell
-    apply_t5_attn_mask=False,     # mask T5 padding in the encoder and in attention
+    apply_t5_attn_mask=False,     # mask T5 padding in the encoder and in attention (DeepFloyd IF: its T5 always
+                                  # masks; this masks the UNet's cross-attention, where the released models see all 77)
     validation_count=0,           # hold out this many images for validation loss (0 = off)
     vae_batch_size=1,             # images per autoencoder pass while caching latents
     text_batch_size=8,            # captions per text-encoder pass while caching
@@ -80,7 +82,7 @@ DEFAULTS = dict(
     gradient_checkpointing=True,
     kernels="auto",               # fused element-wise ops: "auto", "torch", "triton"
     # --- optimizer and schedule ---
-    optimizer="adamw",            # "adamw" or "adafactor"
+    optimizer="adamw",            # "adamw", "adafactor" (factored second moment) or "adamw8bit" (8-bit moments)
     learning_rate=1e-4,
     weight_decay=0.01,
     betas=(0.9, 0.999),
@@ -117,6 +119,8 @@ DEFAULTS = dict(
     save_dtype="bf16",            # dtype of saved LoRA / model files
     lora_format="kohya",          # LoRA file keys: "kohya" (lora_unet_..., ComfyUI), or "diffusers" (transformer.<module>.lora_A/B:
                                   # diffusers' load_lora_weights and ComfyUI; for SD3, whose kohya names diffusers cannot read)
+    lora_dtype="fp32",            # LoRA weights while training: "fp32" or "bf16" (updates stochastically rounded:
+                                  # needs optimizer="adafactor" or "adamw8bit", or fused_backward)
     # --- checkpoints, samples, validation ---
     save_every=250,               # steps between LoRA files + resumable state
     save_every_n_epochs=0,        # also save at the end of every N-th epoch
@@ -127,6 +131,7 @@ DEFAULTS = dict(
     sample_every_n_epochs=0,      # also sample at the end of every N-th epoch
     sample_at_start=True,
     sample_prompts="",            # file in kohya syntax (--n --w --h --d --l --g --s), or "" for none
+    sample_sizes="",              # "64,96,64x96" (W or WxH): every sample prompt at each size; "" = their own
     sample_steps=0,               # 0: the family's default (FLUX dev 28, schnell 4)
     sample_guidance=3.5,          # default embedded guidance for samples (dev)
     validate_every=100,           # 0 disables
@@ -153,7 +158,7 @@ DEFAULTS = dict(
                                   # SD3 euler, dpmpp_2m; SDXL also euler_ancestral, ddim
     sample_shift=0.0,             # sampling schedule shift; 0: 3.0, the released models'
     sample_cfg=0.0,               # CFG scale against the negative prompt (--n, default ""); 0: the family's (SD3.5 Large
-                                  # 4.5, Medium 5, Large Turbo 1; SDXL 5); a prompt's --l overrides
+                                  # 4.5, Medium 5, Large Turbo 1; SDXL 5; IF 7 stage I, 4 stage II); a prompt's --l overrides
     sample_apg=False,             # adaptive projected guidance instead of plain CFG (seed 004's APG node)
     apg_eta=0.0,                  # APG: weight of the update parallel to the prediction
     apg_norm_threshold=15.0,      # APG: the update's L2 norm is clipped to this (0: no clipping)
@@ -196,18 +201,40 @@ DEFAULTS = dict(
     sample_schedule="leading",    # leading (SDXL's), trailing (zero-terminal-SNR models), linspace, karras
 
     # --- DeepFloyd IF only (families/deepfloyd.py) ---
+    # IF also reads SDXL's DDPM keys above (min_timestep ... ip_noise_gamma_random_strength; not v_parameterization or
+    # zero_terminal_snr: IF predicts epsilon with a learned variance), apply_t5_attn_mask and sample_cfg
+    if_unconditional_embedding="",  # IF's resources/zero_t5-v1_1-xxl_vector.npy: the "" caption's T5 states; "" encodes ""
+    if_clean_captions=True,       # IF's caption clean-up (URLs, markup, symbols) before T5, as the original does
+    if_freeze_variance=False,     # False: the variance channels train with the hybrid VLB term, as the original;
+                                  # True: epsilon only (the variance output drifts only through shared layers), and
+                                  # samples use the fixed-small variance (diffusers' IF LoRA docs, SimpleTuner's advice)
+    if_aug_levels=(0.0, 1.0),     # stage II: low-res noise-augmentation level drawn uniformly per sample (the original's)
+    if_sample_aug_level=0.25,     # stage II samples and validation: the low-res image's augmentation level
+    if_respacing="",              # sampler: "" -> "150" stage I, "smart50" stage II; also "smart100", "fast27", "ddim50", "50"
+    if_dynamic_threshold=0.0,     # x0 clip ratio (percentile 0.95): 0 -> 1.5 stage I, 1.0 stage II
+    if_sample_low_res="",         # stage II samples in training: the image they upscale; "" -> the dataset's first image
 
     # --- memory (blockswap.py, optim.py, fp8.py; `python train.py CONFIG --plan` shows the effect) ---
     blocks_to_swap=0,             # kohya's count for FLUX: n -> n//2 double + (n - n//2)*2 single blocks live in host memory;
-                                  # SDXL: n blocks, the deepest level's transformer blocks first (families/sdxl.py)
+                                  # SDXL: n blocks, the deepest level's transformer blocks first (families/sdxl.py);
+                                  # DeepFloyd IF: n blocks of each group, down and up (families/deepfloyd.py)
     double_blocks_to_swap=-1,     # finer control; -1 derives both from blocks_to_swap
     single_blocks_to_swap=-1,
     swap_mode="exchange",         # "exchange" (weights move both ways) or "h2d_only" (frozen base, host copy is the master)
     pin_memory=True,              # pinned host memory for swapped blocks (faster copies; some systems prefer False)
+    swap_ring=0,                  # N >= 2: every block of every group streams through one ring of N device slots
+                                  # sized for the largest block (instead of blocks_to_swap); 0: off
+    swap_staging=False,           # h2d_only: swapped weights read where loading left them (memory-mapped file or
+                                  # quantized fp8), pageable, through 2 pinned staging buffers; no pinned host copy
+    chunk_feedforward=False,      # token-wise parts of a block (FLUX: MLPs, linear1, linear2) run in token chunks,
+                                  # each recomputed in backward: one chunk's hidden activations at a time
+    feedforward_chunk=1024,       # tokens per chunk
     fused_backward=False,         # optimizer step inside backward, one parameter at a time: no full set of gradients
     stochastic_rounding=True,     # bf16 trainable weights get stochastically rounded updates (fused step, Adafactor)
     fp8_base=False,               # frozen Linear weights stored as float8_e4m3fn, upcast inside the matmul
     fp8_per_row=False,            # one fp8 scale per output row instead of per tensor
+    fp8_base_cache="",            # a folder: the fp8 block weights are written there once (12 GB for FLUX.1) and
+                                  # read memory-mapped afterwards (page cache, not process memory); "" quantizes each run
     offload_activations=False,    # checkpointed block inputs go to host memory
     # --- several GPUs (distributed.py; launch with torchrun --nproc_per_node N train.py CONFIG) ---
     distributed="auto",           # "auto": data parallel for LoRA, FSDP2 for full fine-tuning; "ddp": the whole model
@@ -238,6 +265,7 @@ def _choices() -> dict[str, tuple]:
         huber_schedule=losses.HUBER_SCHEDULES,
         train_mode=("lora", "full"),
         save_dtype=("bf16", "fp16", "fp32"),
+        lora_dtype=("fp32", "bf16"),
         swap_mode=("exchange", "h2d_only"),
         lora_format=lora.LORA_FORMATS,
         weighting_scheme=losses.WEIGHTING_SCHEMES,
@@ -338,6 +366,7 @@ def validate(cfg: dict, check_files: bool = True, given: set[str] | None = None)
     check_optimizer_settings(cfg)
     check_training_settings(cfg)
     check_memory_settings(cfg)
+    check_sample_sizes(cfg["sample_sizes"])
     family = resolve_family(cfg, check_files)
     apply_family_defaults(cfg, family, given)
     check_family_keys(cfg, family)
@@ -410,6 +439,15 @@ def check_paths(cfg: dict, family) -> None:
                           "come from)")
 
 
+def check_sample_sizes(sizes: str) -> None:
+    import sample
+
+    try:
+        sample.at_sizes([], sizes)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
 def check_optimizer_settings(cfg: dict) -> None:
     """Values the optimizer and schedule would refuse (or misread) later."""
     betas = cfg["betas"]
@@ -458,7 +496,8 @@ def check_training_settings(cfg: dict) -> None:
 def check_memory_settings(cfg: dict) -> None:
     """Combinations of the memory switches that cannot work."""
     full = cfg["train_mode"] == "full"
-    swapping = cfg["blocks_to_swap"] > 0 or cfg["double_blocks_to_swap"] > 0 or cfg["single_blocks_to_swap"] > 0
+    swapping = cfg["blocks_to_swap"] > 0 or cfg["double_blocks_to_swap"] > 0 or cfg["single_blocks_to_swap"] > 0 \
+        or cfg["swap_ring"] > 0
     if cfg["fused_backward"] and cfg["max_grad_norm"] > 0:
         raise ConfigError("fused_backward updates each weight before the global gradient norm exists: set "
                           "max_grad_norm=0 (and max_grad_norm_per_param if you want clipping)")
@@ -473,6 +512,8 @@ def check_memory_settings(cfg: dict) -> None:
         raise ConfigError("max_grad_norm_per_param is for fused_backward; without it use max_grad_norm")
     if full and cfg["fp8_base"]:
         raise ConfigError("fp8_base stores frozen weights in fp8: it needs train_mode='lora'")
+    if cfg["fp8_base_cache"] and not cfg["fp8_base"]:
+        raise ConfigError("fp8_base_cache keeps the fp8 weights of fp8_base in a file: set fp8_base=True or remove it")
     if full and swapping and cfg["swap_mode"] == "h2d_only":
         raise ConfigError("swap_mode='h2d_only' never copies weights back, so it cannot swap trained weights: "
                           "use swap_mode='exchange' for full fine-tuning")
@@ -481,6 +522,35 @@ def check_memory_settings(cfg: dict) -> None:
                           "updated while the block is on the GPU")
     if cfg["offload_activations"] and not cfg["gradient_checkpointing"]:
         raise ConfigError("offload_activations moves the checkpointed block inputs: set gradient_checkpointing=True")
+    check_streaming_settings(cfg)
+    if cfg["feedforward_chunk"] < 1:
+        raise ConfigError(f"feedforward_chunk must be at least 1 token, got {cfg['feedforward_chunk']}")
+    if cfg["lora_dtype"] == "bf16":
+        if full:
+            raise ConfigError("lora_dtype is the LoRA weights' dtype; train_mode='full' trains the model's own "
+                              "weights (in dtype): remove lora_dtype")
+        if cfg["optimizer"] == "adamw" and not cfg["fused_backward"]:
+            raise ConfigError("lora_dtype='bf16' needs stochastically rounded updates, which torch's AdamW does not "
+                              "make: use optimizer='adafactor' or 'adamw8bit', or fused_backward=True")
+        if not cfg["stochastic_rounding"]:
+            raise ConfigError("lora_dtype='bf16' without stochastic_rounding rounds most updates away: set "
+                              "stochastic_rounding=True or lora_dtype='fp32'")
+
+
+def check_streaming_settings(cfg: dict) -> None:
+    """The ring and staging: what they replace and what they need."""
+    counted = cfg["blocks_to_swap"] > 0 or cfg["double_blocks_to_swap"] > 0 or cfg["single_blocks_to_swap"] > 0
+    if cfg["swap_ring"] < 0 or cfg["swap_ring"] == 1:
+        raise ConfigError(f"swap_ring={cfg['swap_ring']}: 0 (off) or at least 2 device slots (one block computes "
+                          "while the next loads)")
+    if cfg["swap_ring"] and counted:
+        raise ConfigError("swap_ring streams every block; blocks_to_swap and the per-group counts choose some: set "
+                          "one or the other")
+    if cfg["swap_staging"] and cfg["swap_mode"] != "h2d_only":
+        raise ConfigError("swap_staging reads the swapped weights where loading left them and never writes them "
+                          "back: set swap_mode='h2d_only' (a frozen base)")
+    if cfg["swap_staging"] and not (counted or cfg["swap_ring"]):
+        raise ConfigError("swap_staging is how swapped blocks are read: set swap_ring or blocks_to_swap too")
 
 
 def warmup_steps(cfg: dict) -> int:

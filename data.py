@@ -441,6 +441,7 @@ def load_data(cfg: dict, family, params, device, dtype, items: Items, world=None
     world = world or distributed.World()
     prompts = sample.read_prompt_file(cfg["sample_prompts"], family.prompt_defaults(cfg, params)) \
         if cfg["sample_prompts"] else []
+    prompts = sample.at_sizes(prompts, cfg["sample_sizes"])
     cache_dir = Path(cfg["cache_dir"] or Path(items.sections[0]["dataset_dir"]) / ".cache")
     codec = family.codec(cfg, dtype, device)
     latent_cache = cache.LatentCache(cache_dir / "latents", codec.identity, cfg["resolution"], cfg["crop"],

@@ -46,7 +46,7 @@ def draw_shape(colour: str, shape: str, rng: random.Random, size=(IMAGE_SIZE, IM
     return image
 
 
-def make_dataset(folder: Path, seed: int = 0, shapes_of_images: bool = True) -> Path:
+def make_dataset(folder: Path, seed: int = 0, shapes_of_images: bool = False) -> Path:
     """VARIANTS square images per (colour, shape), and with `shapes_of_images` one landscape and
     one portrait image each (the demo trains them in aspect-ratio buckets)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -315,3 +315,58 @@ def make_sdxl_demo(root: str | Path = "runs/demo_sdxl_data") -> dict:
 
 
 # --- DeepFloyd IF demo (configs/demo_if.py) -------------------------------------------------------
+
+# Tiny UNets in IF's config.yml terms (deep-floyd/IF UNetModel / SuperResUNetModel arguments),
+# widths at GroupNorm's minimum of 32. Stage I denoises the 32 px shapes; stage II upscales
+# 32 px to 128 px, four times, as IF-II does 64 -> 256. Both read the demo T5's 32-wide states.
+IF_STAGE_I_TINY = dict(
+    image_size=32, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
+    attention_resolutions="8", channel_mult="1,2,2", num_heads=1, num_head_channels=32,
+    use_scale_shift_norm=True, resblock_updown=True, encoder_dim=32, encoder_channels=64,
+    activation="gelu", att_pool_heads=2, disable_self_attentions=False, precision="32",
+)
+IF_STAGE_II_TINY = dict(
+    IF_STAGE_I_TINY, image_size=128, in_channels=6, num_res_blocks=[1, 1, 1, 1], attention_resolutions="16",
+    channel_mult="1,1,2,2", efficient_activation=True, scale_skip_connection=True,
+)
+
+
+def if_config_yml(params: dict) -> str:
+    """A config.yml as the released IF folders hold it: the UNet's arguments under `params:`."""
+    return "params:\n" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in params.items())
+
+
+def make_if_unet(folder: Path, params: dict, seed: int = 0) -> Path:
+    """An IF model folder in the original layout: config.yml + pytorch_model.safetensors (random
+    weights, initialised as the network builds them)."""
+    from models.deepfloyd import IFUNet, config_from_original
+
+    if not (folder / "pytorch_model.safetensors").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.yml").write_text(if_config_yml(params))
+        torch.manual_seed(seed)
+        model = IFUNet(config_from_original(params))
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "pytorch_model.safetensors"))
+    return folder
+
+
+def make_if_prompts(path: Path) -> Path:
+    """The demo's prompts with IF's own sampling defaults (CFG 7 against the empty caption)."""
+    lines = ["# IF demo prompts: the step-0 samples are noise; the last ones show these colours and shapes.",
+             "a red circle --d 1", "a blue square --d 2", "a green triangle --d 3", "a yellow circle --d 4"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def make_if_demo(root: str | Path = "runs/demo_data") -> dict:
+    """Create (once) and return the paths configs/demo_if.py and demo_if_stage2.py point at: the
+    shapes, the demo T5, a stage I and a stage II UNet folder, the prompts."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    return dict(
+        dataset_dir=str(make_dataset(root / "shapes")),  # the square images
+        t5_path=str(make_t5(root / "t5")),
+        if_stage1=str(make_if_unet(root / "if_stage1_tiny", IF_STAGE_I_TINY, seed=3)),
+        if_stage2=str(make_if_unet(root / "if_stage2_tiny", IF_STAGE_II_TINY, seed=4)),
+        sample_prompts=str(make_if_prompts(root / "if_prompts.txt")),
+    )

@@ -399,7 +399,8 @@ def diffusers_state_dict(network: LoRANetwork, family, dtype: torch.dtype | None
         down = lora.lora_down.weight.detach().float() * (float(lora.alpha) / lora.rank)
         modules = family.lora_to_diffusers(network.module_paths[name], lora.lora_up.weight.detach().float(), down)
         for module, up in modules.items():  # each tensor its own storage (safetensors refuses shared ones)
-            sd[f"{module}.lora_A.weight"] = down.to(dtype or down.dtype, copy=True)
+            a = down.flatten(1) if up.ndim == 2 else down  # a diffusers Linear for a 1-wide conv (IF's qkv)
+            sd[f"{module}.lora_A.weight"] = a.to(dtype or down.dtype, copy=True)
             sd[f"{module}.lora_B.weight"] = up.to(dtype or up.dtype, copy=True)
     return sd
 
@@ -511,9 +512,10 @@ def _native_path(module: str, family) -> tuple[str, int | None]:
 
 def _kohya_entry(path: str, parts: dict[str, Tensor], family) -> dict[str, Tensor]:
     up = family.lora_up_from_diffusers(path, parts["up"], parts["down"])
+    down = family.lora_down_from_diffusers(path, parts["down"])
     name = kohya_name(path, family.lora_prefix)
     alpha = parts["alpha"].detach().float().reshape(())
-    return {f"{name}.lora_down.weight": parts["down"], f"{name}.lora_up.weight": up, f"{name}.alpha": alpha}
+    return {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": alpha}
 
 
 def _fuse_slices(path: str, slices: dict[int, dict[str, Tensor]], family) -> dict[str, Tensor]:
@@ -579,6 +581,7 @@ def apply_lora_file(
     merge=True adds multiplier * alpha/rank * up @ down into the base weights (no cost per step;
     returns None). merge=False wraps the Linears and returns the LoRANetwork (change its
     multiplier any time; `remove()` undoes it). Several files can be applied one after another."""
+    family = family.for_network(model)  # where module names depend on the network's shapes
     prefix = family.lora_prefix
     if isinstance(path_or_sd, (str, Path)):
         sd, _ = load_lora_file(path_or_sd, family)

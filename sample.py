@@ -6,6 +6,8 @@ so this file holds what every family shares:
         --clip_l clip_l.safetensors --t5 t5xxl_fp16.safetensors \
         --prompt "a photo of a cat" --lora my_lora.safetensors:0.8 --out cat.png
     python sample.py --config configs/flux_8gb.py --prompt "..."   # files and memory settings of a config
+    python sample.py --config configs/if_stage2.py --base_model models/IF-I-XL-v1.0 --prompt "..."
+                                     # a cascade: the base model's image is what this model refines
     python sample.py --compare runs/my_lora [--prompt "..."] [--seed 7]   # every saved file, one strip
 
 Prompt files use the kohya syntax, one prompt a line:
@@ -16,6 +18,7 @@ lines starting with # are comments).
 import argparse
 import json
 import math
+import re
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -68,6 +71,21 @@ def parse_prompt_line(line: str, defaults: SamplePrompt | None = None) -> Sample
 def read_prompt_file(path: str | Path, defaults: SamplePrompt | None = None) -> list[SamplePrompt]:
     lines = Path(path).read_text(encoding="utf-8").splitlines()
     return [p for line in lines if (p := parse_prompt_line(line, defaults)) is not None]
+
+
+def at_sizes(prompts: list[SamplePrompt], sizes: str) -> list[SamplePrompt]:
+    """Every prompt at each size of `sizes` ("64,96,64x96": WxH or a square side, as
+    SimpleTuner's validation_resolution); "" leaves the prompts as they are."""
+    if not sizes.strip():
+        return list(prompts)
+    pairs = []
+    for part in sizes.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:x\s*(\d+)\s*)?", part)
+        if not match or int(match.group(1)) < 1:
+            raise ValueError(f"sample_sizes={sizes!r}: cannot read {part!r}; write e.g. '64,96,64x96' (width x height)")
+        width = int(match.group(1))
+        pairs.append((width, int(match.group(2) or width)))
+    return [replace(p, width=w, height=h) for p in prompts for w, h in pairs]
 
 
 def initial_noise(prompt: SamplePrompt, channels: int, downscale: int, multiple: int, device) -> Tensor:
@@ -199,9 +217,12 @@ def parse_args(argv):
     parser.add_argument("--prompt_file", help="a kohya prompt file")
     parser.add_argument("--lora", action="append", default=[], help="FILE[:STRENGTH] or FILE;STRENGTH, repeatable")
     parser.add_argument("--lora_on_the_fly", action="store_true", help="apply LoRAs as modules instead of merging")
+    parser.add_argument("--base_model", default="", help="a cascade's earlier stage, run first (DeepFloyd IF stage I "
+                                                          "for a stage II --model)")
+    parser.add_argument("--sizes", default=None, help="every prompt at each size: '64,96,64x96' (WxH)")
     parser.add_argument("--out", default="samples", help="output image (.png, .jpg, .webp; one prompt) or folder")
     parser.add_argument("--seed", type=int, default=None, help="the seed of every prompt without its own --d")
-    parser.add_argument("--dtype", default=None, choices=("bf16", "fp32", "fp16"), help="fp16 where the family allows it (SDXL)")
+    parser.add_argument("--dtype", default=None, choices=("bf16", "fp32", "fp16"), help="fp16 where the family allows it (SDXL, DeepFloyd IF)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--t5_max_length", type=int, default=None, help="0: the family's default")
     parser.add_argument("--apply_t5_attn_mask", action="store_true", default=None, help="mask T5 padding")
@@ -221,7 +242,7 @@ CLI_KEYS = {"model": "model_path", "model_family": "model_family", "ae": "ae_pat
             "clip_g": "clip_g_path", "t5": "t5_path", "clip_tokenizer": "clip_tokenizer",
             "clip_g_tokenizer": "clip_g_tokenizer", "t5_tokenizer": "t5_tokenizer", "dtype": "dtype",
             "device": "device", "t5_max_length": "t5_max_length", "apply_t5_attn_mask": "apply_t5_attn_mask",
-            "fp8_base": "fp8_base", "blocks_to_swap": "blocks_to_swap"}
+            "fp8_base": "fp8_base", "blocks_to_swap": "blocks_to_swap", "sizes": "sample_sizes"}
 
 
 def sampling_config(args) -> dict:
@@ -268,19 +289,21 @@ def run_cli(args) -> list[Path]:
     import lora
     import training
     from config import DTYPES
-    from models.loading import load_state_dict
 
     cfg = sampling_config(args)
     family = families.get(cfg["model_family"])
     device = torch.device(cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[cfg["dtype"]]
-    sd = load_state_dict(cfg["model_path"], allow_pickle=cfg["allow_pickle"])  # memory-mapped
+    sd = family.read_checkpoint(cfg["model_path"], cfg)  # memory-mapped
     params = family.params(sd, cfg)
     defaults = replace(family.prompt_defaults(cfg, params), seed=args.seed if args.seed is not None else 0)
     prompts = read_prompt_file(args.prompt_file, defaults) if args.prompt_file \
         else [parse_prompt_line(args.prompt, defaults)]
+    prompts = at_sizes(prompts, cfg["sample_sizes"])
     loras = [parse_lora_arg(spec) for spec in args.lora]
     encoded = encode_prompts(family, cfg, params, prompts, dtype, device)
+    if args.base_model:  # a cascade: the earlier stage runs (and leaves the device) before this one loads
+        encoded = family.base_stage(cfg, args.base_model, prompts, encoded, dtype, device)
     model = family.load(sd, cfg, dtype=dtype, device="cpu").requires_grad_(False).eval()
     del sd
     for path, strength in loras:

@@ -454,18 +454,22 @@ def dynamic_threshold(x0: Tensor, percentile: float = 0.95, max_value: float = 1
     return (flat.clamp(-s, s) / s).view_as(x0).to(x0.dtype)
 
 
-def _if_posterior_step(x: Tensor, x0: Tensor, variance_values: Tensor, abar_t: float, abar_prev: float,
+def _if_posterior_step(x: Tensor, x0: Tensor, variance_values: Tensor | None, abar_t: float, abar_prev: float,
                        generator: torch.Generator) -> Tensor:
     """x_prev ~ q(x_prev | x, x0) with IF's learned-range variance: log var = frac log beta +
-    (1 - frac) log beta_posterior, frac = (v + 1) / 2; no noise on the last step."""
+    (1 - frac) log beta_posterior, frac = (v + 1) / 2; variance_values None: the fixed-small
+    variance beta_posterior (diffusers' "fixed_small"); no noise on the last step."""
     beta = 1 - abar_t / abar_prev
     coef_x0 = beta * math.sqrt(abar_prev) / (1 - abar_t)
     coef_x = (1 - abar_prev) * math.sqrt(1 - beta) / (1 - abar_t)
     mean = coef_x0 * x0 + coef_x * x
     if abar_prev == 1.0:
         return mean
+    log_posterior = math.log(beta * (1 - abar_prev) / (1 - abar_t))
+    if variance_values is None:
+        return mean + math.exp(0.5 * log_posterior) * _randn_like(x, generator)
     frac = (variance_values + 1) / 2
-    log_variance = frac * math.log(beta) + (1 - frac) * math.log(beta * (1 - abar_prev) / (1 - abar_t))
+    log_variance = frac * math.log(beta) + (1 - frac) * log_posterior
     return mean + torch.exp(0.5 * log_variance) * _randn_like(x, generator)
 
 
@@ -473,7 +477,7 @@ def _if_posterior_step(x: Tensor, x0: Tensor, variance_values: Tensor, abar_t: f
 def sample_if(model: Denoiser, noise: Tensor, cond: Any, neg_cond: Any = None, respacing: str = "150",
               guidance: Guidance = Guidance(scale=7.0), threshold_max: float = 1.5,
               threshold_percentile: float = 0.95, generator: torch.Generator | None = None,
-              abar: Tensor | None = None) -> Tensor:
+              abar: Tensor | None = None, learned_variance: bool = True) -> Tensor:
     """IF's respaced ancestral DDPM (deep-floyd/IF gaussian_diffusion.p_sample_loop).
 
     model(x, t, cond) sees the ORIGINAL index t of each kept step and returns 2C channels: eps, then
@@ -481,7 +485,8 @@ def sample_if(model: Denoiser, noise: Tensor, cond: Any, neg_cond: Any = None, r
     pass's. x0 is dynamically thresholded (percentile, threshold_max). Defaults: stage I ("150",
     CFG 7, max 1.5); stage II: respacing "smart50", Guidance(scale=4.0), threshold_max 1.0, and a
     model that concatenates the q_sample-noised upsampled stage-I image itself. `generator` (required)
-    draws the noise of every step but the last."""
+    draws the noise of every step but the last. learned_variance=False ignores the variance channels
+    and steps with the fixed-small variance (diffusers' IF LoRA docs; for epsilon-only fine-tunes)."""
     if generator is None:
         raise ValueError("IF's DDPM draws noise at every step: pass generator=torch.Generator().manual_seed(seed).")
     abar = if_alphas_cumprod() if abar is None else abar.double()
@@ -499,7 +504,8 @@ def sample_if(model: Denoiser, noise: Tensor, cond: Any, neg_cond: Any = None, r
             raise ValueError(f"IF's model returns eps and variance ({2 * channels} channels), got {out.shape[1]}")
         x0, _ = x0_and_eps(out[:, :channels], x, level, "epsilon")
         x0 = dynamic_threshold(x0, threshold_percentile, threshold_max)
-        x = _if_posterior_step(x, x0, out[:, channels:], abar_t, abar_prev, generator)
+        variance_values = out[:, channels:] if learned_variance else None
+        x = _if_posterior_step(x, x0, variance_values, abar_t, abar_prev, generator)
     return x
 
 

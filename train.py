@@ -39,7 +39,6 @@ from activations import offload_activations
 from config import DEFAULTS, DTYPES, ConfigError, format_config, load_config
 from metrics import MetricsLog
 from models.layers import set_kernels
-from models.loading import load_state_dict
 
 
 class TrainingError(RuntimeError):
@@ -283,6 +282,7 @@ def build_run(cfg: dict, family, sd: dict, params, world: distributed.World, run
     """Phases 3 and 4: the denoiser in host memory (the file memory-mapped), what trains, swap
     placement (or FSDP's shards), then the optimizer, schedule, fused step and EMA."""
     model = training.load_network(family, cfg, sd, distributed.load_dtype(world, sd, DTYPES[cfg["dtype"]]))
+    family = family.for_network(model)  # the run's family knows the network's shapes (LoRA file names)
     prepared = training.prepare(model, family, cfg, world.device, shard=distributed.sharder(world, cfg))
     if prepared.swap is not None:
         print(prepared.swap.describe())
@@ -471,7 +471,7 @@ def train(cfg: dict) -> Path:
     resume_dir = checkpoint.find_resume_dir(run_dir, cfg["resume"])
     with StopRequests(world) as stop:
         # 1. checks that need files but no model
-        sd = load_state_dict(cfg["model_path"], allow_pickle=cfg["allow_pickle"])  # memory-mapped: no data read yet
+        sd = family.read_checkpoint(cfg["model_path"], cfg)  # memory-mapped: no data read yet
         params = family.params(sd, cfg)
         check_model_settings(family, params, cfg)
         # buckets.json (rank 0) and the bucket table, before any model loads

@@ -9,20 +9,24 @@ so the plan cannot drift from training.
     grad_norm = close_gradients(opt, cfg)                 # unscale (fp16), clip (or close the fused step)
     apply_step(opt, step)                                  # optimizer step, schedule, EMA
 """
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 import activations
+import atomic
 import blockswap
 import distributed
 import fp8
 import lora
 import losses
 import optim
-from config import warmup_steps
+from config import DTYPES, warmup_steps
+from models.loading import load_state_dict
 
 
 # --- what trains -----------------------------------------------------------------------------------
@@ -38,8 +42,31 @@ class Prepared:
 
 
 def load_network(family, cfg: dict, sd: dict, dtype: torch.dtype) -> nn.Module:
-    """The denoiser in host memory (the file stays memory-mapped; fp8 base if the config says)."""
+    """The denoiser in host memory (the file stays memory-mapped; fp8 base if the config says).
+    With fp8_base_cache, the fp8 weights come memory-mapped from a file of them, written there
+    the first time (fp8_weight_file)."""
+    if cfg["fp8_base"] and cfg["fp8_base_cache"]:
+        sd = load_state_dict(fp8_weight_file(family, cfg, sd, dtype))
     return family.load(sd, cfg, dtype=dtype, device="cpu")
+
+
+def fp8_weight_file(family, cfg: dict, sd: dict, dtype: torch.dtype) -> Path:
+    """The network with its block weights quantized to fp8, as a checkpoint in fp8_base_cache
+    (fp8 weights and `.weight_scale`s in the checkpoint's names: ComfyUI's scaled-fp8 layout,
+    which loads as it is), keyed by the model file, fp8_per_row and dtype. Quantizing a bf16
+    file leaves the fp8 weights in process memory (11 GiB for FLUX.1); read from this file they
+    are pages of a memory-mapped file, which the OS can drop and read again: with swap_staging
+    that is what a 16 GB machine needs."""
+    source = Path(cfg["model_path"])
+    stat = source.stat()
+    key = f"{source.name}|{stat.st_size}|{stat.st_mtime_ns}|{cfg['fp8_per_row']}|{cfg['dtype']}"
+    name = f"{source.name.split('.')[0]}-fp8-{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors"
+    path = Path(cfg["fp8_base_cache"]) / name
+    if not path.exists():
+        print(f"writing the fp8 weights once to {path} (read memory-mapped from now on)")
+        tensors = {k: v.contiguous() for k, v in family.load(sd, cfg, dtype=dtype, device="cpu").state_dict().items()}
+        atomic.write_safetensors(tensors, path, {"source": source.name, "key": key})
+    return path
 
 
 def choose_trainable(model: nn.Module, family, cfg: dict, device=None):
@@ -51,9 +78,10 @@ def choose_trainable(model: nn.Module, family, cfg: dict, device=None):
         return None, dict(model.named_parameters()), {}
     targets = family.lora_targets(model, cfg)
     alphas = {path: network_alpha(cfg) for path in targets} | family.lora_alphas(cfg, targets)
-    # LoRA weights train in fp32 whatever the base dtype; LoRAModule casts them for the matmul.
+    # LoRA weights train in lora_dtype (fp32 by default; bf16 with stochastically rounded updates)
+    # whatever the base dtype; LoRAModule casts them to the input's dtype for the matmul.
     network = lora.LoRANetwork.inject(model, targets, alpha=alphas, dropout=cfg["network_dropout"],
-                                      dtype=torch.float32, device=device, prefix=family.lora_prefix)
+                                      dtype=DTYPES[cfg["lora_dtype"]], device=device, prefix=family.lora_prefix)
     return network, dict(network.named_parameters()), targets
 
 
@@ -66,7 +94,8 @@ def network_alpha(cfg: dict) -> float:
 def prepare(model: nn.Module, family, cfg: dict, device, host_device="cpu", allocate=None,
             on_trainable=None, shard=None) -> Prepared:
     """Set the network up as training runs it: what trains, gradient checkpointing of the
-    family's blocks, block swap (or the whole model on `device`). `host_device`, `allocate` and
+    family's blocks, token chunks of the feed-forwards (for every forward from now on, sampling
+    included), block swap (or the whole model on `device`). `host_device`, `allocate` and
     `on_trainable(network, trainable)` (called before placement) let the memory plan run the
     same code on the meta device and label what it makes. `shard(model, groups)` (FSDP,
     distributed.py) replaces placement: each block sharded after its checkpointing, then the rest."""
@@ -75,6 +104,7 @@ def prepare(model: nn.Module, family, cfg: dict, device, host_device="cpu", allo
         on_trainable(network, trainable)
     groups = family.blocks(model)
     activations.checkpoint_blocks([b for group in groups.values() for b in group], cfg["gradient_checkpointing"])
+    activations.chunk_feedforward(cfg["feedforward_chunk"] if cfg["chunk_feedforward"] else 0)
     swap = None
     if shard is None:
         swap = place(model, family, cfg, device, cfg["swap_mode"], host_device, allocate)
@@ -90,13 +120,16 @@ def prepare(model: nn.Module, family, cfg: dict, device, host_device="cpu", allo
 def place(model: nn.Module, family, cfg: dict, device, mode: str, host_device="cpu",
           allocate=None) -> blockswap.BlockSwap | None:
     """The model on `device`, except the weights of the blocks the config swaps (training and
-    sampling alike), which stay in host memory and stream in."""
+    sampling alike), which stay in host memory and stream in: some blocks of each group
+    (blocks_to_swap with the family's split), or every block through one ring of swap_ring
+    device slots; read through staging buffers with swap_staging."""
     counts = family.swap_counts(model, cfg)
-    if not any(counts.values()):
+    if not any(counts.values()) and not cfg["swap_ring"]:
         model.to(device)
         return None
     return blockswap.BlockSwap(model, family.blocks(model), counts, device, mode=mode, pin_memory=cfg["pin_memory"],
-                               host_device=host_device, allocate=allocate)
+                               host_device=host_device, allocate=allocate, ring=cfg["swap_ring"],
+                               staging=cfg["swap_staging"] and mode == "h2d_only")
 
 
 # --- the text encoders during caching ----------------------------------------------------------------
@@ -110,7 +143,8 @@ def place_text_encoders(networks: dict[str, nn.Module], cfg: dict, device, host_
     device budget: text_encoder_fp8 stores their layers' Linear weights in fp8 (a released fp8
     T5 file stays its fp8 numbers); text_encoder_placement "device" moves them whole, "stream"
     keeps each encoder's layers in host memory and streams them through two device slots
-    (blockswap, one way), "cpu" leaves them on the CPU. Returns the swaps (keep them alive)."""
+    (blockswap, one way; with swap_staging read as loaded, without a pinned copy), "cpu" leaves
+    them on the CPU. Returns the swaps (keep them alive)."""
     from models.text import encoder_blocks, fp8_linears
 
     placement, swaps = cfg["text_encoder_placement"], []
@@ -123,7 +157,8 @@ def place_text_encoders(networks: dict[str, nn.Module], cfg: dict, device, host_
         if placement == "stream" and len(blocks) > blockswap.MIN_RESIDENT:
             counts = {"layers": len(blocks) - blockswap.MIN_RESIDENT}
             swaps.append(blockswap.BlockSwap(net, {"layers": blocks}, counts, device, mode="h2d_only",
-                                             pin_memory=cfg["pin_memory"], host_device=host_device, allocate=allocate))
+                                             pin_memory=cfg["pin_memory"], host_device=host_device, allocate=allocate,
+                                             staging=cfg["swap_staging"]))
         else:
             net.to(device)
     return swaps
@@ -176,7 +211,7 @@ def build_optimization(trainable: dict[str, nn.Parameter], cfg: dict, seed: int 
     for name in frozen:  # no gradient at all: nothing would ever step or clear it
         trainable[name].requires_grad_(False)
     params = [p for name, p in trainable.items() if name not in frozen]
-    extra = {"stochastic_rounding": cfg["stochastic_rounding"]} if cfg["optimizer"] == "adafactor" \
+    extra = {"stochastic_rounding": cfg["stochastic_rounding"]} if cfg["optimizer"] in ("adafactor", "adamw8bit") \
         else {"foreach": foreach}
     optimizer = optim.build_optimizer(param_groups(trainable, cfg, lr_multipliers), cfg["optimizer"], lr=cfg["learning_rate"],
                                       weight_decay=cfg["weight_decay"], betas=tuple(cfg["betas"]), eps=cfg["eps"],

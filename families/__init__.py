@@ -46,6 +46,18 @@ class Family:
         """Whether a state dict (keys and shapes only are read) is this family's checkpoint."""
         raise NotImplementedError
 
+    def detect_path(self, path: str) -> bool:
+        """Whether the checkpoint at `path` is this family's, judged from the path itself (a
+        model folder with the family's config file, say) before it is read as one state dict.
+        False (the default) leaves it to `detect` on the state dict, as single files need."""
+        return False
+
+    def read_checkpoint(self, path: str, cfg: dict):
+        """The checkpoint at `path` as `params` and `load` take it. By default its state dict,
+        memory-mapped (no weight is read until used); a family whose checkpoints are folders
+        with a config returns what it needs to build and load from them."""
+        return load_state_dict(path, allow_pickle=cfg["allow_pickle"])
+
     def params(self, sd: dict, cfg: dict):
         """The network's hyper-parameters from the checkpoint's shapes (and cfg's model_overrides)."""
         raise NotImplementedError
@@ -162,6 +174,13 @@ class Family:
         """Denoise `noise` (1, C, h, w) into a latent with the family's sampler."""
         raise NotImplementedError
 
+    def base_stage(self, cfg: dict, base_model: str, prompts: list, encoded: list, dtype: torch.dtype,
+                   device) -> list:
+        """A cascade: run the earlier stage's model (at `base_model`) for each prompt and put
+        its output into the conditioning pairs `encoded` ((cond, neg) per prompt, from
+        `sample_conditioning`) that this stage's `sample` reads. Returns the new pairs."""
+        raise ValueError(f"{self.title} is not a later stage of a cascade: there is no base model to run first")
+
     # --- LoRA ----------------------------------------------------------------------------------------
 
     def lora_targets(self, model: nn.Module, cfg: dict) -> dict[str, int]:
@@ -197,6 +216,16 @@ class Family:
         (rank, in) tells the module's input width where the row order depends on it."""
         return up
 
+    def lora_down_from_diffusers(self, path: str, down: Tensor) -> Tensor:
+        """A diffusers file's lora_down in the checkpoint's layer shape (where the two differ:
+        a Linear in diffusers that is a 1x1 convolution in the checkpoint)."""
+        return down
+
+    def for_network(self, model: nn.Module) -> "Family":
+        """This family bound to one network's shapes, for what needs them (a LoRA module name
+        whose place depends on the layer counts); the family itself by default."""
+        return self
+
     def lora_to_diffusers(self, path: str, up: Tensor, down: Tensor) -> dict[str, Tensor]:
         """A LoRA of the native module `path` in diffusers names: diffusers module (with its
         pipeline prefix, "transformer.") -> the lora_up rows that module gets (one entry, or one
@@ -225,6 +254,30 @@ class Family:
         """The autoencoder network (models.vae.AutoEncoder) built on the current default device,
         for the plan's caching (encode) and sampling (decode) phases; None for pixels."""
         return None
+
+
+# --- shared by the DDPM families (SDXL, DeepFloyd IF) ---------------------------------------------
+
+DDPM_KEYS = ("v_parameterization", "zero_terminal_snr", "min_timestep", "max_timestep", "min_snr_gamma",
+             "debiased_estimation_loss", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "noise_offset",
+             "noise_offset_random_strength", "adaptive_noise_scale", "multires_noise_iterations",
+             "multires_noise_discount", "ip_noise_gamma", "ip_noise_gamma_random_strength", "huber_schedule")
+
+
+def ddpm_options(cfg: dict) -> dict:
+    """losses.DDPM's arguments from the config's DDPM_KEYS (kohya's names; 0 means off)."""
+    return dict(
+        prediction_type="v_prediction" if cfg["v_parameterization"] else "epsilon",
+        zero_terminal_snr=cfg["zero_terminal_snr"], min_timestep=cfg["min_timestep"],
+        max_timestep=cfg["max_timestep"], min_snr_gamma=cfg["min_snr_gamma"],
+        scale_v_pred_loss_like_noise_pred=cfg["scale_v_pred_loss_like_noise_pred"],
+        v_pred_like_loss=cfg["v_pred_like_loss"], debiased_estimation_loss=cfg["debiased_estimation_loss"],
+        noise_offset=cfg["noise_offset"], noise_offset_random_strength=cfg["noise_offset_random_strength"],
+        adaptive_noise_scale=cfg["adaptive_noise_scale"] or None,
+        multires_noise_iterations=cfg["multires_noise_iterations"],
+        multires_noise_discount=cfg["multires_noise_discount"], ip_noise_gamma=cfg["ip_noise_gamma"],
+        ip_noise_gamma_random_strength=cfg["ip_noise_gamma_random_strength"], loss_type=cfg["loss_type"],
+        huber_c=cfg["huber_c"], huber_schedule=cfg["huber_schedule"])
 
 
 # --- the registry ----------------------------------------------------------------------------------
@@ -280,7 +333,7 @@ def resolve(model_family: str, model_path: str, allow_pickle: bool = False) -> R
     """The family a config names, or the one its checkpoint's keys show ("auto")."""
     if model_family != "auto":
         family = get(model_family)
-        if model_path and Path(model_path).exists():
+        if model_path and Path(model_path).exists() and not family.detect_path(model_path):
             sd = load_state_dict(model_path, allow_pickle=allow_pickle)  # the header only
             if not family.detect(sd):
                 found = FAMILY_NAMES[detect_family(sd)]
@@ -290,5 +343,7 @@ def resolve(model_family: str, model_path: str, allow_pickle: bool = False) -> R
         return Resolved(family, f"model_family={model_family!r}")
     if not model_path or not Path(model_path).exists():
         return Resolved(get("flux"), "model_family='auto' and no model file to look at: FLUX.1")
-    family = detect(load_state_dict(model_path, allow_pickle=allow_pickle), model_path)  # header only
+    family = next((f for f in FAMILIES.values() if f.detect_path(model_path)), None)  # folders with a config
+    if family is None:
+        family = detect(load_state_dict(model_path, allow_pickle=allow_pickle), model_path)  # header only
     return Resolved(family, f"model_family='auto': {Path(model_path).name} is {family.title}")

@@ -53,7 +53,7 @@ from models import unet as network
 from models.loading import load_state_dict, strip_prefix
 from models.text import CLIP_MAX_LENGTH, CLIP_WINDOW, SDXL_MAX_TOKEN_LENGTHS, SDXLPromptEncoder
 
-from . import Family
+from . import Family, ddpm_options
 
 VAE_DOWNSCALE = 8
 SIZE_EMBEDDING = 6 * 256  # the size and crop part of y
@@ -342,22 +342,6 @@ def denoise(model: network.UNet, x_t: Tensor, t: Tensor, cond: dict) -> Tensor:
     dtype = model.input_blocks[0][0].weight.dtype  # conv_in: never fp8
     out = model(x_t.to(dtype), t, cond["context"].to(dtype), cond["y"].to(dtype))
     return out.to(x_t.dtype)
-
-
-def ddpm_options(cfg: dict) -> dict:
-    """losses.DDPM's arguments from the config (kohya's names; 0 means off)."""
-    return dict(
-        prediction_type="v_prediction" if cfg["v_parameterization"] else "epsilon",
-        zero_terminal_snr=cfg["zero_terminal_snr"], min_timestep=cfg["min_timestep"],
-        max_timestep=cfg["max_timestep"], min_snr_gamma=cfg["min_snr_gamma"],
-        scale_v_pred_loss_like_noise_pred=cfg["scale_v_pred_loss_like_noise_pred"],
-        v_pred_like_loss=cfg["v_pred_like_loss"], debiased_estimation_loss=cfg["debiased_estimation_loss"],
-        noise_offset=cfg["noise_offset"], noise_offset_random_strength=cfg["noise_offset_random_strength"],
-        adaptive_noise_scale=cfg["adaptive_noise_scale"] or None,
-        multires_noise_iterations=cfg["multires_noise_iterations"],
-        multires_noise_discount=cfg["multires_noise_discount"], ip_noise_gamma=cfg["ip_noise_gamma"],
-        ip_noise_gamma_random_strength=cfg["ip_noise_gamma_random_strength"], loss_type=cfg["loss_type"],
-        huber_c=cfg["huber_c"], huber_schedule=cfg["huber_schedule"])
 
 
 @dataclass

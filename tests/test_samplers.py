@@ -356,10 +356,10 @@ def if_model(abar, seen=None):
     return model
 
 
-def diffusers_if(respacing, threshold_max, scale, dtype):
+def diffusers_if(respacing, threshold_max, scale, dtype, variance_type="learned_range"):
     from diffusers import DDPMScheduler
 
-    scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", variance_type="learned_range", thresholding=True,
+    scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", variance_type=variance_type, thresholding=True,
                               dynamic_thresholding_ratio=0.95, sample_max_value=threshold_max)
     if dtype == torch.float64:  # run diffusers' arithmetic in fp64 on the fp64 table
         scheduler.alphas_cumprod, scheduler.one = samplers.if_alphas_cumprod(), torch.tensor(1.0, dtype=torch.float64)
@@ -371,18 +371,19 @@ def diffusers_if(respacing, threshold_max, scale, dtype):
         t_vec = torch.full((2,), float(t))
         out_pos, out_neg = model(x, t_vec, pos), model(x, t_vec, neg)
         eps = out_neg[:, :3] + scale * (out_pos[:, :3] - out_neg[:, :3])  # IF: CFG on eps, variance of the prompt
-        x = scheduler.step(torch.cat([eps, out_pos[:, 3:]], dim=1), t, x, generator=generator).prev_sample
+        eps = torch.cat([eps, out_pos[:, 3:]], dim=1) if variance_type == "learned_range" else eps
+        x = scheduler.step(eps, t, x, generator=generator).prev_sample
     return x
 
 
-def our_if(respacing, threshold_max, scale, dtype, seen=None, model_in_fp32=False):
+def our_if(respacing, threshold_max, scale, dtype, seen=None, model_in_fp32=False, learned_variance=True):
     pos, neg = conds(dtype)
     model = if_model(samplers.if_alphas_cumprod(), seen)
     if model_in_fp32:  # the sampler's arithmetic in fp64, the model's as in an fp32 run
         model = (lambda fp32: lambda x, t, c: fp32(x.float(), t, c.float()).double())(model)
     return samplers.sample_if(model, start_noise((2, 3, 8, 8), dtype),
                               pos[:, :3], neg[:, :3], respacing, Guidance(scale), threshold_max, 0.95,
-                              torch.Generator().manual_seed(9))
+                              torch.Generator().manual_seed(9), learned_variance=learned_variance)
 
 
 IF_CASES = [("smart50", 1.0, 4.0), ("fast27", 1.5, 7.0), ("150", 1.5, 7.0)]
@@ -402,6 +403,16 @@ def test_if_sampler_matches_diffusers_ddpm_learned_range_thresholding(case, monk
     # the fp64 run on the fp32 run's noise draws (fp64 draws are other numbers)
     monkeypatch.setattr(samplers, "_randn_like", lambda x, g: torch.randn(x.shape, generator=g).to(x.dtype))
     assert (ours32.double() - our_if(*case, torch.float64, model_in_fp32=True)).abs().max() < 2e-6
+
+
+def test_if_sampler_fixed_small_variance_matches_diffusers():
+    """learned_variance=False: the variance channels are ignored, the step uses the posterior
+    variance, as diffusers' DDPMScheduler with variance_type="fixed_small" (SimpleTuner's advice
+    for IF LoRAs)."""
+    case = ("smart50", 1.0, 4.0)
+    ours = our_if(*case, torch.float64, learned_variance=False)
+    assert (ours - diffusers_if(*case, torch.float64, variance_type="fixed_small")).abs().max() < 1e-12
+    assert (ours - our_if(*case, torch.float64)).abs().max() > 1e-3  # the variance channels mattered before
 
 
 def test_space_timesteps_and_respaced_betas():
