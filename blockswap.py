@@ -30,6 +30,13 @@ tensors autograd saved in forward are valid again when it runs; this works with 
 without gradient checkpointing. Slots that no swapped block passes through (S < K) keep
 their block as it is.
 
+One ring for every block (`ring=K`): instead of slots per group, every block of every group
+streams through one ring of K device slots, each sized for the largest block of all groups
+(FLUX: two slots of a double block's size, through which the 19 double and 38 single blocks
+pass in turn). The groups must run one after another in the order given (a family's `blocks`
+lists them so); block b of the concatenated order uses slot b % K, and everything above holds
+with the groups' blocks numbered as one list.
+
 Modes:
 - "exchange" (sd-scripts, OneTrainer): the outgoing block's weights are copied back to the
   host before the slot receives the incoming block. Needed when the swapped weights are
@@ -40,6 +47,14 @@ Modes:
   frozen or fp8 base). The host copy is the master, nothing is copied back: half the
   transfers. A swapped weight that requires grad is refused.
 
+Host memory, h2d_only (`staging`): by default each swapped block's weights are copied into a
+host buffer of their own (pinned with `pin_memory`), which becomes the master. With
+`staging=True` no host copy is made: the master is the tensors loading produced (views into
+the memory-mapped checkpoint for a released fp8 file, or the fp8 weights quantized in host
+memory), pageable, so the OS manages them; each load copies the block into one of two pinned
+staging buffers (the blocks in flight) and from there to its slot. For a machine on which
+pinned copies of every swapped block would not fit.
+
 Signals come from module hooks on each block, so a network's forward knows nothing of
 swapping: a forward pre-hook waits for the block's load; a forward hook issues the next
 load and puts a hook on the block's outputs, which fires in backward before any of the
@@ -49,7 +64,8 @@ nodes of a graph in reverse order of creation, so when block b's outputs receive
 gradient, block b + 1's backward is complete and its slot can be refilled.
 
 CUDA: copies run on one persistent side stream, ordered against the compute stream with
-events (no host synchronisation), from pinned host memory (`pin_memory=True`; with pageable
+events (no host synchronisation; with staging, the host waits for a staging buffer's previous
+copy, issued two loads earlier, before refilling it), from pinned host memory (`pin_memory=True`; with pageable
 memory a copy back to the host makes the CPU wait for the GPU, so there is less overlap).
 Everywhere else the same code runs with synchronous copies: with device="cpu" the "device
 slots" are CPU buffers of their own, distinct from the host copies, so the bookkeeping, the
@@ -69,6 +85,7 @@ from torch import Tensor, nn
 
 MODES = ("exchange", "h2d_only")
 MIN_RESIDENT = 2  # at least two blocks of each group stay: one runs while the next loads
+STAGING_BUFFERS = 2  # with staging: pinned buffers per group, for the loads in flight (one lands, one fills)
 ALIGN = 256  # byte alignment of each weight inside a slot buffer (what CUDA kernels expect)
 SWAPPABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -96,6 +113,14 @@ def check_counts(groups: dict[str, list[nn.Module]], counts: dict[str, int]) -> 
     return {name: counts.get(name, 0) for name in groups}
 
 
+def check_ring(groups: dict[str, list[nn.Module]], slots: int) -> None:
+    """A ring of `slots` device slots for every block of `groups`: 2 to the number of blocks."""
+    total = sum(len(blocks) for blocks in groups.values())
+    if not isinstance(slots, int) or not MIN_RESIDENT <= slots <= total:
+        raise ValueError(f"a ring of {slots!r} device slots for {total} blocks: choose {MIN_RESIDENT} to {total} "
+                         "(one block computes while the next loads)")
+
+
 def _aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGN) * ALIGN
 
@@ -118,7 +143,7 @@ def _layout_bytes(weights: list[Tensor]) -> int:
 
 
 class _Group:
-    """The blocks of one group, their K device slots and their host copies."""
+    """The blocks of one group (or of the ring), their K device slots and their host copies."""
 
     def __init__(self, name: str, blocks: list[nn.Module], num_swapped: int):
         self.name = name
@@ -131,6 +156,10 @@ class _Group:
         self.ready: list = [None] * self.num_slots  # slot -> CUDA event recorded after its last load
         self.loaded_at = [0] * self.num_slots  # slot -> the block start (BlockSwap.clock) of its last load
         self.host: list[Tensor | None] = [None] * self.num_blocks  # block -> host byte buffer
+        self.loaded: list[list[Tensor] | None] = [None] * self.num_blocks  # staging: block -> its weights as loaded
+        self.staging: list[Tensor] = []  # staging: pinned byte buffers for the loads in flight, used in turn
+        self.staging_free: list = []  # staging: per buffer, the CUDA event after which it may be refilled
+        self.loads = 0  # loads issued (which staging buffer is next)
         self.spare: Tensor | None = None  # exchange: the host buffer that receives the next outgoing block
         self.expects_backward = False  # did the last forward of a block build a graph?
         self.backward_started: int | None = None  # the block whose backward began last
@@ -145,29 +174,55 @@ class _Group:
     def moving_blocks(self) -> list[int]:
         return [b for b in range(self.num_blocks) if self.shares_slot(b)]
 
+    def block_bytes(self, block: int) -> int:
+        return sum(w.numel() * w.element_size() for w in self.weights[block])
+
+    def master(self, block: int) -> list[Tensor]:
+        """Where the block's weights wait while it is out: views of its host buffer, or (staging)
+        the tensors loading made."""
+        if self.loaded[block] is not None:
+            return self.loaded[block]
+        return _views(self.host[block], self.weights[block])
+
 
 # --- the swapper ---------------------------------------------------------------------------------
 
+RING = "+"  # joins the group names into the ring's name ("double_blocks+single_blocks")
+
 
 class BlockSwap:
-    """Swap `counts[name]` blocks of each group in `groups` (name -> blocks in execution order).
+    """Swap `counts[name]` blocks of each group in `groups` (name -> blocks in execution order),
+    or, with `ring=K`, stream every block of every group through one ring of K device slots
+    (the groups run one after another in the order given; `counts` is then ignored).
 
     Everything of `model` except the moving blocks' weights is moved to `device`; blocks
-    0..K-1 of each group start resident. Build it after fp8 conversion (fp8.py) and LoRA
-    injection, before training starts; `remove()` undoes it.
+    0..K-1 of each group (of the ring) start resident. Build it after fp8 conversion (fp8.py)
+    and LoRA injection, before training starts; `remove()` undoes it. `staging=True`
+    (h2d_only) reads the swapped weights where loading left them instead of copying them into
+    host buffers of its own, through pinned staging buffers (module docstring).
 
     `allocate(kind, nbytes, device, pin)` makes every buffer: "slot" on the device, "host" for a
     swapped block's host copy, "master" for h2d_only's host copy of a block that starts in a
-    slot, "spare" for exchange's extra host buffer. The default is torch.empty of bytes; the
-    memory plan passes one that labels what it makes."""
+    slot, "spare" for exchange's extra host buffer, "staging" for a staging buffer. The default
+    is torch.empty of bytes; the memory plan passes one that labels what it makes."""
 
     def __init__(self, model: nn.Module, groups: dict[str, list[nn.Module]], counts: dict[str, int], device,
-                 mode: str = "exchange", pin_memory: bool = True, host_device="cpu", allocate=None):
+                 mode: str = "exchange", pin_memory: bool = True, host_device="cpu", allocate=None,
+                 ring: int = 0, staging: bool = False):
         if mode not in MODES:
             raise ValueError(f"swap_mode={mode!r}: choose one of {MODES}")
+        if staging and mode != "h2d_only":
+            raise ValueError("staging reads the swapped weights where loading left them and never writes them: "
+                             "it needs swap_mode='h2d_only'")
+        if ring:
+            check_ring(groups, ring)
+            blocks = [block for group in groups.values() for block in group]
+            groups, counts = {RING.join(groups): blocks}, {RING.join(groups): len(blocks) - ring}
         counts = check_counts(groups, counts)
         self.model = model
         self.mode = mode
+        self.ring = ring
+        self.staging = staging
         self.device = torch.device(device)
         self.host_device = torch.device(host_device)
         self.on_cuda = self.device.type == "cuda"
@@ -176,6 +231,7 @@ class BlockSwap:
         self.stream = torch.cuda.Stream(self.device) if self.on_cuda else None
         self.forward_only = False  # set by inference(); no-grad forwards are detected by themselves
         self.transfers = {"h2d": 0, "d2h": 0}  # whole blocks copied, for tests and logs
+        self.bytes_moved = {"h2d": 0, "d2h": 0}  # the weight bytes of those blocks
         self.stalls = 0  # blocks whose load was issued only as they started: no overlap
         self.clock = 0  # counts block starts, forward and backward
         self.groups = {name: _Group(name, groups[name], n) for name, n in counts.items() if n > 0}
@@ -210,20 +266,25 @@ class BlockSwap:
         nbytes = group.buffer_bytes
         if self.mode == "h2d_only" and block is not None:
             nbytes = _layout_bytes(group.weights[block])
-        return self.allocate(kind, nbytes, self.device if on_device else self.host_device,
-                             self.pin_memory and not on_device)
+        pin = self.on_cuda if kind == "staging" else self.pin_memory and not on_device
+        return self.allocate(kind, nbytes, self.device if on_device else self.host_device, pin)
 
     def _place(self, group: _Group) -> None:
         """Slots that swapped blocks pass through become byte buffers holding their first block;
-        the swapped blocks (and, for h2d_only, the slots' first blocks) get host buffers."""
+        the swapped blocks (and, for h2d_only, the slots' first blocks) get host buffers, or
+        with staging keep their weights as loaded."""
         for b in group.moving_blocks():
             weights = group.weights[b]
+            if self.staging:
+                group.loaded[b] = [w.data for w in weights]  # the master: the tensors as loaded
             if b < group.num_slots:  # starts resident, in its slot's buffer
                 group.slots[b] = self._buffer("slot", group)
                 targets = _views(group.slots[b], weights)
-                if self.mode == "h2d_only":  # the master copy on the host
+                if self.mode == "h2d_only" and not self.staging:  # the master copy on the host
                     group.host[b] = self._buffer("master", group, b)
                     self._fill(_views(group.host[b], weights), weights)
+            elif self.staging:
+                continue  # waits where it is
             else:
                 group.host[b] = self._buffer("host", group, b)
                 targets = _views(group.host[b], weights)
@@ -232,6 +293,9 @@ class BlockSwap:
                 w.data = target
         if self.mode == "exchange":
             group.spare = self._buffer("spare", group)
+        if self.staging:
+            group.staging = [self._buffer("staging", group) for _ in range(min(STAGING_BUFFERS, group.num_slots))]
+            group.staging_free = [None] * len(group.staging)
 
     @staticmethod
     def _fill(targets: list[Tensor], weights: list[Tensor]) -> None:
@@ -249,17 +313,28 @@ class BlockSwap:
         if outgoing == block:
             return
         buffer = group.slots[slot]
-        copies = []  # (destination, source), run in this order
+        copies, staged, staging = [], [], None  # (destination, source), run in this order
         if self.mode == "exchange":
             copies += zip(_views(group.spare, group.weights[outgoing]), _views(buffer, group.weights[outgoing]))
             group.host[outgoing], group.spare = group.spare, None
             self.transfers["d2h"] += 1
+            self.bytes_moved["d2h"] += group.block_bytes(outgoing)
         incoming = _views(buffer, group.weights[block])
-        copies += zip(incoming, _views(group.host[block], group.weights[block]))
+        if self.staging:  # host: as loaded -> pinned staging buffer; side stream: staging -> slot
+            staging = group.loads % len(group.staging)
+            through = _views(group.staging[staging], group.weights[block])
+            staged = list(zip(through, group.master(block)))
+            copies += zip(incoming, through)
+        else:
+            copies += zip(incoming, group.master(block))
+        group.loads += 1
         self.transfers["h2d"] += 1
-        group.ready[slot] = self._copy(copies)
+        self.bytes_moved["h2d"] += group.block_bytes(block)
+        group.ready[slot] = self._copy(copies, staged, None if staging is None else group.staging_free[staging])
+        if staging is not None:
+            group.staging_free[staging] = group.ready[slot]
         group.loaded_at[slot] = self.clock
-        for w, host in zip(group.weights[outgoing], _views(group.host[outgoing], group.weights[outgoing])):
+        for w, host in zip(group.weights[outgoing], group.master(outgoing)):
             w.data = host
         for w, dev in zip(group.weights[block], incoming):
             w.data = dev
@@ -269,13 +344,21 @@ class BlockSwap:
             group.spare, group.host[block] = group.host[block], None
         group.occupant[slot] = block
 
-    def _copy(self, copies: list[tuple[Tensor, Tensor]]):
-        """Issue the copies; returns what `_wait_for` needs to know they are done (a CUDA event)."""
+    def _copy(self, copies: list[tuple[Tensor, Tensor]], staged: list[tuple[Tensor, Tensor]] = (),
+              staging_free=None):
+        """Issue the copies; returns what `_wait_for` needs to know they are done (a CUDA event).
+        `staged` (pageable host -> pinned staging) run first, on the host, once the staging
+        buffer's previous copy to the device (`staging_free`) is done."""
         if not self.on_cuda:
             with torch.no_grad():
-                for destination, source in copies:
+                for destination, source in list(staged) + list(copies):
                     destination.copy_(source)
             return None
+        if staging_free is not None:
+            staging_free.synchronize()  # issued two loads ago: normally long done
+        with torch.no_grad():
+            for destination, source in staged:
+                destination.copy_(source)
         # The slot's previous block may still be computing: the side stream waits for it on the GPU.
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream), torch.no_grad():
@@ -369,8 +452,18 @@ class BlockSwap:
     def describe(self) -> str:
         parts = [f"{name}: {g.num_blocks - g.num_slots} of {g.num_blocks} swapped ({g.num_slots} device slots, "
                  f"{g.buffer_bytes / 2**20:,.0f} MiB each)" for name, g in self.groups.items()]
-        pinned = "pinned" if self.pin_memory else "pageable"
-        return f"block swap ({self.mode}, {pinned} host memory): " + ("; ".join(parts) or "nothing swapped")
+        if self.ring and self.groups:
+            g = next(iter(self.groups.values()))
+            parts = [f"every block of {g.name.replace(RING, ' and ')} ({g.num_blocks}) streams through a ring of "
+                     f"{g.num_slots} device slots of {g.buffer_bytes / 2**20:,.0f} MiB"]
+        host = "read as loaded through pinned staging buffers" if self.staging else \
+            ("pinned" if self.pin_memory else "pageable") + " host copies"
+        return f"block swap ({self.mode}, {host}): " + ("; ".join(parts) or "nothing swapped")
+
+    def loaded_weights(self) -> list[Tensor]:
+        """With staging: the tensors as loaded that the swapped weights are read from (host memory
+        that stays in use; the memory plan counts it)."""
+        return [t for g in self.groups.values() for ts in g.loaded if ts is not None for t in ts]
 
     def remove(self) -> None:
         """Put every weight back on the device in its own tensor (needs room for the whole model)

@@ -109,13 +109,7 @@ def _same(a, b) -> bool:
 
 def save_state(run_dir: Path, step: int, trainable: dict, optimizer, scheduler, ema, info: dict, keep_last: int) -> Path:
     """Write everything needed to continue from `step`; returns the folder."""
-    root = Path(run_dir) / STATE_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{PREFIX}{step:06d}"
-    tmp = root / f".tmp_{PREFIX}{step:06d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = begin_state(run_dir, step)
     atomic.write_safetensors({k: v.detach().contiguous().cpu() for k, v in trainable.items()},
                              tmp / "trainable.safetensors")
     extra = {
@@ -124,6 +118,28 @@ def save_state(run_dir: Path, step: int, trainable: dict, optimizer, scheduler, 
         "ema": ema.state_dict() if ema is not None else None,
         "rng": info.pop("rng"),
     }
+    return commit_state(run_dir, step, extra, info, keep_last)
+
+
+def state_tmp_dir(run_dir: Path, step: int) -> Path:
+    """Where a state is written before it moves into place."""
+    return Path(run_dir) / STATE_DIR / f".tmp_{PREFIX}{step:06d}"
+
+
+def begin_state(run_dir: Path, step: int) -> Path:
+    """An empty temporary folder for the state of `step` (weights go in first)."""
+    tmp = state_tmp_dir(run_dir, step)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_state(run_dir: Path, step: int, extra: dict, info: dict, keep_last: int) -> Path:
+    """The rest of a state (optimizer, scheduler, EMA, RNG in training_state.pt; state.json),
+    then the folder moves into place and the oldest beyond `keep_last` go."""
+    root, tmp = Path(run_dir) / STATE_DIR, state_tmp_dir(run_dir, step)
+    final = root / f"{PREFIX}{step:06d}"
     atomic.write_file(tmp / "training_state.pt", lambda path: torch.save(extra, path))
     atomic.write_text(tmp / "state.json", json.dumps({"step": step, **info}, indent=1))
     replaced = root / f"{REPLACED}{final.name}"
@@ -138,12 +154,41 @@ def save_state(run_dir: Path, step: int, trainable: dict, optimizer, scheduler, 
 
 
 def load_state(state_dir: Path) -> tuple[dict, dict, dict]:
-    """(trainable tensors, training_state with optimizer/scheduler/ema/rng, state.json info)."""
+    """(trainable tensors, training_state with optimizer/scheduler/ema/rng, state.json info).
+    A sharded state (FSDP, torch.distributed.checkpoint) is read into memory here: its weights,
+    and its optimizer state and EMA shadows by parameter name."""
     state_dir = Path(state_dir)
-    trainable = load_file(str(state_dir / "trainable.safetensors"))
-    extra = torch.load(state_dir / "training_state.pt", map_location="cpu", weights_only=True)
-    info = json.loads((state_dir / "state.json").read_text())
-    return trainable, extra, info
+    extra, info = load_info(state_dir)
+    import distributed
+
+    if distributed.is_sharded(state_dir):
+        sharded = distributed.read_sharded(state_dir)
+        extra = {**extra, "optimizer": sharded["optimizer"], "ema_shadow": sharded.get("ema")}
+        return sharded["model"], extra, info
+    return load_file(str(state_dir / "trainable.safetensors")), extra, info
+
+
+def load_trained(state_dir: Path, trainable: dict, opt) -> tuple[dict, dict]:
+    """A state's trainable weights, optimizer state and EMA into a run's (training.Optimization
+    `opt`). Returns (training_state, state.json info) for the rest: scheduler, RNG, data order."""
+    import optim
+
+    saved, extra, info = load_state(state_dir)
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(saved[name])
+    (opt.fused or opt.optimizer).load_state_dict(extra["optimizer"])
+    if opt.fused is None:
+        optim.restore_state_dtypes_(opt.optimizer, extra["optimizer"])
+    if opt.ema is not None and extra["ema"] is not None:
+        opt.ema.load_state_dict(extra["ema"])
+    return extra, info
+
+
+def load_info(state_dir: Path) -> tuple[dict, dict]:
+    """(training_state.pt, memory-mapped: optimizer, scheduler, EMA, RNG; state.json info)."""
+    extra = torch.load(Path(state_dir) / "training_state.pt", map_location="cpu", weights_only=True, mmap=True)
+    return extra, json.loads((Path(state_dir) / "state.json").read_text())
 
 
 def rng_state(generator: torch.Generator) -> dict:
@@ -164,18 +209,20 @@ def restore_rng(state: dict, generator: torch.Generator) -> None:
 
 # Settings that cannot change under trained weights (or without changing what the next batches
 # are); everything else may change on resume and takes effect. The family adds its LoRA keys.
+# batch_size is per GPU: the global batch (batch_size x GPUs, in the run identity) is what stays.
 FROZEN_ON_RESUME = ("model_family", "train_mode", "network_dim", "network_alpha", "group_ranks", "optimizer",
-                    "resolution", "batch_size", "repeats", "crop", "seed", "dtype", "caption_ext", "instance_prompt",
+                    "resolution", "repeats", "crop", "seed", "dtype", "caption_ext", "instance_prompt",
                     "targets", "use_dora", "split_qkv", "text_encoder_lr")
 
 
-def run_identity(cfg: dict, dataset_fingerprint: str) -> dict:
-    """What a state records about the run besides its config: the model file and the dataset."""
+def run_identity(cfg: dict, dataset_fingerprint: str, gpus: int = 1) -> dict:
+    """What a state records about the run besides its config: the model file, the dataset and
+    the global batch (a resume on another number of GPUs keeps batch_size x GPUs)."""
     from models.loading import list_weight_files
 
     files = list_weight_files(cfg["model_path"])
     return {"model": f"{Path(cfg['model_path']).name} ({sum(f.stat().st_size for f in files)} bytes)",
-            "dataset": dataset_fingerprint}
+            "dataset": dataset_fingerprint, "global_batch": cfg["batch_size"] * gpus}
 
 
 def check_resume(resume_dir: Path, cfg: dict, family_keys: tuple[str, ...], identity: dict) -> None:
@@ -183,8 +230,9 @@ def check_resume(resume_dir: Path, cfg: dict, family_keys: tuple[str, ...], iden
     changes that take effect."""
     info = json.loads((resume_dir / "state.json").read_text())
     saved = {**info.get("config", {}), **info.get("identity", {})}
+    saved.setdefault("global_batch", saved.get("batch_size"))  # states from before several GPUs: one GPU
     current = {**cfg, **identity}
-    frozen = FROZEN_ON_RESUME + family_keys + ("model", "dataset")
+    frozen = FROZEN_ON_RESUME + family_keys + ("model", "dataset", "global_batch")
     ignore = ("resume", "overwrite", "model_path", "dataset_dir", "cache_dir", "output_dir")  # where, not what
     refused, accepted = config_changes({k: v for k, v in saved.items() if k not in ignore},
                                                   {k: v for k, v in current.items() if k not in ignore}, frozen)

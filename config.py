@@ -82,7 +82,7 @@ DEFAULTS = dict(
     gradient_checkpointing=True,
     kernels="auto",               # fused element-wise ops: "auto", "torch", "triton"
     # --- optimizer and schedule ---
-    optimizer="adamw",            # "adamw" or "adafactor"
+    optimizer="adamw",            # "adamw", "adafactor" (factored second moment) or "adamw8bit" (8-bit moments)
     learning_rate=1e-4,
     weight_decay=0.01,
     betas=(0.9, 0.999),
@@ -131,6 +131,8 @@ DEFAULTS = dict(
     save_dtype="bf16",            # dtype of saved LoRA / model files
     lora_format="kohya",          # LoRA file keys: "kohya" (lora_unet_..., ComfyUI), or "diffusers" (transformer.<module>.lora_A/B:
                                   # diffusers' load_lora_weights and ComfyUI; for SD3, whose kohya names diffusers cannot read)
+    lora_dtype="fp32",            # LoRA weights while training: "fp32" or "bf16" (updates stochastically rounded:
+                                  # needs optimizer="adafactor" or "adamw8bit", or fused_backward)
     # --- checkpoints, samples, validation ---
     save_every=250,               # steps between LoRA files + resumable state
     save_every_n_epochs=0,        # also save at the end of every N-th epoch
@@ -233,17 +235,31 @@ DEFAULTS = dict(
     single_blocks_to_swap=-1,
     swap_mode="exchange",         # "exchange" (weights move both ways) or "h2d_only" (frozen base, host copy is the master)
     pin_memory=True,              # pinned host memory for swapped blocks (faster copies; some systems prefer False)
+    swap_ring=0,                  # N >= 2: every block of every group streams through one ring of N device slots
+                                  # sized for the largest block (instead of blocks_to_swap); 0: off
+    swap_staging=False,           # h2d_only: swapped weights read where loading left them (memory-mapped file or
+                                  # quantized fp8), pageable, through 2 pinned staging buffers; no pinned host copy
+    chunk_feedforward=False,      # token-wise parts of a block (FLUX: MLPs, linear1, linear2) run in token chunks,
+                                  # each recomputed in backward: one chunk's hidden activations at a time
+    feedforward_chunk=1024,       # tokens per chunk
     fused_backward=False,         # optimizer step inside backward, one parameter at a time: no full set of gradients
     stochastic_rounding=True,     # bf16 trainable weights get stochastically rounded updates (fused step, Adafactor)
     fp8_base=False,               # frozen Linear weights stored as float8_e4m3fn, upcast inside the matmul
     fp8_per_row=False,            # one fp8 scale per output row instead of per tensor
+    fp8_base_cache="",            # a folder: the fp8 block weights are written there once (12 GB for FLUX.1) and
+                                  # read memory-mapped afterwards (page cache, not process memory); "" quantizes each run
     offload_activations=False,    # checkpointed block inputs go to host memory
+    # --- several GPUs (distributed.py; launch with torchrun --nproc_per_node N train.py CONFIG) ---
+    distributed="auto",           # "auto": data parallel for LoRA, FSDP2 for full fine-tuning; "ddp": the whole model
+                                  # on every GPU (full fine-tuning of a model that fits); "fsdp": shard (full only)
+    plan_gpus=1,                  # --plan: per-GPU figures for this many GPUs (training counts what torchrun starts)
 )
 # fmt: on
 
 
 def _choices() -> dict[str, tuple]:
     """The allowed values of each choice key, read from the code that implements them."""
+    import distributed
     import lora
     import losses
     import optim
@@ -262,10 +278,12 @@ def _choices() -> dict[str, tuple]:
         huber_schedule=losses.HUBER_SCHEDULES,
         train_mode=("lora", "full"),
         save_dtype=("bf16", "fp16", "fp32"),
+        lora_dtype=("fp32", "bf16"),
         swap_mode=("exchange", "h2d_only"),
         lora_format=lora.LORA_FORMATS,
         weighting_scheme=losses.WEIGHTING_SCHEMES,
         text_encoder_placement=("device", "stream", "cpu"),
+        distributed=distributed.MODES,
     )
 
 
@@ -347,7 +365,7 @@ def validate(cfg: dict, check_files: bool = True, given: set[str] | None = None)
         if key in choices and value not in choices[key]:
             raise ConfigError(f"{key}={value!r}: choose one of {', '.join(map(repr, choices[key]))}")
     for key in ("max_train_steps", "batch_size", "gradient_accumulation_steps", "repeats", "resolution", "ema_every",
-                "vae_batch_size", "text_batch_size"):
+                "vae_batch_size", "text_batch_size", "plan_gpus"):
         if cfg[key] < 1:
             raise ConfigError(f"{key} must be at least 1, got {cfg[key]}")
     if cfg["train_mode"] == "lora" and cfg["network_dim"] < 1:
@@ -537,7 +555,8 @@ def check_training_settings(cfg: dict) -> None:
 def check_memory_settings(cfg: dict) -> None:
     """Combinations of the memory switches that cannot work."""
     full = cfg["train_mode"] == "full"
-    swapping = cfg["blocks_to_swap"] > 0 or cfg["double_blocks_to_swap"] > 0 or cfg["single_blocks_to_swap"] > 0
+    swapping = cfg["blocks_to_swap"] > 0 or cfg["double_blocks_to_swap"] > 0 or cfg["single_blocks_to_swap"] > 0 \
+        or cfg["swap_ring"] > 0
     if cfg["fused_backward"] and cfg["max_grad_norm"] > 0:
         raise ConfigError("fused_backward updates each weight before the global gradient norm exists: set "
                           "max_grad_norm=0 (and max_grad_norm_per_param if you want clipping)")
@@ -552,6 +571,8 @@ def check_memory_settings(cfg: dict) -> None:
         raise ConfigError("max_grad_norm_per_param is for fused_backward; without it use max_grad_norm")
     if full and cfg["fp8_base"]:
         raise ConfigError("fp8_base stores frozen weights in fp8: it needs train_mode='lora'")
+    if cfg["fp8_base_cache"] and not cfg["fp8_base"]:
+        raise ConfigError("fp8_base_cache keeps the fp8 weights of fp8_base in a file: set fp8_base=True or remove it")
     if full and swapping and cfg["swap_mode"] == "h2d_only":
         raise ConfigError("swap_mode='h2d_only' never copies weights back, so it cannot swap trained weights: "
                           "use swap_mode='exchange' for full fine-tuning")
@@ -560,6 +581,35 @@ def check_memory_settings(cfg: dict) -> None:
                           "updated while the block is on the GPU")
     if cfg["offload_activations"] and not cfg["gradient_checkpointing"]:
         raise ConfigError("offload_activations moves the checkpointed block inputs: set gradient_checkpointing=True")
+    check_streaming_settings(cfg)
+    if cfg["feedforward_chunk"] < 1:
+        raise ConfigError(f"feedforward_chunk must be at least 1 token, got {cfg['feedforward_chunk']}")
+    if cfg["lora_dtype"] == "bf16":
+        if full:
+            raise ConfigError("lora_dtype is the LoRA weights' dtype; train_mode='full' trains the model's own "
+                              "weights (in dtype): remove lora_dtype")
+        if cfg["optimizer"] == "adamw" and not cfg["fused_backward"]:
+            raise ConfigError("lora_dtype='bf16' needs stochastically rounded updates, which torch's AdamW does not "
+                              "make: use optimizer='adafactor' or 'adamw8bit', or fused_backward=True")
+        if not cfg["stochastic_rounding"]:
+            raise ConfigError("lora_dtype='bf16' without stochastic_rounding rounds most updates away: set "
+                              "stochastic_rounding=True or lora_dtype='fp32'")
+
+
+def check_streaming_settings(cfg: dict) -> None:
+    """The ring and staging: what they replace and what they need."""
+    counted = cfg["blocks_to_swap"] > 0 or cfg["double_blocks_to_swap"] > 0 or cfg["single_blocks_to_swap"] > 0
+    if cfg["swap_ring"] < 0 or cfg["swap_ring"] == 1:
+        raise ConfigError(f"swap_ring={cfg['swap_ring']}: 0 (off) or at least 2 device slots (one block computes "
+                          "while the next loads)")
+    if cfg["swap_ring"] and counted:
+        raise ConfigError("swap_ring streams every block; blocks_to_swap and the per-group counts choose some: set "
+                          "one or the other")
+    if cfg["swap_staging"] and cfg["swap_mode"] != "h2d_only":
+        raise ConfigError("swap_staging reads the swapped weights where loading left them and never writes them "
+                          "back: set swap_mode='h2d_only' (a frozen base)")
+    if cfg["swap_staging"] and not (counted or cfg["swap_ring"]):
+        raise ConfigError("swap_staging is how swapped blocks are read: set swap_ring or blocks_to_swap too")
 
 
 def warmup_steps(cfg: dict) -> int:

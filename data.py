@@ -26,6 +26,7 @@ import cache
 import captions
 import checkpoint
 import config
+import distributed
 import sample
 import training
 from config import ConfigError
@@ -50,12 +51,14 @@ class Items:
     sections: list[dict]  # each section's whole config (config.sections)
     skipped: list  # (image path, reason)
     fingerprint: str  # changes when the images, their captions or the repeats change
+    gpus: int = 1  # several GPUs: each bucket's batches are global, batch_size x gpus (distributed.py)
 
 
-def dataset_items(cfg: dict, family) -> Items:
+def dataset_items(cfg: dict, family, gpus: int = 1) -> Items:
     """Scan every section, drop (or stop at) unreadable images, hold out `validation_count`
     images (seeded), put each training image in its bucket, merge buckets smaller than a
-    batch, and check the batch sizes: all before any model loads."""
+    batch, and check the batch sizes: all before any model loads. On `gpus` GPUs a batch is
+    global, batch_size x gpus samples of one bucket, which the GPUs split (distributed.py)."""
     sections = config.sections(cfg)
     images, skipped, sizes = [], [], {}  # images: (section, ImageItem)
     for index, section in enumerate(sections):
@@ -76,17 +79,17 @@ def dataset_items(cfg: dict, family) -> Items:
         ours = [item for s, item in train_images if s == index]
         placed, too_small = place_in_buckets(section, family, ours, sizes)
         skipped += too_small
-        check_batch(section, len({s.item.image_path for s in placed}), len(skipped), len(sections) > 1)
+        check_batch(section, len({s.item.image_path for s in placed}), len(skipped), len(sections) > 1, gpus)
         offset = len(train)
         train += [replace(s, section=index) for s in placed]
         bucket_list += [replace(b, section=index, members=[m + offset for m in b.members])
-                        for b in group_buckets(placed, section["batch_size"])]
+                        for b in group_buckets(placed, section["batch_size"] * gpus)]
         kept |= {s.item.image_path for s in placed}
     bucket_list = buckets.merge_small(bucket_list)
     fit_to_buckets(train, bucket_list)
     val = [validation_sample(sections[s], family, s, item, sizes) for s, item in val_images]
     return Items(train, [v for v in val if v is not None], bucket_list, sections, skipped,
-                 fingerprint(sections, images))
+                 fingerprint(sections, images), gpus)
 
 
 def place_in_buckets(section: dict, family, items: list, sizes: dict) -> tuple[list[Sample], list]:
@@ -192,12 +195,13 @@ def apply_epochs(cfg: dict, items: Items) -> None:
                               f"{cfg['max_train_steps']} steps")
 
 
-def check_batch(cfg: dict, num_images: int, num_skipped: int = 0, several: bool = False) -> None:
+def check_batch(cfg: dict, num_images: int, num_skipped: int = 0, several: bool = False, gpus: int = 1) -> None:
     epoch_size = num_images * cfg["repeats"]
-    if cfg["batch_size"] > epoch_size:
+    if cfg["batch_size"] * gpus > epoch_size:
         skipped = f", {num_skipped} unreadable left out" if num_skipped else ""
         where = f" in {cfg['dataset_dir']}" if several else ""
-        raise ConfigError(f"batch_size={cfg['batch_size']} is larger than the dataset{where} ({num_images} images"
+        batch = f"batch_size={cfg['batch_size']}" + (f" x {gpus} GPUs" if gpus > 1 else "")
+        raise ConfigError(f"{batch} is larger than the dataset{where} ({num_images} images"
                           f"{skipped} x {cfg['repeats']} repeats = {epoch_size}); lower batch_size or raise repeats")
 
 
@@ -212,10 +216,10 @@ def report_buckets(items: Items, run_dir: Path | None) -> None:
         buckets.write_json(Path(run_dir) / "buckets.json", items.buckets, items.skipped)
 
 
-def plan_data(cfg: dict, family, run_dir: Path | None) -> Items:
+def plan_data(cfg: dict, family, run_dir: Path | None, gpus: int = 1) -> Items:
     """Phase 1's data part: the items, their bucket table printed and written to buckets.json
-    before any model loads, and max_train_epochs turned into steps."""
-    items = dataset_items(cfg, family)
+    (when run_dir is given) before any model loads, and max_train_epochs turned into steps."""
+    items = dataset_items(cfg, family, gpus)
     report_buckets(items, run_dir)
     apply_epochs(cfg, items)
     return items
@@ -232,7 +236,8 @@ def arithmetic(data: "Data", order: "DataOrder", cfg: dict) -> str:
         total += len(samples)
         lines.append(f"{Path(section['dataset_dir']).name}: {images} images x {section['repeats']} repeats = "
                      f"{images * section['repeats']} samples in {len(mine)} bucket(s) -> "
-                     f"{sum(b.batches for b in mine)} batches of {section['batch_size']} at {section['resolution']}px")
+                     f"{sum(b.batches for b in mine)} batches of {batch_size(section, mine)} at "
+                     f"{section['resolution']}px")
     if len(lines) > 1:
         lines.append(f"all sections: {total} samples")
     accumulation = cfg["gradient_accumulation_steps"]
@@ -247,6 +252,11 @@ def arithmetic(data: "Data", order: "DataOrder", cfg: dict) -> str:
         lines.append(f"skipped {len(small)} image(s) too small for any bucket: {', '.join(small)} (buckets.json "
                      "says why)")
     return "\n".join(lines)
+
+
+def batch_size(section: dict, section_buckets: list) -> int:
+    """A section's batch size: with several GPUs the global one its buckets batch by."""
+    return section_buckets[0].batch_size if section_buckets else section["batch_size"]
 
 
 def schedule(cfg: dict) -> str:
@@ -428,10 +438,12 @@ class Data:
         return self.live_text.networks if self.live_text is not None else None
 
 
-def load_data(cfg: dict, family, params, device, dtype, items: Items) -> Data:
+def load_data(cfg: dict, family, params, device, dtype, items: Items, world=None) -> Data:
     """Phase 2: every image (and its flip) encoded once by the codec and every caption variant by
     the text encoders, written to disk, keyed by everything that changes them; the encoders leave
-    the device."""
+    the device. With several GPUs (`world`, distributed.py) each encodes its share, then all read
+    the whole."""
+    world = world or distributed.World()
     prompts = sample.read_prompt_file(cfg["sample_prompts"], family.prompt_defaults(cfg, params)) \
         if cfg["sample_prompts"] else []
     prompts = sample.at_sizes(prompts, cfg["sample_sizes"])
@@ -440,13 +452,13 @@ def load_data(cfg: dict, family, params, device, dtype, items: Items) -> Data:
     latent_cache = cache.LatentCache(cache_dir / "latents", codec.identity, cfg["resolution"], cfg["crop"],
                                      dtype=torch.float32, hash_content=cfg["hash_images"], recache=cfg["recache"],
                                      on_error=cfg["on_bad_image"], seed=cfg["seed"])
-    train_variants, failed = encode_samples(latent_cache, codec, items.train, items.sections, cfg)
-    val_variants, failed_val = encode_samples(latent_cache, codec, items.val, None, cfg)
+    train_variants, failed = encode_samples(latent_cache, codec, items.train, items.sections, cfg, world)
+    val_variants, failed_val = encode_samples(latent_cache, codec, items.val, None, cfg, world)
     skipped = items.skipped + failed + failed_val
     bucket_list = items.buckets
     if not all(train_variants):  # an image that failed to decode: its bucket may need merging again
         bucket_list = drop_failed(items, train_variants, len(skipped))
-        train_variants, _ = encode_samples(latent_cache, codec, items.train, items.sections, cfg)  # moved ones
+        train_variants, _ = encode_samples(latent_cache, codec, items.train, items.sections, cfg, world)  # moved
     codec.to("cpu")  # the decoder comes back for samples only
     masked = any(s["masked_loss"] or s["alpha_mask"] for s in items.sections)
     train = SampleSet(items.train, train_variants, latent_cache, None, items.sections, cfg["seed"], masked)
@@ -457,7 +469,7 @@ def load_data(cfg: dict, family, params, device, dtype, items: Items) -> Data:
     needed = train.captions_for(epochs) | (val.captions_for(1) if val else set())
     unique = sorted(needed | {p.prompt for p in prompts} | {p.negative for p in prompts} | {""})
     report_variants(train, epochs, len(needed))  # before the encoders run: how many captions they will see
-    text_cache = encode_captions(cfg, family, params, dtype, device, cache_dir / "text", unique)
+    text_cache = encode_captions(cfg, family, params, dtype, device, cache_dir / "text", unique, world)
     live = text_cache if isinstance(text_cache, LiveText) else None
     for dataset in (train, val) if val else (train,):
         dataset.text_cache = NoText() if live and dataset is train else text_cache
@@ -465,14 +477,15 @@ def load_data(cfg: dict, family, params, device, dtype, items: Items) -> Data:
     return Data(train, val, bucket_list, text_cache, empty, prompts, codec, skipped, epochs, items.sections, live)
 
 
-def encode_samples(latent_cache, codec, samples: list[Sample], sections: list[dict] | None, cfg: dict):
+def encode_samples(latent_cache, codec, samples: list[Sample], sections: list[dict] | None, cfg: dict,
+                   world: distributed.World):
     """Each sample's latent entries, [plain] or [plain, flipped] (flip_aug; never for validation),
     [] for an image that failed; and the (path, reason) of the failures."""
     if not samples:
         return [], []
     flips = [bool(sections and sections[s.section]["flip_aug"]) for s in samples]
     items = [s.item for s in samples] + [replace(s.item, flip=True) for s, f in zip(samples, flips) if f]
-    entries = latent_cache.build(items, codec.encode, batch_size=cfg["vae_batch_size"])
+    entries = distributed.build_shared(world, latent_cache, items, codec.encode, batch_size=cfg["vae_batch_size"])
     by_item = {(e.item.image_path, e.item.repeat, e.item.flip): e for e in entries}
     variants = []
     for s, flip in zip(samples, flips):
@@ -487,7 +500,7 @@ def drop_failed(items: Items, variants: list[list], num_skipped: int) -> list:
     kept = [replace(b, members=[m for m in b.members if variants[m]]) for b in items.buckets]
     for index, section in enumerate(items.sections):
         images = {items.train[m].item.image_path for b in kept if b.section == index for m in b.members}
-        check_batch(section, len(images), num_skipped, len(items.sections) > 1)
+        check_batch(section, len(images), num_skipped, len(items.sections) > 1, items.gpus)
     kept = buckets.merge_small([b for b in kept if b.members])
     fit_to_buckets(items.train, kept)  # a sample that moved needs its latent at the new size
     return kept
@@ -499,7 +512,8 @@ def epochs_needed(cfg: dict, bucket_list: list) -> int:
     return -(-cfg["max_train_steps"] * cfg["gradient_accumulation_steps"] // per_epoch)
 
 
-def encode_captions(cfg: dict, family, params, dtype, device, folder: Path, unique: list[str]):
+def encode_captions(cfg: dict, family, params, dtype, device, folder: Path, unique: list[str],
+                    world: distributed.World):
     """The text encoders, placed within the budget, encode the captions the cache lacks; then leave.
     Returns the cache, or with text encoders that train (text_encoder_lr) a LiveText of them."""
     text = family.text_encoder(cfg, params, dtype, training.text_encoder_load_device(cfg, device))
@@ -510,7 +524,7 @@ def encode_captions(cfg: dict, family, params, dtype, device, folder: Path, uniq
     live = LiveText(text) if cfg["text_encoder_lr"] else None  # text encoders that train bypass the cache
     if live is not None:
         return live  # it stays on the device, in the training step
-    text_cache.build(unique, text.encode, batch_size=cfg["text_batch_size"])
+    distributed.build_shared(world, text_cache, unique, text.encode, batch_size=cfg["text_batch_size"])
     del text, swaps  # T5-XXL is 9 GB in bf16: gone before the denoiser loads
     return text_cache
 

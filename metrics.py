@@ -18,11 +18,12 @@ def tensorboard_installed() -> bool:
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, resume_step: int = 0, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, resume_step: int = 0, tensorboard: bool = True, write: bool = True):
+        self.write = write  # False: the records stay in memory (under torchrun, every process but the first)
         self.path = Path(run_dir) / "metrics.jsonl"
         self.plot_path = Path(run_dir) / "loss.png"
         self.records: list[dict] = []
-        if self.path.exists():  # keep what a resumed run logged before, drop steps it will redo
+        if write and self.path.exists():  # keep what a resumed run logged before, drop steps it will redo
             for line in self.path.read_text().splitlines():
                 try:
                     record = json.loads(line)
@@ -32,7 +33,7 @@ class MetricsLog:
                     self.records.append(record)
             self._rewrite()
         self.writer = None
-        if tensorboard and tensorboard_installed():
+        if write and tensorboard and tensorboard_installed():
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step: events a stopped run wrote after its last state are dropped on resume
@@ -41,6 +42,8 @@ class MetricsLog:
 
     def log(self, record: dict) -> None:
         self.records.append(record)
+        if not self.write:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
@@ -72,7 +75,7 @@ class MetricsLog:
         """loss.png: training loss (thin), its moving average (thick), validation loss (a line
         with dots), on a log-scale loss axis."""
         train = self.series("loss")
-        if len(train) < 2:
+        if len(train) < 2 or not self.write:
             return
         val = self.series("val_loss")
         plot_losses(train, val, self.plot_path)

@@ -59,8 +59,10 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 import blockswap
+import distributed
 import families
 import fp8
 import kernels_optim
@@ -87,8 +89,10 @@ DEVICE_CATEGORIES = (FROZEN, SLOTS, TRAINABLE, GRADIENTS, OPTIMIZER, ACTIVATIONS
 # Host categories.
 SWAPPED = "swapped block weights"
 SWAP_SPARE = "other host copies of swapped blocks"
+STAGING = "pinned staging buffers"  # swap_staging: the blocks in flight
 OFFLOADED = "offloaded activations"
-HOST_CATEGORIES = (SWAPPED, SWAP_SPARE, OFFLOADED)
+TEXT_HOST = "text encoders in host memory"  # caching with text_encoder_placement="cpu"
+HOST_CATEGORIES = (SWAPPED, SWAP_SPARE, STAGING, OFFLOADED, TEXT_HOST)
 
 ALLOCATOR_BLOCK = 512  # the CUDA caching allocator's smallest block and rounding unit
 CUBLAS_WORKSPACE = 32 * 2**20  # what torch gives cuBLAS per handle and stream on recent GPUs
@@ -236,6 +240,8 @@ class MemoryTracker(TorchDispatchMode):
         self.category, self.place = ACTIVATIONS, "device"
         self.where = "setup"  # what the step is doing, for the report
         self.largest_query = 0  # elements of the largest attention query seen (workspace estimate)
+        self.counting_flops = False  # while True, `flops` adds up the operators' FLOPs (matmuls, attention)
+        self.flops = 0
         self.longest_sequence = 0  # tokens of the longest attention
         self.reset_peak()
 
@@ -261,6 +267,8 @@ class MemoryTracker(TorchDispatchMode):
         for tensor in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(tensor, Tensor):
                 self._add(tensor, self.category, self.place)
+        if self.counting_flops and func.overloadpacket in flop_registry:  # torch's FlopCounterMode formulas
+            self.flops += flop_registry[func.overloadpacket](*args, **kwargs, out_val=out)
         return out
 
     @contextmanager
@@ -375,6 +383,8 @@ class Setup:
     prepared: training.Prepared
     opt: training.Optimization
     tracker: MemoryTracker
+    flops: int = 0  # of one batch's forward and backward (walk)
+    weights_moved: int = 0  # bytes block swap copied during it, both ways
     text: dict | None = None  # text encoders that train: name -> (network, inputs(device))
 
     @property
@@ -397,7 +407,7 @@ def model_params(family, cfg: dict) -> tuple[object, str]:
 
 
 SWAP_CATEGORIES = {"slot": (SLOTS, "device"), "host": (SWAPPED, "host"), "master": (SWAP_SPARE, "host"),
-                   "spare": (SWAP_SPARE, "host")}
+                   "spare": (SWAP_SPARE, "host"), "staging": (STAGING, "host")}
 
 
 def swap_allocator(tracker: MemoryTracker, host_device):
@@ -442,6 +452,7 @@ def build(cfg: dict, device: str = "meta", params=None, seed: int = 0) -> Setup:
         prepared = training.prepare(model, family, cfg, device, host_device=device,
                                     allocate=swap_allocator(tracker, device), on_trainable=label_trainable,
                                     text_networks={name: network for name, (network, _) in text.items()})
+    label_loaded_weights(tracker, [prepared.swap])
     with tracker, _ops_through(None):
         _label_gradients(tracker, list(prepared.trainable.values()))  # before the fused step's hooks free them
         with tracker.allocating(OPTIMIZER):
@@ -449,7 +460,7 @@ def build(cfg: dict, device: str = "meta", params=None, seed: int = 0) -> Setup:
             # temporaries of the whole set; the per-tensor loop is its nearest relative off CUDA.
             opt = training.build_optimization(prepared.trainable, cfg, foreach=False,
                                               lr_multipliers=training.lr_multipliers(family, cfg, prepared.trainable))
-    return Setup(cfg, family, params, source, prepared, opt, tracker, text)
+    return Setup(cfg, family, params, source, prepared, opt, tracker, text=text)
 
 
 def trained_text_encoders(cfg: dict, family, params, tracker: MemoryTracker, device) -> dict:
@@ -464,6 +475,13 @@ def trained_text_encoders(cfg: dict, family, params, tracker: MemoryTracker, dev
         for name, build, inputs in encoders:
             text[name] = (build().eval().requires_grad_(False), inputs)
     return text
+
+
+def label_loaded_weights(tracker: MemoryTracker, swaps: list) -> None:
+    """swap_staging: the swapped weights stay where loading left them, in host memory."""
+    for swap in swaps:
+        for t in swap.loaded_weights() if swap is not None else ():
+            tracker.track(t, SWAPPED, "host")
 
 
 @contextmanager
@@ -552,8 +570,11 @@ def walk(setup: Setup, measure=nullcontext) -> None:
                 kernels_optim.launches_skipped() if triton else nullcontext():
             prime_optimizer(setup)
             tracker.reset_peak()
+            swap, batches = setup.prepared.swap, min(cfg["gradient_accumulation_steps"], 2)
+            moved = sum(swap.bytes_moved.values()) if swap is not None else 0
+            tracker.flops, tracker.counting_flops = 0, True
             with measure():
-                for _ in range(min(cfg["gradient_accumulation_steps"], 2)):  # a second one meets live gradients
+                for _ in range(batches):  # a second one meets live gradients
                     with tracker.doing("loading the batch"):
                         batch = family.plan_batch(cfg, setup.params, device)
                     with tracker.doing("forward"), offloaded_activations(tracker, cfg):
@@ -563,6 +584,9 @@ def walk(setup: Setup, measure=nullcontext) -> None:
                     with tracker.doing("backward"):
                         loss.backward()
                     del loss, batch
+                tracker.counting_flops = False
+                setup.flops = tracker.flops // batches
+                setup.weights_moved = ((sum(swap.bytes_moved.values()) if swap is not None else 0) - moved) // batches
                 with tracker.doing("optimizer step"):
                     finish_step(setup)
     finally:
@@ -573,25 +597,89 @@ def walk(setup: Setup, measure=nullcontext) -> None:
 # --- the plan ------------------------------------------------------------------------------------
 
 
-def plan(cfg: dict, params=None) -> dict:
+def plan(cfg: dict, params=None, gpus: int = 1) -> dict:
     """Plan a whole run of `cfg` on the meta device: caching (the autoencoder and the text
     encoders, each within the config's placement), one training step, and sampling (a no-grad
     forward with the training state resident, then the decode). Returns the numbers, in bytes:
     the training step's breakdown (device: category -> bytes at its peak, peak_bytes, peak_where,
     device_high_water, allocator_rounding_bytes, host, host_bytes, swap), `stages` (each
-    Stage of each phase) and `phases` (phase -> peak bytes, "whole run" their maximum)."""
+    Stage of each phase) and `phases` (phase -> peak bytes, "whole run" their maximum). On
+    `gpus` GPUs (torchrun) with FSDP, `phases` are per GPU and `several` holds their parts."""
     start = time.perf_counter()
+    mode = distributed.check(cfg, gpus)  # what cannot run on that many GPUs is refused here, too
     setup = build(cfg, "meta", params)
     walk(setup)
     result = summarize(setup)
-    training_stage = Stage("training", "one step", result["peak_bytes"], result["peak_bytes"] - setup.tracker.start_bytes)
+    training_stage = Stage("training", "one step", result["peak_bytes"], result["peak_bytes"] - setup.tracker.start_bytes,
+                           result["host_bytes"])
     stages = plan_caching(cfg, setup.family, setup.params) + [training_stage] + plan_sampling(setup, result["peak_bytes"])
     result["stages"] = stages
     result["phases"] = {phase: max(s.peak for s in stages if s.phase == phase)
                         for phase in ("caching", "training", "sampling")}
     result["phases"]["whole run"] = max(result["phases"].values())
+    result["host_phases"] = {phase: max(s.host for s in stages if s.phase == phase)
+                             for phase in ("caching", "training", "sampling")}
+    result["host_phases"]["whole run"] = max(result["host_phases"].values())
+    result["several"] = several_gpus(setup, result, gpus, mode)
     result["seconds"] = time.perf_counter() - start
     return result
+
+
+# --- several GPUs ------------------------------------------------------------------------------------
+
+FSDP_MASTERS = "fp32 master weights (1/N each)"
+FSDP_GRADIENTS = "fp32 gradients (1/N each)"
+FSDP_OPTIMIZER = "AdamW state (and EMA), fp32 (1/N each)"
+FSDP_GATHERED = "gathered: two blocks and the root's weights"
+FSDP_REDUCING = "one block's gradients, to reduce-scatter"
+
+
+def several_gpus(setup: Setup, result: dict, gpus: int, mode: str) -> dict | None:
+    """Per-GPU figures on `gpus` GPUs. Data parallel: each GPU holds the one-GPU figures (the
+    walk ran at batch_size per GPU); the all-reduce adds one flat bucket after backward. FSDP:
+    estimated from the walk, which measured the activations of one GPU's rows: the fp32 masters,
+    gradients and AdamW state (and EMA) divided over the GPUs, plus the blocks gathered for
+    compute in the config's dtype (the running one and the prefetched next) and one block's
+    gradients on their way to the reduce-scatter. `phases` become per GPU."""
+    if mode == "single":
+        return None
+    trained = result["trainable_parameters"]
+    if mode == "ddp":
+        return {"gpus": gpus, "mode": mode, "bucket": min(distributed.BUCKET_BYTES, 4 * trained)}
+    compute = DTYPES[setup.cfg["dtype"]].itemsize
+    blocks = [b for group in setup.family.blocks(setup.model).values() for b in group]
+    largest = max(sum(p.numel() for p in b.parameters()) for b in blocks)
+    root = result["parameters"] - sum(p.numel() for b in blocks for p in b.parameters())
+    state = (8 + (4 if setup.cfg["ema_decay"] else 0)) * trained
+    parts = {FSDP_MASTERS: 4 * result["parameters"] // gpus, FSDP_GRADIENTS: 4 * trained // gpus,
+             FSDP_OPTIMIZER: state // gpus, FSDP_GATHERED: (2 * largest + root) * compute,
+             FSDP_REDUCING: largest * (compute + 4), ACTIVATIONS: result["device_high_water"][ACTIVATIONS]}
+    resident = parts[FSDP_MASTERS] + parts[FSDP_OPTIMIZER] + parts[FSDP_GATHERED]
+    sampling = [s.increase for s in result["stages"] if s.phase == "sampling"]
+    phases = result["phases"]
+    phases["training"] = sum(parts.values())
+    phases["sampling"] = resident + max(sampling, default=0)
+    phases["whole run"] = max(phases["caching"], phases["training"], phases["sampling"])
+    return {"gpus": gpus, "mode": mode, "parts": parts}
+
+
+def format_several(result: dict, cfg: dict) -> list[str]:
+    several = result["several"]
+    if several is None:
+        return []
+    n = several["gpus"]
+    if several["mode"] == "ddp":
+        note = distributed.auto_note(cfg, "ddp")
+        return [f"several GPUs: data parallel over {n}: every GPU holds the one-GPU figures above (batch_size "
+                f"{cfg['batch_size']} per GPU, a global batch of {cfg['batch_size'] * n}); after backward the "
+                f"gradient all-reduce adds one flat bucket of {several['bucket'] / MiB:,.0f} MiB"] \
+            + ([note] if note else []) + [""]
+    lines = [f"several GPUs: FSDP2 over {n}, per GPU, estimated from the one-GPU step (batch_size "
+             f"{cfg['batch_size']} per GPU)", "".ljust(60) + "GiB"]
+    lines += [_row(name.replace("1/N", f"1/{n}"), f"{value / GiB:.2f}") for name, value in several["parts"].items()]
+    lines += ["  " + "-" * 61, _row("planned peak per GPU, training", f"{result['phases']['training'] / GiB:.2f}"),
+              "  (the stages below are one GPU's run; the 'planned peak' lines are per GPU)", ""]
+    return lines
 
 
 # --- the phases around the training step --------------------------------------------------------------
@@ -603,6 +691,7 @@ class Stage:
     what: str
     peak: int  # bytes on the device at the stage's highest point
     increase: int  # of which the stage itself added (the rest was there before it began)
+    host: int = 0  # bytes of host memory for tensors at the stage's highest point
 
 
 @contextmanager
@@ -622,7 +711,7 @@ def stage(tracker: MemoryTracker, phase: str, what: str, out: list, measure=null
     tracker.reset_peak()
     with tracker.doing(f"{phase}: {what}"), torch.no_grad(), measure():
         yield
-    out.append(Stage(phase, what, tracker.peak_bytes, tracker.peak_bytes - tracker.start_bytes))
+    out.append(Stage(phase, what, tracker.peak_bytes, tracker.peak_bytes - tracker.start_bytes, tracker.host_peak_bytes))
 
 
 def plan_sampling(setup: Setup, training_peak: int, measure=nullcontext) -> list[Stage]:
@@ -692,6 +781,11 @@ def plan_text_encoding(cfg: dict, family, params, device="meta", measure=nullcon
         networks = {name: build() for name, build, _ in encoders}
         swaps = training.place_text_encoders(networks, cfg, device, host_device=device,
                                              allocate=swap_allocator(tracker, device))
+    label_loaded_weights(tracker, swaps)
+    if cfg["text_encoder_placement"] == "cpu":  # they stay in host memory and run there
+        for net in networks.values():
+            for t in list(net.parameters()) + list(net.buffers()):
+                tracker.track(t, TEXT_HOST, "host")
     how = {"device": "on the device", "stream": "layers streamed", "cpu": "on the CPU"}[cfg["text_encoder_placement"]]
     what = f"the text encoders ({', '.join(networks)}; {how}{', fp8' if cfg['text_encoder_fp8'] else ''})"
     stages = []
@@ -707,6 +801,11 @@ def swap_summary(setup: Setup) -> dict:
     """Per group of blocks: how many swap, of how many, through how many slots, and the bytes
     of its largest block (what swapping one more saves at most)."""
     swap = setup.prepared.swap
+    if swap is not None and swap.ring:
+        ring = next(iter(swap.groups.values()))
+        return {ring.name: {"swapped": ring.num_blocks, "of": ring.num_blocks, "blocks": list(range(ring.num_blocks)),
+                            "mode": setup.cfg["swap_mode"], "device_slots": ring.num_slots,
+                            "bytes_per_block": ring.buffer_bytes, "ring": True}}
     out = {}
     for name, blocks in setup.family.blocks(setup.model).items():
         swapped = 0 if swap is None or name not in swap.groups else len(blocks) - swap.groups[name].num_slots
@@ -719,6 +818,7 @@ def swap_summary(setup: Setup) -> dict:
 def summarize(setup: Setup, seconds: float = 0.0) -> dict:
     tracker, cfg = setup.tracker, setup.cfg
     host = {SWAPPED: tracker.live[("host", SWAPPED)], SWAP_SPARE: tracker.live[("host", SWAP_SPARE)],
+            STAGING: tracker.live[("host", STAGING)],
             OFFLOADED: tracker.host_peak_breakdown[OFFLOADED]}  # offloaded activations at their highest
     return {
         "device": dict(tracker.peak_breakdown),
@@ -731,6 +831,9 @@ def summarize(setup: Setup, seconds: float = 0.0) -> dict:
         "host": host,
         "host_bytes": sum(host.values()),
         "swap": swap_summary(setup),
+        "flops": setup.flops,
+        "bytes_moved": {"block weights": setup.weights_moved,
+                        "activations": 2 * host[OFFLOADED]},  # to the host in forward, back in backward
         "parameters": sum(p.numel() for p in setup.model.parameters()),
         "trainable_parameters": sum(p.numel() for p in setup.trainable),
         "tokens": tracker.longest_sequence,
@@ -778,24 +881,59 @@ def format_plan(result: dict, cfg: dict) -> str:
         _row("CUDA context (nvidia-smi only)", f"{CUDA_CONTEXT_GIB[0]:.1f}-{CUDA_CONTEXT_GIB[1]:.1f}"),
         _row("so nvidia-smi should show about (whole run)", f"{low / GiB:.1f}-{high / GiB:.1f}"),
         "",
-        "host memory".ljust(60) + "GiB",
     ]
-    pinned = " (pinned)" if cfg["pin_memory"] else " (pageable)"
-    lines += [_row(name + (pinned if name != OFFLOADED else ""), gib(n)) for name, n in result["host"].items()]
-    lines += [
-        _row("host memory for tensors", gib(result["host_bytes"])),
+    sections = [lines, format_host(result, cfg), format_swap(result), [""], format_time(result), [""],
+                format_several(result, cfg), format_phases(result)]
+    return "\n".join(line for section in sections for line in section)
+
+
+def format_host(result: dict, cfg: dict) -> list[str]:
+    """Host memory while training, by kind."""
+    def label(name: str) -> str:
+        if name == SWAPPED and cfg["swap_staging"]:
+            return name + " (as loaded)"
+        return name + (" (pinned)" if cfg["pin_memory"] else " (pageable)") if name in (SWAPPED, SWAP_SPARE) else name
+
+    lines = ["host memory while training".ljust(60) + "GiB"]
+    lines += [_row(label(name), f"{n / GiB:.2f}") for name, n in result["host"].items() if n or name != STAGING]
+    return lines + [
+        _row("host memory for tensors", f"{result['host_bytes'] / GiB:.2f}"),
         "  plus the process itself (Python, torch, the CUDA runtime: a few GB), and the page cache",
         "  of the memory-mapped checkpoint while it loads",
         "",
     ]
-    return "\n".join(lines + format_swap(result) + [""] + format_phases(result))
+
+
+# Link rates of the PCIe slots a consumer GPU sits in: GT/s per lane x lanes x 128/130 encoding / 8 bits.
+PCIE = {"PCIe 3.0 x8": 8 * 8 * 128 / 130 / 8 * 1e9, "PCIe 4.0 x16": 16 * 16 * 128 / 130 / 8 * 1e9}
+
+
+def format_time(result: dict) -> list[str]:
+    """Bytes over the PCIe link per training step against the step's arithmetic: where the link
+    time stays below the compute time the copies hide behind compute (they overlap on a side
+    stream) and the card is compute-bound."""
+    moved = result["bytes_moved"]
+    total, flops = sum(moved.values()), result["flops"]
+    lines = ["time of a training step, estimated (a plan cannot time; bench/gpu_check.py measures)",
+             f"  over the PCIe link per step: {moved['block weights'] / 1e9:.1f} GB of block weights, "
+             f"{moved['activations'] / 1e9:.1f} GB of offloaded activations (out and back): {total / 1e9:.1f} GB"]
+    if total:
+        lines.append("  transfer time: " + ", ".join(f"{total / rate:.2f} s at {name} ({rate / 1e9:.1f} GB/s)"
+                                                    for name, rate in PCIE.items()))
+    lines.append(f"  arithmetic: {flops / 1e12:,.0f} TFLOP per step (matmuls and attention: forward, recompute, "
+                 f"backward): {flops / 10e12:.1f} s at 10 TFLOP/s sustained, {flops / 50e12:.1f} s at 50")
+    if total:
+        lines.append("  so a card is transfer-bound only above " + ", ".join(
+            f"{flops / (total / rate) / 1e12:,.0f} TFLOP/s sustained at {name}" for name, rate in PCIE.items()))
+    return lines
 
 
 def format_phases(result: dict) -> list[str]:
     """Each phase's stages, then the summary lines scripts read (their wording is fixed)."""
-    lines = ["the whole run: peak device memory of each stage (planned)".ljust(60) + "GiB"]
-    lines += [_row(f"{s.phase}: {s.what}", f"{s.peak / GiB:.2f}") for s in result["stages"]]
+    lines = ["the whole run: peak memory of each stage (planned)".ljust(52) + "device GiB  host GiB"]
+    lines += [f"  {s.phase + ': ' + s.what:<56}{s.peak / GiB:>6.2f}{s.host / GiB:>10.2f}" for s in result["stages"]]
     lines += [f"planned peak, {name}: {peak / GiB:.2f} GiB" for name, peak in result["phases"].items()]
+    lines.append(f"planned host memory for tensors, whole run: {result['host_phases']['whole run'] / GiB:.2f} GiB")
     return lines
 
 
@@ -813,7 +951,10 @@ def format_swap(result: dict) -> list[str]:
     lines = []
     for name, s in result["swap"].items():
         per = f"{s['bytes_per_block'] / MiB:,.0f} MiB"
-        if s["swapped"]:
+        if s.get("ring"):
+            lines.append(f"block swap ({s['mode']}): every block of {name.replace(blockswap.RING, ' and ')} "
+                         f"({s['of']}) streams through one ring of {s['device_slots']} device slots of {per}")
+        elif s["swapped"]:
             first, last = s["blocks"][0], s["blocks"][-1]
             lines.append(f"block swap ({s['mode']}): {name} {s['swapped']} of {s['of']} swapped, blocks {first}-{last} "
                          f"start in host memory and pass through {s['device_slots']} device slots; "
@@ -824,8 +965,8 @@ def format_swap(result: dict) -> list[str]:
 
 
 def main(cfg: dict) -> dict:
-    """`python train.py CONFIG --plan`: print the plan and return its numbers."""
-    result = plan(cfg)
+    """`python train.py CONFIG --plan [--plan_gpus=N]`: print the plan and return its numbers."""
+    result = plan(cfg, gpus=cfg["plan_gpus"])
     print(format_plan(result, cfg))
     print(f"(planned in {result['seconds']:.1f} s without reading a weight)")
     return result

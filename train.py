@@ -28,6 +28,7 @@ import atomic
 import cache
 import checkpoint
 import data
+import distributed
 import families
 import lora
 import losses
@@ -112,11 +113,11 @@ def sample_images(run: "Run", step: int) -> list[Path]:
     paths = []
     for i, (prompt, image) in enumerate(zip(run.data.prompts, images)):
         path = run.run_dir / "samples" / f"step{step:06d}_{i:02d}.png"
-        sample.save_image(image, path, prompt, {"step": step})
+        run.world.on_main(sample.save_image, image, path, prompt, {"step": step})
         paths.append(path)
     grid = sample.image_grid(images, [p.prompt for p in run.data.prompts])  # every prompt of this step
-    sample.save_image(grid, run.run_dir / "samples" / "grids" / f"step{step:06d}.png", run.data.prompts[0],
-                      {"step": step})
+    run.world.on_main(sample.save_image, grid, run.run_dir / "samples" / "grids" / f"step{step:06d}.png",
+                      run.data.prompts[0], {"step": step})
     if run.metrics is not None:
         run.metrics.image("samples", grid, step)
     model.train(was_training)
@@ -148,9 +149,9 @@ class StopRequests:
     they ask it to save at the next step boundary and end (a second Ctrl-C stops at once).
     Used as a context manager; the previous handlers come back on exit."""
 
-    def __init__(self):
+    def __init__(self, world: distributed.World | None = None):
         self.signum: int | None = None  # the signal that asked the loop to stop
-        self.in_loop = False
+        self.in_loop, self.world = False, world or distributed.World()
         self.previous = {}
 
     def __enter__(self) -> "StopRequests":
@@ -172,6 +173,7 @@ class StopRequests:
 
     @property
     def requested(self) -> bool:
+        self.signum = self.world.agreed_signal(self.signum)  # several GPUs: any one's request, on all of them
         return self.signum is not None
 
 
@@ -191,6 +193,7 @@ def peak_memory_gb(device) -> float:
 
 
 USAGE = """usage: python train.py CONFIG [--key=value ...] [--plan] [--debug]
+       torchrun --nproc_per_node N train.py CONFIG [--key=value ...]     several GPUs (README)
 
   CONFIG         a config file: Python assignments that differ from config.py's defaults
   --key=value    override one setting (every key and its default is in config.py)
@@ -226,13 +229,14 @@ def main(argv=None) -> Path:
         print(USAGE, end="")
         raise SystemExit(0)
     config_path, overrides, plan_only = parse_args(argv)
-    # all config errors surface here; the plan reads no files, so they need not exist yet
-    cfg = load_config(config_path, overrides, check_files=not plan_only)
-    if plan_only:
-        import plan
+    with distributed.quiet():  # under torchrun the first process prints, the others report errors only
+        # all config errors surface here; the plan reads no files, so they need not exist yet
+        cfg = load_config(config_path, overrides, check_files=not plan_only)
+        if plan_only:
+            import plan
 
-        return plan.main(cfg)
-    return train(cfg)
+            return plan.main(cfg)
+        return train(cfg)
 
 
 # --- the phases --------------------------------------------------------------------------------
@@ -258,6 +262,7 @@ class Run:
     started_at: float = 0.0  # when training began (kept across resumes)
     session_id: int = 0  # kohya's ss_session_id: a random number per process
     identity: dict | None = None  # model file and dataset fingerprint (run_identity)
+    world: distributed.World = distributed.World()  # the processes torchrun started (distributed.py)
 
 
 def check_model_settings(family, params, cfg: dict) -> None:
@@ -275,19 +280,20 @@ def check_model_settings(family, params, cfg: dict) -> None:
         raise ConfigError(str(error)) from None
 
 
-def build_run(cfg: dict, family, sd: dict, params, device, run_dir: Path, cached: data.Data) -> Run:
+def build_run(cfg: dict, family, sd: dict, params, world: distributed.World, run_dir: Path, cached: data.Data) -> Run:
     """Phases 3 and 4: the denoiser in host memory (the file memory-mapped), what trains, swap
-    placement, then the optimizer, schedule, fused step and EMA."""
-    model = training.load_network(family, cfg, sd, DTYPES[cfg["dtype"]])
+    placement (or FSDP's shards), then the optimizer, schedule, fused step and EMA."""
+    model = training.load_network(family, cfg, sd, distributed.load_dtype(world, sd, DTYPES[cfg["dtype"]]))
     family = family.for_network(model)  # the run's family knows the network's shapes (LoRA file names)
-    prepared = training.prepare(model, family, cfg, device, text_networks=cached.text_networks)
+    prepared = training.prepare(model, family, cfg, world.device, shard=distributed.sharder(world, cfg),
+                                text_networks=cached.text_networks)
     if prepared.swap is not None:
         print(prepared.swap.describe())
     opt = training.build_optimization(prepared.trainable, cfg, seed=cfg["seed"],
-                                      lr_multipliers=training.lr_multipliers(family, cfg, prepared.trainable))
-    order = data.DataOrder([(b.members, b.batch_size) for b in cached.buckets], cfg["seed"])
-    return Run(cfg, family, params, device, run_dir, cached, prepared, opt, family.objective(cfg), order,
-               torch.Generator().manual_seed(cfg["seed"]))
+                                      lr_multipliers=training.lr_multipliers(family, cfg, prepared.trainable), world=world)
+    order = data.DataOrder([(b.members, b.batch_size) for b in cached.buckets], cfg["seed"])  # global batches
+    return Run(cfg, family, params, world.device, run_dir, cached, prepared, opt, family.objective(cfg), order,
+               torch.Generator().manual_seed(cfg["seed"]), world=world)
 
 
 def resume(run: Run, resume_dir: Path | None) -> None:
@@ -295,16 +301,7 @@ def resume(run: Run, resume_dir: Path | None) -> None:
     The learning rate and schedule length come from the current config."""
     if resume_dir is None:
         return
-    saved, extra, info = checkpoint.load_state(resume_dir)
-    with torch.no_grad():
-        for name, p in run.prepared.trainable.items():
-            p.copy_(saved[name])
-    optimizer = run.opt.fused or run.opt.optimizer
-    optimizer.load_state_dict(extra["optimizer"])
-    if run.opt.fused is None:
-        import optim
-
-        optim.restore_state_dtypes_(run.opt.optimizer, extra["optimizer"])
+    extra, info = distributed.load_state(run.world, resume_dir, run.prepared, run.opt)  # weights, optimizer, EMA
     scheduler = run.opt.scheduler
     base_lrs = list(scheduler.base_lrs)  # this config's learning rates, per group
     scheduler.load_state_dict(extra["scheduler"])  # the step count (and the saved base rates) come back
@@ -313,11 +310,9 @@ def resume(run: Run, resume_dir: Path | None) -> None:
     for group, lr in zip(run.opt.optimizer.param_groups, rates):  # the rate of the next step
         group["lr"] = lr
     scheduler._last_lr = [group["lr"] for group in run.opt.optimizer.param_groups]
-    if run.opt.ema is not None and extra["ema"] is not None:
-        run.opt.ema.load_state_dict(extra["ema"])
     if run.opt.scaler is not None and info.get("loss_scaler"):
         run.opt.scaler.load_state_dict(info["loss_scaler"])
-    checkpoint.restore_rng(extra["rng"], run.generator)
+    distributed.restore_rng(run.world, extra["rng"], run.generator)
     run.order.load(info["data_order"])
     run.step = info["step"]
     run.started_at = info.get("training_started_at", run.started_at)
@@ -331,6 +326,7 @@ def print_arithmetic(run: Run) -> None:
     print(f"config (differences from the defaults; all of it is in {run.run_dir / 'config.py'}):")
     print(format_config(changed), end="")
     print(data.arithmetic(run.data, run.order, cfg))  # per dataset section and for the whole; images left out
+    print(run.world.batch_note(cfg), end="")  # several GPUs: what batch_size and learning_rate mean there
     print("\n".join(training.describe_trainable(run.prepared, run.family, cfg)))
     n_trainable = sum(p.numel() for p in run.prepared.trainable.values() if p.requires_grad)
     held_out = len(run.data.val) if run.data.val is not None else 0
@@ -358,7 +354,7 @@ def run_facts(run: Run) -> dict:
         "num_validation_images": len(run.data.val) if run.data.val is not None else 0,
         "num_batches_per_epoch": order.batches_per_epoch,
         "num_epochs": -(-cfg["max_train_steps"] // updates_per_epoch),
-        "total_batch_size": cfg["batch_size"] * cfg["gradient_accumulation_steps"],
+        "total_batch_size": cfg["batch_size"] * run.world.size * cfg["gradient_accumulation_steps"],
         "optimizer": f"{optimizer.__module__}.{optimizer.__name__}",
         "sd_model_name": Path(cfg["model_path"]).name,
         **data.dataset_facts(run.data, cfg),  # folders, tag frequency, buckets
@@ -374,7 +370,7 @@ def save(run: Run) -> None:
     network, ema = run.prepared.network, run.opt.ema
     if run.prepared.swap is not None:
         run.prepared.swap.synchronize()  # swapped weights are read on the host below
-    if network is not None:
+    if network is not None and run.world.main:  # the first process writes files
         meta = lora_metadata(run)
         save_dtype = DTYPES[cfg["save_dtype"]]
         lora.save_lora(network, run.run_dir / f"{cfg['run_name']}_step{step:06d}.safetensors", meta, save_dtype,
@@ -386,8 +382,7 @@ def save(run: Run) -> None:
     info = {"data_order": run.order.state(), "rng": checkpoint.rng_state(run.generator), "config": cfg,
             "identity": run.identity, "training_started_at": run.started_at,
             "loss_scaler": run.opt.scaler.state_dict() if run.opt.scaler is not None else None}
-    checkpoint.save_state(run.run_dir, step, run.prepared.trainable, run.opt.fused or run.opt.optimizer,
-                          run.opt.scheduler, ema, info, cfg["keep_last"])
+    distributed.save_state(run.world, run.run_dir, step, run.prepared, run.opt, info, cfg["keep_last"])
 
 
 def last_good_state(run: Run) -> str:
@@ -401,7 +396,8 @@ def train_step(run: Run, bins: losses.LossBins) -> dict:
     step_loss = 0.0
     for _ in range(cfg["gradient_accumulation_steps"]):
         indices = [(i, run.order.epoch) for i in run.order.next_batch()]  # (sample, epoch): its flip and caption
-        batch = drop_captions(load_batch(data.train, indices, run.device), data.empty_caption,
+        # several GPUs: this one's rows of the global batch, the others' zeros (distributed.World.batch)
+        batch = drop_captions(run.world.batch(load_batch, data.train, indices, run.device), data.empty_caption,
                               cfg["caption_dropout_rate"], run.generator, data.live_text)
         with offload_activations(cfg["offload_activations"], pin_memory=cfg["pin_memory"]):
             loss, per_sample, noised = training.training_loss(run.family, run.objective, run.prepared.model, batch,
@@ -454,7 +450,7 @@ def loop(run: Run, stop: StopRequests) -> None:
     if run.data.prompts and cfg["sample_at_start"] and run.step == 0:
         sample_images(run, 0)
     bins = losses.LossBins()
-    bar = tqdm(total=cfg["max_train_steps"], initial=run.step, dynamic_ncols=True)
+    bar = tqdm(total=cfg["max_train_steps"], initial=run.step, dynamic_ncols=True, disable=not run.world.main)
     start, first = time.perf_counter(), run.step
     stop.in_loop = True
     while run.step < cfg["max_train_steps"] and not stop.requested:
@@ -472,32 +468,34 @@ def train(cfg: dict) -> Path:
     """The whole run, in phases. Ctrl-C or SIGTERM during the loop saves at the step boundary
     and raises RunStopped (exit status 130 / 143); before the loop it stops at once."""
     family = families.get(cfg["model_family"])
-    device = pick_device(cfg["device"])
+    world = distributed.init(cfg, pick_device(cfg["device"]))  # torchrun's processes; refuses what cannot run
     set_kernels(cfg["kernels"])
     torch.manual_seed(cfg["seed"])
     run_dir = Path(cfg["output_dir"]) / cfg["run_name"]
-    checkpoint.claim_run_dir(run_dir, cfg["run_name"], cfg["resume"], cfg["overwrite"])  # before anything is written
+    world.on_main(checkpoint.claim_run_dir, run_dir, cfg["run_name"], cfg["resume"], cfg["overwrite"])  # first
     resume_dir = checkpoint.find_resume_dir(run_dir, cfg["resume"])
-    with StopRequests() as stop:
+    with StopRequests(world) as stop:
         # 1. checks that need files but no model
         sd = family.read_checkpoint(cfg["model_path"], cfg)  # memory-mapped: no data read yet
         params = family.params(sd, cfg)
         check_model_settings(family, params, cfg)
-        items = data.plan_data(cfg, family, run_dir)  # buckets.json and the bucket table, before any model loads
-        identity = checkpoint.run_identity(cfg, items.fingerprint)
+        # buckets.json (rank 0) and the bucket table, before any model loads
+        items = data.plan_data(cfg, family, run_dir if world.main else None, world.size)
+        identity = checkpoint.run_identity(cfg, items.fingerprint, world.size)
         if resume_dir is not None:
             checkpoint.check_resume(resume_dir, cfg, family.lora_config_keys + family.trained_config_keys, identity)
         # 2. data and caches
-        cached = data.load_data(cfg, family, params, device, DTYPES[cfg["dtype"]], items)
+        cached = data.load_data(cfg, family, params, world.device, DTYPES[cfg["dtype"]], items, world)
         # 3, 4. the denoiser, what trains, the optimizer
-        run = build_run(cfg, family, sd, params, device, run_dir, cached)
+        world.same_rng()  # every GPU draws alike from here, whatever its caching share drew
+        run = build_run(cfg, family, sd, params, world, run_dir, cached)
         run.identity, run.session_id = identity, random.randint(0, 2**32)
         del sd
         # 5. resume
         run.started_at = time.time()
         resume(run, resume_dir)
-        atomic.write_text(run_dir / "config.py", format_config(cfg))
-        run.metrics = MetricsLog(run_dir, resume_step=run.step, tensorboard=cfg["tensorboard"])
+        world.on_main(atomic.write_text, run_dir / "config.py", format_config(cfg))
+        run.metrics = MetricsLog(run_dir, resume_step=run.step, tensorboard=cfg["tensorboard"], write=world.main)
         print_arithmetic(run)
         # 6. the loop
         loop(run, stop)
@@ -529,11 +527,11 @@ def write_final(run: Run, path: Path) -> None:
     """The LoRA file, or for full fine-tuning the model in the original layout."""
     save_dtype = DTYPES[run.cfg["save_dtype"]]
     if run.prepared.network is not None:
-        lora.save_lora(run.prepared.network, path, lora_metadata(run), save_dtype, run.family, run.cfg["lora_format"])
+        run.world.on_main(lora.save_lora, run.prepared.network, path, lora_metadata(run), save_dtype, run.family,
+                          run.cfg["lora_format"])
         return
-    model = run.prepared.model
-    tensors = {k: v.detach().to(save_dtype).contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic.write_safetensors(tensors, path, {"trainer_config": json.dumps(public_config(run.cfg), default=str)})
+    distributed.write_model(run.world, run.prepared.model.state_dict(), path,
+                            {"trainer_config": json.dumps(public_config(run.cfg), default=str)}, save_dtype)
 
 
 def public_config(cfg: dict) -> dict:
@@ -547,7 +545,8 @@ def public_config(cfg: dict) -> dict:
     return out | {"datasets": [public_config(section) for section in cfg.get("datasets", [])]}  # their folders too
 
 
-USER_ERRORS = (ConfigError, checkpoint.RunFolderError, TrainingError, FileNotFoundError, ValueError, OSError)
+USER_ERRORS = (ConfigError, checkpoint.RunFolderError, TrainingError, FileNotFoundError, ValueError, OSError,
+               distributed.OtherRankFailed)
 
 
 def run_cli() -> int:
@@ -561,7 +560,7 @@ def run_cli() -> int:
     except USER_ERRORS as error:
         if debug:
             raise
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error{distributed.rank_label()}: {error}", file=sys.stderr)  # under torchrun: which process
         print("(--debug shows the traceback)", file=sys.stderr)
         return 1
     return 0

@@ -9,18 +9,25 @@ so the plan cannot drift from training.
     grad_norm = close_gradients(opt, cfg)                 # unscale (fp16), clip (or close the fused step)
     apply_step(opt, step)                                  # optimizer step, schedule, EMA
 """
+import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 import activations
+import atomic
 import blockswap
+import distributed
 import fp8
 import lora
+import losses
 import optim
-from config import warmup_steps
+from config import DTYPES, warmup_steps
+from models.loading import load_state_dict
 
 
 # --- what trains -----------------------------------------------------------------------------------
@@ -37,23 +44,48 @@ class Prepared:
 
 
 def load_network(family, cfg: dict, sd: dict, dtype: torch.dtype) -> nn.Module:
-    """The denoiser in host memory (the file stays memory-mapped; fp8 base if the config says)."""
+    """The denoiser in host memory (the file stays memory-mapped; fp8 base if the config says).
+    With fp8_base_cache, the fp8 weights come memory-mapped from a file of them, written there
+    the first time (fp8_weight_file)."""
+    if cfg["fp8_base"] and cfg["fp8_base_cache"]:
+        sd = load_state_dict(fp8_weight_file(family, cfg, sd, dtype))
     return family.load(sd, cfg, dtype=dtype, device="cpu")
+
+
+def fp8_weight_file(family, cfg: dict, sd: dict, dtype: torch.dtype) -> Path:
+    """The network with its block weights quantized to fp8, as a checkpoint in fp8_base_cache
+    (fp8 weights and `.weight_scale`s in the checkpoint's names: ComfyUI's scaled-fp8 layout,
+    which loads as it is), keyed by the model file, fp8_per_row and dtype. Quantizing a bf16
+    file leaves the fp8 weights in process memory (11 GiB for FLUX.1); read from this file they
+    are pages of a memory-mapped file, which the OS can drop and read again: with swap_staging
+    that is what a 16 GB machine needs."""
+    source = Path(cfg["model_path"])
+    stat = source.stat()
+    key = f"{source.name}|{stat.st_size}|{stat.st_mtime_ns}|{cfg['fp8_per_row']}|{cfg['dtype']}"
+    name = f"{source.name.split('.')[0]}-fp8-{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors"
+    path = Path(cfg["fp8_base_cache"]) / name
+    if not path.exists():
+        print(f"writing the fp8 weights once to {path} (read memory-mapped from now on)")
+        tensors = {k: v.contiguous() for k, v in family.load(sd, cfg, dtype=dtype, device="cpu").state_dict().items()}
+        atomic.write_safetensors(tensors, path, {"source": source.name, "key": key})
+    return path
 
 
 def choose_trainable(model: nn.Module, family, cfg: dict, device=None, text_networks: dict | None = None):
     """train_mode "lora": a LoRA network on the targets (the family's selection, or a `targets`
     preset), plus a LoRA on each text encoder of text_encoder_lr (`text_networks`: encoder name
-    -> its network), its fp32 weights on `device`, started from network_weights when given.
+    -> its network), its weights (lora_dtype) on `device`, started from network_weights when given.
     "full": every weight of the model, or a preset's layers. Returns (network or None,
     trainable by name, denoiser targets)."""
     model.requires_grad_(False)
     if cfg["train_mode"] == "full":
         return None, full_trainable(model, family, cfg), {}
     targets = lora_targets(model, family, cfg)
-    # LoRA weights train in fp32 whatever the base dtype; LoRAModule casts them for the matmul.
+    # LoRA weights train in lora_dtype (fp32 by default; bf16 with stochastically rounded updates)
+    # whatever the base dtype; LoRAModule casts them to the input's dtype for the matmul.
     options = dict(dropout=cfg["network_dropout"], rank_dropout=cfg["rank_dropout"],
-                   module_dropout=cfg["module_dropout"], dora=cfg["use_dora"], dtype=torch.float32, device=device)
+                   module_dropout=cfg["module_dropout"], dora=cfg["use_dora"], dtype=DTYPES[cfg["lora_dtype"]],
+                   device=device)
     alphas = {path: network_alpha(cfg) for path in targets} | family.lora_alphas(cfg, targets)
     splits = fused_splits(model, family, targets) if cfg["split_qkv"] else None
     networks = [lora.LoRANetwork.inject(model, targets, alpha=alphas, prefix=family.lora_prefix, splits=splits,
@@ -153,18 +185,26 @@ def network_alpha(cfg: dict) -> float:
 
 
 def prepare(model: nn.Module, family, cfg: dict, device, host_device="cpu", allocate=None,
-            on_trainable=None, text_networks: dict | None = None) -> Prepared:
+            on_trainable=None, shard=None, text_networks: dict | None = None) -> Prepared:
     """Set the network up as training runs it: what trains, gradient checkpointing of the
-    family's blocks, block swap (or the whole model on `device`). `host_device`, `allocate` and
+    family's blocks, token chunks of the feed-forwards (for every forward from now on, sampling
+    included), block swap (or the whole model on `device`). `host_device`, `allocate` and
     `on_trainable(network, trainable)` (called before placement) let the memory plan run the
-    same code on the meta device and label what it makes; `text_networks` are the text
-    encoders' networks, for text-encoder LoRA."""
+    same code on the meta device and label what it makes. `shard(model, groups)` (FSDP,
+    distributed.py) replaces placement: each block sharded after its checkpointing, then the rest.
+    `text_networks` are the text encoders' networks, for text-encoder LoRA."""
     network, trainable, targets = choose_trainable(model, family, cfg, device, text_networks)
     if on_trainable is not None:
         on_trainable(network, trainable)
     groups = family.blocks(model)
     activations.checkpoint_blocks([b for group in groups.values() for b in group], cfg["gradient_checkpointing"])
-    swap = place(model, family, cfg, device, cfg["swap_mode"], host_device, allocate)
+    activations.chunk_feedforward(cfg["feedforward_chunk"] if cfg["chunk_feedforward"] else 0)
+    swap = None
+    if shard is None:
+        swap = place(model, family, cfg, device, cfg["swap_mode"], host_device, allocate)
+    else:
+        shard(model, groups)
+        trainable = {name: p for name, p in model.named_parameters() if name in trainable}  # the sharded ones
     model.train()
     if network is not None:
         network.train()
@@ -215,13 +255,16 @@ def block_of(path: str) -> str:
 def place(model: nn.Module, family, cfg: dict, device, mode: str, host_device="cpu",
           allocate=None) -> blockswap.BlockSwap | None:
     """The model on `device`, except the weights of the blocks the config swaps (training and
-    sampling alike), which stay in host memory and stream in."""
+    sampling alike), which stay in host memory and stream in: some blocks of each group
+    (blocks_to_swap with the family's split), or every block through one ring of swap_ring
+    device slots; read through staging buffers with swap_staging."""
     counts = family.swap_counts(model, cfg)
-    if not any(counts.values()):
+    if not any(counts.values()) and not cfg["swap_ring"]:
         model.to(device)
         return None
     return blockswap.BlockSwap(model, family.blocks(model), counts, device, mode=mode, pin_memory=cfg["pin_memory"],
-                               host_device=host_device, allocate=allocate)
+                               host_device=host_device, allocate=allocate, ring=cfg["swap_ring"],
+                               staging=cfg["swap_staging"] and mode == "h2d_only")
 
 
 # --- the text encoders during caching ----------------------------------------------------------------
@@ -235,7 +278,8 @@ def place_text_encoders(networks: dict[str, nn.Module], cfg: dict, device, host_
     device budget: text_encoder_fp8 stores their layers' Linear weights in fp8 (a released fp8
     T5 file stays its fp8 numbers); text_encoder_placement "device" moves them whole, "stream"
     keeps each encoder's layers in host memory and streams them through two device slots
-    (blockswap, one way), "cpu" leaves them on the CPU. Returns the swaps (keep them alive)."""
+    (blockswap, one way; with swap_staging read as loaded, without a pinned copy), "cpu" leaves
+    them on the CPU. Returns the swaps (keep them alive)."""
     from models.text import encoder_blocks, fp8_linears
 
     placement, swaps = cfg["text_encoder_placement"], []
@@ -248,7 +292,8 @@ def place_text_encoders(networks: dict[str, nn.Module], cfg: dict, device, host_
         if placement == "stream" and len(blocks) > blockswap.MIN_RESIDENT:
             counts = {"layers": len(blocks) - blockswap.MIN_RESIDENT}
             swaps.append(blockswap.BlockSwap(net, {"layers": blocks}, counts, device, mode="h2d_only",
-                                             pin_memory=cfg["pin_memory"], host_device=host_device, allocate=allocate))
+                                             pin_memory=cfg["pin_memory"], host_device=host_device, allocate=allocate,
+                                             staging=cfg["swap_staging"]))
         else:
             net.to(device)
     return swaps
@@ -282,6 +327,7 @@ class Optimization:
     ema: optim.EMA | None
     scaler: "LossScaler | None" = None  # dtype="fp16": dynamic loss scaling
     skipped: bool = False  # the last step's gradients overflowed in fp16: no update was made
+    average: Callable | None = None  # data parallel: average(params) makes each gradient its mean over the GPUs
 
 
 def param_groups(trainable: dict[str, nn.Parameter], cfg: dict, lr_multipliers: dict[str, float] | None):
@@ -297,16 +343,19 @@ def param_groups(trainable: dict[str, nn.Parameter], cfg: dict, lr_multipliers: 
 
 
 def build_optimization(trainable: dict[str, nn.Parameter], cfg: dict, seed: int | None = None,
-                       foreach: bool | None = None, lr_multipliers: dict[str, float] | None = None) -> Optimization:
+                       foreach: bool | None = None, lr_multipliers: dict[str, float] | None = None,
+                       world=None) -> Optimization:
     """The optimizer (and the step fused into backward), its LR schedule and the EMA. `seed`
     seeds the fused step's rounding noise (None on the meta device); `foreach` chooses AdamW's
     implementation off CUDA (optim.build_optimizer); `lr_multipliers` (parameter name ->
-    factor; 0 freezes) come from the family (Family.lr_multipliers)."""
+    factor; 0 freezes) come from the family (Family.lr_multipliers). With several GPUs data
+    parallel (`world`, distributed.World) the gradients are averaged over them: each in the fused
+    step's hook before it is used, or all of them in close_gradients."""
     frozen = {name for name, factor in (lr_multipliers or {}).items() if factor == 0}
     for name in frozen:  # no gradient at all: nothing would ever step or clear it
         trainable[name].requires_grad_(False)
     params = [p for name, p in trainable.items() if name not in frozen]
-    extra = {"stochastic_rounding": cfg["stochastic_rounding"]} if cfg["optimizer"] == "adafactor" \
+    extra = {"stochastic_rounding": cfg["stochastic_rounding"]} if cfg["optimizer"] in ("adafactor", "adamw8bit") \
         else {"foreach": foreach}
     optimizer = optim.build_optimizer(param_groups(trainable, cfg, lr_multipliers), cfg["optimizer"], lr=cfg["learning_rate"],
                                       weight_decay=cfg["weight_decay"], betas=tuple(cfg["betas"]), eps=cfg["eps"],
@@ -314,14 +363,15 @@ def build_optimization(trainable: dict[str, nn.Parameter], cfg: dict, seed: int 
     scheduler = optim.build_scheduler(optimizer, cfg["lr_scheduler"], warmup_steps=warmup_steps(cfg),
                                       total_steps=cfg["max_train_steps"], end_lr_ratio=cfg["lr_end_ratio"],
                                       power=cfg["lr_power"])
+    average_all, average_one = world.averaging() if world is not None else (None, None)
     fused = None
     if cfg["fused_backward"]:
         fused = optim.FusedBackwardStep(optimizer, max_grad_norm=0.0, seed=seed,
                                         max_grad_norm_per_param=cfg["max_grad_norm_per_param"] or None,
-                                        stochastic_rounding=cfg["stochastic_rounding"])
+                                        stochastic_rounding=cfg["stochastic_rounding"], average=average_one)
     ema = optim.EMA(params, decay=cfg["ema_decay"], update_every=cfg["ema_every"]) if cfg["ema_decay"] else None
     scaler = LossScaler() if cfg["dtype"] == "fp16" else None
-    return Optimization(params, optimizer, scheduler, fused, ema, scaler)
+    return Optimization(params, optimizer, scheduler, fused, ema, scaler, average=average_all)
 
 
 # --- one step ----------------------------------------------------------------------------------------
@@ -332,12 +382,34 @@ def training_loss(family, objective, model: nn.Module, batch: dict, cfg: dict,
     """One forward pass: noise the cached latents at drawn levels and score the prediction.
     Noise and levels come from a CPU generator in training (runs reproduce across devices and
     resumes); the memory plan passes None and draws on the device. Returns (mean loss,
-    per-sample losses (B,), the losses.Noised draw)."""
+    per-sample losses (B,), the losses.Noised draw).
+
+    With several GPUs `batch` is the global batch (distributed.World.batch): every GPU draws for
+    all of it, as one process would, and only its `batch["rows"]` go through the network. The
+    returns are still the global batch's: the loss's value is the mean over the GPUs (its
+    gradient this GPU's rows'), and the per-sample losses those of every GPU."""
     x0 = batch["latent"].float()
     noised = objective.noised(x0, generator, family.seq_len(x0))
-    out = family.predict(model, noised.x_t, noised.t, family.conditioning(batch, cfg, generator))
-    loss, per_sample = objective.loss(out, x0, noised, mask=batch.get("mask"))
+    cond = family.conditioning(batch, cfg, generator)
+    rows, mask, ran = batch.get("rows"), batch.get("mask"), noised
+    if rows is not None:  # this GPU's rows
+        size = x0.shape[0]
+        x0, mask, cond = take_rows(x0, rows, size), take_rows(mask, rows, size), take_rows(cond, rows, size)
+        ran = losses.Noised(**take_rows(vars(noised), rows, size))
+    out = family.predict(model, ran.x_t, ran.t, cond)
+    loss, per_sample = objective.loss(out, x0, ran, mask=mask)
+    if rows is not None:
+        loss, per_sample = distributed.global_loss(loss, per_sample)
     return loss, per_sample, noised
+
+
+def take_rows(value, rows: slice, size: int):
+    """The rows of a batch-first tensor, or of each one in a dict (others are left as they are)."""
+    if isinstance(value, dict):
+        return {k: take_rows(v, rows, size) for k, v in value.items()}
+    if torch.is_tensor(value) and value.ndim and value.shape[0] == size:
+        return value[rows]
+    return value
 
 
 def backward(opt: Optimization, loss: Tensor) -> None:
@@ -353,8 +425,10 @@ def close_gradients(opt: Optimization, cfg: dict) -> Tensor:
     if opt.fused is not None:
         opt.fused.step()
         return opt.fused.last_grad_norm
+    if opt.average is not None:
+        opt.average(opt.params)  # data parallel: the mean gradient over the global batch
     opt.skipped = opt.scaler is not None and not opt.scaler.unscale_(opt.params)
-    return optim.clip_grad_norm_(opt.params, cfg["max_grad_norm"] or float("inf"))
+    return distributed.local(optim.clip_grad_norm_(opt.params, cfg["max_grad_norm"] or float("inf")))
 
 
 def apply_step(opt: Optimization, step: int, swap: blockswap.BlockSwap | None = None) -> None:

@@ -1,13 +1,14 @@
 # FLUX.1-dev LoRA on a 12 GB GPU (RTX 3060 12 GB, RTX 4070 / 4070 Ti): rank 16, 1024 px,
 # batch 1. The frozen base is stored in fp8 (half the bytes of bf16) and 23 blocks swap
-# to host memory (11 double + 24 single: the fewest for which the whole run stays under 8 GiB
-# on the plain-torch path); AdamW, gradient checkpointing, latents and text embeddings cached,
-# the text encoders' layers streamed through the GPU while caching.
+# to host memory (11 double + 24 single: one more than the fewest for which the whole run stays
+# under 8 GiB on the plain-torch path, 22 at 7.99 GiB, for a margin); AdamW, gradient
+# checkpointing, latents and text embeddings cached, the text encoders' layers streamed
+# through the GPU while caching.
 #
 # Planned peaks, python train.py configs/flux_12gb.py --plan (plans: not yet measured on a GPU):
-#   plain torch (--kernels=torch): caching 2.56, training 7.84, sampling 7.52, whole run 7.84 GiB
-#   Triton kernels (the default):  caching 2.56, training 7.70, sampling 7.52, whole run 7.70 GiB
-#   nvidia-smi about 8.8-9.7 GiB; 7.1 GiB of host memory for tensors while training.
+#   plain torch (--kernels=torch): caching 2.56, training 7.72, sampling 7.52, whole run 7.72 GiB
+#   Triton kernels (the default):  caching 2.56, training 7.58, sampling 7.52, whole run 7.58 GiB
+#   nvidia-smi about 8.7-9.6 GiB; 7.1 GiB of host memory for tensors while training.
 #
 #   python train.py configs/flux_12gb.py --dataset_dir=/path/to/images
 #

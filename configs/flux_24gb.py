@@ -2,7 +2,7 @@
 # gradient checkpointing, bf16 weights; latents and text embeddings cached (the VAE, CLIP and
 # T5 leave the GPU before training). The bf16 base alone is 22.2 GiB, so 10 blocks
 # (5 double + 10 single) live in host memory. With --fp8_base=True --blocks_to_swap=0
-# instead: 14.48 GiB whole run (plain torch) and no swapping, at the cost of an fp8-rounded base.
+# instead: 14.37 GiB whole run (plain torch) and no swapping, at the cost of an fp8-rounded base.
 #
 # Planned peaks, python train.py configs/flux_24gb.py --plan (plans: not yet measured on a GPU):
 #   plain torch (--kernels=torch): caching 10.60, training 19.59, sampling 19.38, whole run 19.59 GiB

@@ -4,9 +4,9 @@
 # text encoders streamed while caching; sample decodes tiled when a whole decode would not fit.
 #
 # Planned peaks, python train.py configs/flux_8gb.py --plan (plans: not yet measured on a GPU):
-#   plain torch (--kernels=torch): caching 2.56, training 5.88, sampling 5.30, whole run 5.88 GiB
-#   Triton kernels (the default):  caching 2.56, training 5.71, sampling 5.30, whole run 5.71 GiB
-#   nvidia-smi about 6.8-7.6 GiB; 9.8 GiB of host memory for tensors while training.
+#   plain torch (--kernels=torch): caching 2.56, training 5.70, sampling 5.16, whole run 5.70 GiB
+#   Triton kernels (the default):  caching 2.56, training 5.53, sampling 5.16, whole run 5.53 GiB
+#   nvidia-smi about 6.6-7.4 GiB; 9.5 GiB of host memory for tensors while training.
 #
 #   python train.py configs/flux_8gb.py --dataset_dir=/path/to/images
 #

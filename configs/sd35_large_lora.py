@@ -4,12 +4,12 @@
 # host copy is the master); checkpointed block inputs wait in host memory; Adafactor steps each
 # LoRA weight inside backward, so the 270 M LoRA weights' gradients never exist all at once; the
 # text encoders stream through the GPU while caching; sample decodes tiled. 24 swapped blocks
-# would also plan under 5 GiB (4.81 on the torch path), but nvidia-smi would then show up to 6.4.
+# would also plan under 5 GiB (4.74 on the torch path), but nvidia-smi would then show up to 6.3.
 #
 # Planned peaks, python train.py configs/sd35_large_lora.py --plan (plans: not yet measured on a GPU):
-#   plain torch (--kernels=torch): caching 1.41, training 4.02, sampling 3.94, whole run 4.02 GiB
-#   Triton kernels (the default):  caching 1.41, training 3.98, sampling 3.94, whole run 3.98 GiB
-#   nvidia-smi about 4.8-5.5 GiB; 8.3 GiB of host memory for tensors while training.
+#   plain torch (--kernels=torch): caching 1.41, training 3.92, sampling 3.94, whole run 3.94 GiB
+#   Triton kernels (the default):  caching 1.41, training 3.88, sampling 3.94, whole run 3.94 GiB
+#   nvidia-smi about 4.7-5.4 GiB; 8.2 GiB of host memory for tensors while training.
 #
 #   python train.py configs/sd35_large_lora.py --dataset_dir=/path/to/images
 #

@@ -5,9 +5,9 @@
 # skip-layer guidance (layers 7, 8, 9).
 #
 # Planned peaks, python train.py configs/sd35_medium_lora.py --plan (plans: not yet measured on a GPU):
-#   plain torch (--kernels=torch): caching 1.41, training 4.03, sampling 3.89, whole run 4.03 GiB
-#   Triton kernels (the default):  caching 1.41, training 3.99, sampling 3.89, whole run 3.99 GiB
-#   nvidia-smi about 4.7-5.5 GiB. (A bf16 base, fp8_base = False: training 6.04 GiB.)
+#   plain torch (--kernels=torch): caching 1.41, training 4.01, sampling 3.89, whole run 4.01 GiB
+#   Triton kernels (the default):  caching 1.41, training 3.97, sampling 3.89, whole run 3.97 GiB
+#   nvidia-smi about 4.7-5.4 GiB. (A bf16 base, fp8_base = False: training 6.04 GiB.)
 #
 #   python train.py configs/sd35_medium_lora.py --dataset_dir=/path/to/images
 #

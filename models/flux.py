@@ -24,6 +24,7 @@ from .layers import (
     norm_modulate,
     qk_norm_rope,
     timestep_embedding,
+    tokenwise,
 )
 from .loading import check_family, load_into, load_state_dict, strip_prefix
 
@@ -95,14 +96,15 @@ class DoubleStreamBlock(nn.Module):
 
         # x = x + gate1 * attn; x = x + gate2 * mlp(modulate2(LN(x))): the first residual update and
         # the MLP's input norm are one fused step (same result as gated_residual then norm_modulate).
+        # The MLPs are token-wise (layers.tokenwise: in token chunks when the trainer asks).
         img, img_mlp_in = gated_residual_norm_modulate(
             img, img_mod1.gate, self.img_attn.proj(img_attn), img_mod2.shift, img_mod2.scale
         )
-        img = gated_residual(img, img_mod2.gate, self.img_mlp(img_mlp_in))
+        img = gated_residual(img, img_mod2.gate, tokenwise(self.img_mlp, img_mlp_in))
         txt, txt_mlp_in = gated_residual_norm_modulate(
             txt, txt_mod1.gate, self.txt_attn.proj(txt_attn), txt_mod2.shift, txt_mod2.scale
         )
-        txt = gated_residual(txt, txt_mod2.gate, self.txt_mlp(txt_mlp_in))
+        txt = gated_residual(txt, txt_mod2.gate, tokenwise(self.txt_mlp, txt_mlp_in))
         return img, txt
 
 
@@ -124,11 +126,14 @@ class SingleStreamBlock(nn.Module):
     def forward(self, x: Tensor, vec: Tensor, pe: Tensor, mask: Tensor | None = None) -> Tensor:
         mod, _ = self.modulation(vec)
         x_mod = norm_modulate(x, mod.shift, mod.scale)
-        qkv, mlp = torch.split(self.linear1(x_mod), [3 * self.hidden_dim, self.mlp_hidden_dim], dim=-1)
+        # linear1 and linear2 (over [attention | GELU(mlp)]) are token-wise: layers.tokenwise runs them
+        # in token chunks when the trainer asks (linear1 keeps nothing new, so it is not recomputed).
+        qkv_mlp = tokenwise(self.linear1, x_mod, recompute=False)
+        qkv, mlp = torch.split(qkv_mlp, [3 * self.hidden_dim, self.mlp_hidden_dim], dim=-1)
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = qk_norm_rope(q, k, self.norm.query_norm.scale, self.norm.key_norm.scale, pe)
         attn = attention(q, k.to(v.dtype), v, mask)
-        output = self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2))
+        output = tokenwise(lambda a, m: self.linear2(torch.cat((a, self.mlp_act(m)), dim=2)), attn, mlp)
         return gated_residual(x, mod.gate, output)
 
 

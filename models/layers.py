@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, time_factor: float = 1000.0) -> Tensor:
@@ -209,6 +210,100 @@ def _routed_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> T
     route = _attention_route
     with attention_impl(None):
         return route(q, k, v, mask)
+
+
+# --- token-wise parts of a block ------------------------------------------------------------------
+# A feed-forward computes each token from that token alone, so it can run on a few tokens at a
+# time: its hidden activations (4x the width) then exist for one chunk of tokens instead of all
+# of them. A network marks such parts of its forward with `tokenwise(fn, *inputs)`, which is a
+# plain call unless the trainer sets a chunk size (training.py, from the config's
+# chunk_feedforward / feedforward_chunk); it must be marked inside the network because parts of
+# a feed-forward are lines of a block's forward rather than modules (FLUX's single blocks feed
+# GELU(mlp) and the attention output, concatenated, to linear2).
+
+_token_chunk = 0  # tokens per chunk; 0: whole
+
+
+def set_token_chunk(tokens: int) -> None:
+    """Run `tokenwise` parts in chunks of this many tokens (0: whole)."""
+    global _token_chunk
+    if tokens < 0:
+        raise ValueError(f"a token chunk is a positive number of tokens (or 0 for none), got {tokens}")
+    _token_chunk = tokens
+
+
+def token_chunk() -> int:
+    return _token_chunk
+
+
+@contextmanager
+def token_chunks(tokens: int):
+    """set_token_chunk(tokens) for the duration of the context, then the previous size again."""
+    previous = _token_chunk
+    set_token_chunk(tokens)
+    try:
+        yield
+    finally:
+        set_token_chunk(previous)
+
+
+def tokenwise(fn, *inputs: Tensor, recompute: bool = True) -> Tensor:
+    """fn(*inputs) for inputs (B, L, ...) of which fn computes each token on its own; returns
+    (B, L, ...). With a chunk size set, fn runs on chunks of the tokens (dim 1) and the outputs
+    are concatenated: every token goes through the same operations, so the result is the same
+    (bit for bit where the matmul rounds a row the same whatever the number of rows: CPU BLAS
+    on one thread for chunks of some dozens of tokens or more).
+    While gradients are recorded, each chunk runs under torch.utils.checkpoint (`recompute`), so
+    it keeps only its inputs and its intermediates exist again, one chunk at a time, in backward;
+    recompute=False keeps what fn saves (for a single Linear that is its input: nothing new)."""
+    length = inputs[0].shape[1]
+    if not _token_chunk or length <= _token_chunk:
+        return fn(*inputs)
+    # Chunks of equal size (to a token), at most _token_chunk: no small remainder, for which a
+    # matmul library may pick another kernel that rounds differently.
+    count = -(-length // _token_chunk)
+    sizes = [length // count + (i < length % count) for i in range(count)]
+    shared = [{"left": count, "buffer": None, "shape": x.shape} for x in inputs]
+    outputs, start = [], 0
+    for size in sizes:
+        # Each chunk is cut just before it runs, so in backward its gradient is written out as soon as
+        # its own backward is done (autograd runs later-made nodes first), not after every chunk's.
+        chunk = [_chunk_of(x, start, size, s) for x, s in zip(inputs, shared)]
+        start += size
+        use_checkpoint = recompute and torch.is_grad_enabled()
+        outputs.append(checkpoint(fn, *chunk, use_reentrant=False) if use_checkpoint else fn(*chunk))
+    return torch.cat(outputs, dim=1)
+
+
+def _chunk_of(x: Tensor, start: int, size: int, shared: dict) -> Tensor:
+    """x[:, start:start + size]. With gradients, the chunk's gradient is written into one buffer
+    for x (_ChunkOf) instead of each chunk's being kept until the last and concatenated (as
+    x.split's backward would): one copy of x's gradient instead of two."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return x.narrow(1, start, size)
+    return _ChunkOf.apply(x, start, size, shared)
+
+
+class _ChunkOf(torch.autograd.Function):
+    """x[:, start:start + size]; in backward the gradient goes into the buffer in `shared`, and the
+    chunk whose gradient completes it returns the buffer as x's gradient (the others return none)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, start: int, size: int, shared: dict) -> Tensor:
+        ctx.start, ctx.size, ctx.shared = start, size, shared
+        return x.narrow(1, start, size)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        shared = ctx.shared
+        if shared["buffer"] is None:
+            shared["buffer"] = grad.new_empty(shared["shape"])
+        shared["buffer"].narrow(1, ctx.start, ctx.size).copy_(grad)
+        shared["left"] -= 1
+        if shared["left"]:
+            return None, None, None, None
+        buffer, shared["buffer"] = shared["buffer"], None
+        return buffer, None, None, None
 
 
 # --- fused-op entry points -----------------------------------------------------------------------

@@ -6,8 +6,10 @@ must agree bit for bit (outputs, gradients, AdamW updates), in training, in samp
 alternating between the two. Where the weights are is checked independently of blockswap's
 own bookkeeping: the device slots are the storage that blocks 0..K-1 held right after the
 swap was built, and every Linear must compute with a weight inside that storage, in forward
-and in a checkpoint recompute alike. A network whose blocks differ in shape (and hold convs)
-swaps the same way.
+and in a checkpoint recompute alike. Every block can also stream through one ring of slots
+that both kinds share (blocks of two sizes in slots sized for the larger), with the swapped
+weights read where loading left them (staging). A network whose blocks differ in shape (and
+hold convs) swaps the same way.
 """
 import copy
 
@@ -60,28 +62,37 @@ def storage(t: torch.Tensor) -> int:
 
 class ResidencyCheck:
     """On every Linear call inside a swapped block (forward, checkpoint recompute, sampling): its
-    weight lies in the device slots, and no more than K blocks of a kind have weights there."""
+    weight lies in the device slots of its pool, and no more than K blocks of the pool have weights
+    there. A pool is one group's slots, or the ring that all groups share: `pools` maps a name to
+    (the kinds whose blocks pass through it, K); its slots are the storage that its first K blocks
+    held right after the swap was built."""
 
-    def __init__(self, model: Flux, swapped: dict[str, int]):
+    def __init__(self, model: Flux, pools: dict[str, tuple[tuple[str, ...], int]]):
         self.model = model
-        self.slots, self.limit = {}, {}
+        self.pools = pools
+        self.slots = {}
         self.calls = 0
-        for kind, n in swapped.items():
-            blocks = getattr(model, kind)
-            self.limit[kind] = len(blocks) - n
-            self.slots[kind] = {storage(w) for b in blocks[: self.limit[kind]] for w in linear_weights(b)}
-            for i, block in enumerate(blocks):
-                for linear in (m for m in block.modules() if isinstance(m, nn.Linear)):
-                    linear.register_forward_pre_hook(lambda module, args, kind=kind, i=i: self.check(kind, i, module))
+        for pool, (kinds, k) in pools.items():
+            order = [(kind, i) for kind in kinds for i in range(len(getattr(model, kind)))]
+            self.slots[pool] = {storage(w) for kind, i in order[:k] for w in linear_weights(getattr(model, kind)[i])}
+            for kind, i in order:
+                for linear in (m for m in getattr(model, kind)[i].modules() if isinstance(m, nn.Linear)):
+                    linear.register_forward_pre_hook(lambda module, args, p=pool, kind=kind, i=i: self.check(p, kind, i, module))
 
-    def resident(self, kind: str) -> list[int]:
-        blocks = getattr(self.model, kind)
-        return [b for b, block in enumerate(blocks) if {storage(w) for w in linear_weights(block)} & self.slots[kind]]
+    def resident(self, pool: str) -> list[tuple[str, int]]:
+        """The blocks of the pool whose weights are in its slots now."""
+        kinds, _ = self.pools[pool]
+        return [(kind, b) for kind in kinds for b, block in enumerate(getattr(self.model, kind))
+                if {storage(w) for w in linear_weights(block)} & self.slots[pool]]
 
-    def check(self, kind: str, index: int, linear: nn.Linear) -> None:
+    def check(self, pool: str, kind: str, index: int, linear: nn.Linear) -> None:
         self.calls += 1
-        assert storage(linear.weight) in self.slots[kind], f"{kind}.{index} computes with a weight outside the slots"
-        assert len(self.resident(kind)) <= self.limit[kind], f"{kind}: resident {self.resident(kind)}"
+        assert storage(linear.weight) in self.slots[pool], f"{kind}.{index} computes with a weight outside the slots"
+        assert len(self.resident(pool)) <= self.pools[pool][1], f"{pool}: resident {self.resident(pool)}"
+
+
+def per_group_pools(model: Flux, swapped: dict[str, int]) -> dict:
+    return {kind: ((kind,), len(getattr(model, kind)) - n) for kind, n in swapped.items()}
 
 
 def swap_config(blocks_to_swap=0, double=-1, single=-1) -> dict:
@@ -103,8 +114,8 @@ class LaggingCopies(BlockSwap):
         self.queue, self.done = [], 0
         super().__init__(*args, **kwargs)
 
-    def _copy(self, copies):
-        self.queue.append(list(copies))
+    def _copy(self, copies, staged=(), staging_free=None):
+        self.queue.append(list(staged) + list(copies))  # staged copies run first, as on CUDA
         return len(self.queue)  # the "event": this copy and all before it
 
     def _wait_for(self, event):
@@ -179,7 +190,7 @@ CASES = [
 def test_swapping_changes_nothing_that_is_computed(train, mode, checkpointing, fp8):
     (ref, ref_params, ref_opt), (model, params, opt) = make_pair(train, checkpointing, fp8)
     swap = attach(model, LaggingCopies, mode=mode, blocks_to_swap=BLOCKS_TO_SWAP)
-    residency = ResidencyCheck(model, SWAPPED)
+    residency = ResidencyCheck(model, per_group_pools(model, SWAPPED))
     initial = {"double_blocks": [0, 1], "single_blocks": [0, 1]}
     assert swap.resident_blocks() == initial
     masters = {id(t): t.clone() for g in swap.groups.values() for t in g.host if t is not None}
@@ -209,6 +220,65 @@ def test_swapping_changes_nothing_that_is_computed(train, mode, checkpointing, f
             for t in g.host:
                 if t is not None:
                     assert torch.equal(t, masters[id(t)])
+
+
+RING_CASES = [
+    # (train, swap mode, gradient checkpointing, fp8 base, ring slots, staging)
+    ("lora", "h2d_only", True, True, 2, True),  # configs/flux_4gb.py's setting
+    ("lora", "h2d_only", True, False, 2, False),
+    ("lora", "h2d_only", False, True, 3, True),
+    ("full", "exchange", True, False, 2, False),
+]
+
+
+@pytest.mark.parametrize("train,mode,checkpointing,fp8,slots,staging", RING_CASES)
+def test_every_block_streams_through_one_ring(train, mode, checkpointing, fp8, slots, staging):
+    """All 10 blocks (4 double, 6 single: two sizes) pass through `slots` device slots shared by both
+    kinds; training and sampling compute exactly what the unswapped twin computes."""
+    (ref, ref_params, ref_opt), (model, params, opt) = make_pair(train, checkpointing, fp8)
+    swap = LaggingCopies(model, FLUX.blocks(model), {}, "cpu", mode=mode, pin_memory=False, ring=slots,
+                         staging=staging)
+    ring = swap.groups["double_blocks+single_blocks"]
+    blocks = len(model.double_blocks) + len(model.single_blocks)
+    assert (ring.num_blocks, ring.num_slots) == (blocks, slots)
+    assert ring.buffer_bytes == max(_layout(ws) for ws in ring.weights) == _layout(ring.weights[0])  # a double block
+    residency = ResidencyCheck(model, {"ring": (("double_blocks", "single_blocks"), slots)})
+    initial = {"double_blocks+single_blocks": list(range(slots))}
+    assert swap.resident_blocks() == initial
+    masters = [t.clone() for t in swap.loaded_weights()]
+    if staging:  # no host copy of its own: the weights as loaded, read through two staging buffers
+        assert all(t is None for t in ring.host) and len(ring.staging) == 2 and len(masters) == 10 * 4 + 6 * 3
+
+    for step in range(STEPS):
+        before = dict(swap.transfers)
+        out_ref, grads_ref = train_step(ref, ref_params, ref_opt, seed=step)
+        out, grads = train_step(model, params, opt, seed=step)
+        assert torch.equal(out_ref, out)
+        assert_same(grads_ref, grads, "gradient")
+        assert_same(ref_params, params, "parameter after the step")
+        assert swap.stalls == 0 and swap.resident_blocks() == initial
+        assert swap.transfers["h2d"] - before["h2d"] == 2 * (blocks - slots)  # every block in, forward and backward
+        assert swap.transfers["d2h"] - before["d2h"] == (2 * (blocks - slots) if mode == "exchange" else 0)
+        assert torch.equal(sample(ref, seed=100 + step), sample(model, seed=100 + step))
+        assert swap.resident_blocks() == initial
+
+    assert residency.calls >= STEPS * (3 if checkpointing else 2) * (4 * 10 + 6 * 3)
+    assert_same(masters, swap.loaded_weights(), "weight as loaded")  # read, never written
+
+
+def _layout(weights) -> int:
+    from blockswap import _layout_bytes
+
+    return _layout_bytes(weights)
+
+
+def test_ring_and_staging_refusals():
+    model = Flux(PARAMS)
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="a ring of 11 device slots for 10 blocks: choose 2 to 10"):
+        BlockSwap(model, FLUX.blocks(model), {}, "cpu", mode="h2d_only", ring=11)
+    with pytest.raises(ValueError, match="staging .* needs swap_mode='h2d_only'"):
+        BlockSwap(model, FLUX.blocks(model), {}, "cpu", mode="exchange", ring=2, staging=True)
 
 
 def test_remove_restores_a_plain_model():
@@ -334,20 +404,25 @@ def test_offload_activations_keeps_results_and_skips_weights(monkeypatch):
     ((out - target) ** 2).mean().backward()
     assert torch.equal(out.detach(), out_ref)
     assert_same(grads_ref, [p.grad for p in params], "gradient")
-    img, txt, vec = (1, 16, 64), (1, 8, 64), (1, 64)
-    assert packed.count(img) >= 4 and packed.count(txt) >= 4 and packed.count(vec) >= 10  # block inputs
+    img, txt, vec, pe = (1, 16, 64), (1, 8, 64), (1, 64), (1, 1, 24, 16, 2, 2)
+    assert packed.count(img) >= 4 and packed.count(txt) >= 4  # block inputs
+    assert packed.count(vec) == 1 and packed.count(pe) == 1  # inputs of all 10 blocks: copied once
     weights = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, nn.Linear)}
     weights |= {shape[::-1] for shape in weights}  # F.linear saves weight.t()
     assert not weights & set(packed)  # (embedders and final layer run outside checkpoints)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: side stream, events, pinned memory")
-@pytest.mark.parametrize("mode", ["exchange", "h2d_only"])
-def test_cuda_overlapped_swap_matches(mode):
+@pytest.mark.parametrize("mode,ring,staging", [("exchange", 0, False), ("h2d_only", 0, False), ("h2d_only", 2, True)])
+def test_cuda_overlapped_swap_matches(mode, ring, staging):
     (ref, ref_params, ref_opt), (model, params, opt) = make_pair("lora", True, device="cuda")
     model.to("cpu")  # the swap moves what stays resident; swapped weights never reach the GPU
-    swap = attach(model, mode=mode, device="cuda", pin_memory=True, blocks_to_swap=BLOCKS_TO_SWAP)
-    assert all(t.is_pinned() for g in swap.groups.values() for t in g.host if t is not None)
+    if ring:
+        swap = BlockSwap(model, FLUX.blocks(model), {}, "cuda", mode=mode, ring=ring, staging=staging)
+    else:
+        swap = attach(model, mode=mode, device="cuda", pin_memory=True, blocks_to_swap=BLOCKS_TO_SWAP)
+    host = [t for g in swap.groups.values() for t in (g.staging if staging else g.host) if t is not None]
+    assert host and all(t.is_pinned() for t in host)
     for step in range(STEPS):
         out_ref, grads_ref = train_step(ref, ref_params, ref_opt, step, "cuda")
         out, grads = train_step(model, params, opt, step, "cuda")
@@ -355,7 +430,9 @@ def test_cuda_overlapped_swap_matches(mode):
         torch.testing.assert_close(grads, grads_ref)
         torch.testing.assert_close(sample(model, 100 + step, "cuda"), sample(ref, 100 + step, "cuda"))
     swap.synchronize()
-    for kind, n in SWAPPED.items():  # only K blocks of each kind have weights on the GPU
-        blocks = getattr(model, kind)
-        on_gpu = [b for b, block in enumerate(blocks) if any(w.is_cuda for w in linear_weights(block))]
-        assert on_gpu == list(range(len(blocks) - n))
+    on_gpu = [(kind, b) for kind in SWAPPED for b, block in enumerate(getattr(model, kind))
+              if any(w.is_cuda for w in linear_weights(block))]
+    if ring:  # the ring's first blocks, whatever their kind
+        assert on_gpu == [("double_blocks", b) for b in range(ring)]
+    else:  # K blocks of each kind
+        assert on_gpu == [(kind, b) for kind, n in SWAPPED.items() for b in range(len(getattr(model, kind)) - n)]

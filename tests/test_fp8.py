@@ -81,6 +81,17 @@ def test_quantize_rounds_each_weight_to_nearest_fp8(per_row):
 
 
 @pytest.mark.parametrize("per_row", [False, True])
+def test_dequantize_in_blocks_of_rows_is_the_one_product(per_row, monkeypatch):
+    """Upcasting a few rows at a time (no fp32 copy of the whole weight) gives the same numbers."""
+    import fp8
+
+    weight_fp8, scale = quantize_weight(torch.randn(100, 48) * torch.logspace(-2, 0, 100)[:, None], per_row)
+    monkeypatch.setattr(fp8, "DEQUANTIZE_ELEMENTS", 32 * 48)  # 100 rows of 48 -> 32, 32, 32, 4
+    for dtype in (torch.bfloat16, torch.float32):
+        assert torch.equal(dequantize_weight(weight_fp8, scale, dtype), (weight_fp8.float() * scale).to(dtype))
+
+
+@pytest.mark.parametrize("per_row", [False, True])
 def test_fp8_flux_output_stays_close_to_bf16(per_row):
     model = frozen_flux()
     quantized = copy.deepcopy(model)

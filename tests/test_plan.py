@@ -167,10 +167,12 @@ def test_offloaded_activations_are_counted_in_host_memory():
 
 # --- (4, 5) the shipped configs, planned through train.py with the model files absent -------------
 
-GOALS_GIB = {"flux_24gb.py": 20.0, "flux_12gb.py": 8.0, "flux_8gb.py": 6.0, "flux_6gb.py": 4.5,
+GOALS_GIB = {"flux_24gb.py": 20.0, "flux_12gb.py": 8.0, "flux_8gb.py": 6.0, "flux_6gb.py": 4.5, "flux_4gb.py": 3.0,
              "flux_finetune_12gb.py": 10.0,  # whole run, plain-torch path
              # SDXL: the issue's goals for the 4 GB recipe and full fine-tuning; seed 001's own figures for its two
              "sdxl_4gb.py": 3.0, "sdxl_full.py": 10.0, "sdxl_12gb.py": 11.9, "sdxl_14gb.py": 14.0}
+# host memory for tensors, whole run: the 4 GB and 6 GB recipes fit a machine with 16 GB of RAM
+HOST_GOALS_GIB = {"flux_4gb.py": 14.0, "flux_6gb.py": 14.0}
 
 
 @pytest.mark.parametrize("name", sorted(GOALS_GIB))
@@ -186,6 +188,7 @@ def test_config_plans_within_its_goal_without_model_files(name, tmp_path, capsys
         assert phases["whole run"] == max(phases["caching"], phases["training"], phases["sampling"])
         if kernels == "torch":  # the goal holds on the path that certainly runs
             assert phases["whole run"] <= GOALS_GIB[name] * GiB
+            assert result["host_phases"]["whole run"] <= HOST_GOALS_GIB.get(name, float("inf")) * GiB
         stated = "whole run " + f"{phases['whole run'] / GiB:.2f} GiB"
         assert stated in header, f"{name}: update the header's {kernels} line to the planned figure, {stated}"
         out = capsys.readouterr().out
@@ -193,8 +196,9 @@ def test_config_plans_within_its_goal_without_model_files(name, tmp_path, capsys
             assert f"planned peak, {phase}: {phases[phase] / GiB:.2f} GiB" in out.splitlines()
 
 
-def test_flux_12gb_swaps_the_fewest_blocks_that_meet_its_goal():
-    result = train.main([str(CONFIGS / "flux_12gb.py"), "--plan", "--kernels=torch", "--blocks_to_swap=22"])
+def test_flux_12gb_swaps_at_most_one_block_more_than_its_goal_needs():
+    """Its header: 23 blocks, one more than the fewest (22) that plan within 8 GiB, for a margin."""
+    result = train.main([str(CONFIGS / "flux_12gb.py"), "--plan", "--kernels=torch", "--blocks_to_swap=21"])
     assert result["phases"]["whole run"] > GOALS_GIB["flux_12gb.py"] * GiB
 
 
