@@ -1094,8 +1094,8 @@ def apply_lora_file(
     others = sorted({k.split(".")[0] for k in sd if not k.startswith(prefix + "_")})
     if others:
         warnings.warn(
-            f"{len(others)} LoRA modules are not for this model (text encoders?) and are skipped: "
-            f"{_shorten(others, 3)}"
+            f"{len(others)} LoRA modules are not for this network and are skipped here: {_shorten(others, 3)} "
+            "(text-encoder parts, lora_te*, go through lora.apply_text_encoder_loras, as sample.py does)"
         )
         sd = {k: v for k, v in sd.items() if k.startswith(prefix + "_")}
     targets = targets_from_state_dict(model, sd, prefix)

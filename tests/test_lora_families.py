@@ -219,7 +219,7 @@ def assert_same_outputs(ours, theirs, path) -> None:
     t = torch.tensor([999, 10])
     with torch.no_grad():
         plain = ours(x, t, context, y)
-        with pytest.warns(UserWarning, match="24 LoRA modules are not for this model"):  # the CLIPs' 2 x 12
+        with pytest.warns(UserWarning, match="24 LoRA modules are not for this network"):  # the CLIPs' 2 x 12
             lora.apply_lora_file(ours, path, SDXL)
         got = ours(x, t, context, y)
         expected = theirs(x, t, encoder_hidden_states=context, return_dict=False,

@@ -268,3 +268,16 @@ def test_whole_run_plan_phases_and_auto_tiling():
     assert whole["phases"]["sampling"] > auto["phases"]["training"] >= auto["phases"]["sampling"]
     resident = train.main([path, "--plan", "--kernels=torch", "--text_encoder_placement=device"])
     assert resident["phases"]["caching"] > 4 * auto["phases"]["caching"]  # T5-XXL whole on the GPU
+
+
+def test_a_text_encoder_that_trains_is_resident_in_the_planned_step():
+    """SDXL's CLIP-L with a LoRA (text_encoder_lr): its bf16 weights (123,060,480 parameters, the
+    released CLIP ViT-L/14 text model, plus the int64 position ids) sit on the device in the
+    training step, and its LoRA trains with the UNet's."""
+    config = str(CONFIGS / "sdxl_12gb.py")
+    frozen = train.main([config, "--plan", "--kernels=torch"])
+    trains = train.main([config, "--plan", "--kernels=torch", '--text_encoder_lr={"clip_l": 1e-5}'])
+    assert frozen["device"].get("text encoders", 0) == 0
+    assert trains["device"]["text encoders"] == 123_060_480 * 2 + 77 * 8
+    assert trains["device"]["trainable weights"] > frozen["device"]["trainable weights"]
+    assert trains["phases"]["training"] - frozen["phases"]["training"] >= 123_060_480 * 2
