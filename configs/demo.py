@@ -5,7 +5,8 @@
 # skips the VAE and trains on the pixels directly (ae_path = ""): the "latent" is the
 # 3-channel image, packed into 2x2 patches like a FLUX latent. Everything else is the real
 # path: caches, flow-matching loss, the loop (full fine-tuning here: a random model has
-# everything to learn; train_mode="lora" runs the same loop on LoRA), caption dropout and classifier-free guidance in the samples, checkpoints, resume.
+# everything to learn; train_mode="lora" runs the same loop on LoRA), caption dropout and
+# classifier-free guidance in the samples, checkpoints, resume.
 #
 #   python train.py configs/demo.py
 #
