@@ -54,7 +54,7 @@ from models import unet as network
 from models.loading import load_state_dict, strip_prefix
 from models.text import CLIP_MAX_LENGTH, CLIP_WINDOW, SDXL_MAX_TOKEN_LENGTHS, SDXLPromptEncoder
 
-from . import Family, ddpm_options
+from . import DDPM_KEYS, Family, ddpm_options
 
 VAE_DOWNSCALE = 8
 SIZE_EMBEDDING = 6 * 256  # the size and crop part of y
@@ -73,15 +73,10 @@ class SDXL(Family):
     name = "sdxl"
     title = "SDXL"
     latent_multiple = 4  # two downsamplings in the UNet
-    config_keys = ("clip_l_path", "clip_g_path", "clip_tokenizer", "max_token_length", "no_half_vae",
-                   "v_parameterization", "zero_terminal_snr", "min_timestep", "max_timestep", "min_snr_gamma",
-                   "debiased_estimation_loss", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss",
-                   "noise_offset", "noise_offset_random_strength", "adaptive_noise_scale",
-                   "multires_noise_iterations", "multires_noise_discount", "ip_noise_gamma",
-                   "ip_noise_gamma_random_strength", "huber_schedule", "conv_dim", "conv_alpha", "block_dims",
-                   "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight", "mid_lr_weight",
-                   "up_lr_weight", "block_lr_zero_threshold", "sample_sampler", "sample_schedule",
-                   "sample_cfg")
+    config_keys = DDPM_KEYS + (
+        "clip_l_path", "clip_g_path", "clip_tokenizer", "max_token_length", "no_half_vae", "conv_dim", "conv_alpha",
+        "block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight", "mid_lr_weight",
+        "up_lr_weight", "block_lr_zero_threshold", "sample_sampler", "sample_schedule", "sample_cfg")
     lora_config_keys = ("conv_dim", "conv_alpha", "block_dims", "block_alphas", "conv_block_dims",
                         "conv_block_alphas", "down_lr_weight", "mid_lr_weight", "up_lr_weight",
                         "block_lr_zero_threshold")
