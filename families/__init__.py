@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+import fp8
 from models.loading import FAMILY_NAMES, detect_family, load_state_dict
 
 
@@ -76,8 +77,17 @@ class Family:
 
     def load(self, sd: dict, cfg: dict, dtype: torch.dtype, device="cpu") -> nn.Module:
         """The network from a checkpoint, by assignment; frozen block Linears in fp8 when
-        cfg["fp8_base"] (fp8.fp8_state_dict_to_model with `blocks`)."""
+        cfg["fp8_base"] (load_fp8)."""
         raise NotImplementedError
+
+    def load_fp8(self, sd: dict, params, cfg: dict, dtype: torch.dtype, device="cpu") -> nn.Module:
+        """The network of `params` from `sd` (the denoiser's keys, original names): the Linears
+        of every swappable block stored in fp8, everything else in `dtype`."""
+        with torch.device("meta"):
+            model = self.build(params)
+        blocks = [block for group in self.blocks(model).values() for block in group]
+        return fp8.fp8_state_dict_to_model(model, sd, dtype=dtype, device=device, blocks=blocks,
+                                           per_row=cfg["fp8_per_row"])
 
     def variant(self, params) -> str:
         """Which released model the shapes are ('dev', 'schnell', 'sd3.5-large', ...)."""

@@ -47,7 +47,6 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 import cache
-import fp8
 import losses
 import sample
 import samplers
@@ -173,11 +172,7 @@ class DeepFloydIF(Family):
         if not cfg["fp8_base"]:
             return network.IFUNet.from_state_dict(sd, config, dtype=dtype, device=device)
         check_family(sd, "deepfloyd", required=network.ORIGINAL_REQUIRED)
-        with torch.device("meta"):
-            model = network.IFUNet(config)
-        blocks = [b for group in self.blocks(model).values() for b in group]
-        return fp8.fp8_state_dict_to_model(model, sd, dtype=dtype, device=device, blocks=blocks,
-                                           per_row=cfg["fp8_per_row"])
+        return self.load_fp8(sd, config, cfg, dtype, device)
 
     def describe(self, params: network.IFConfig) -> str:
         return f"DeepFloyd {self.variant(params)}"  # "DeepFloyd IF-I-XL"

@@ -24,7 +24,6 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
-import fp8
 import losses
 import sample
 import samplers
@@ -75,12 +74,7 @@ class Flux(Family):
     def load(self, sd: dict, cfg: dict, dtype: torch.dtype, device="cpu") -> nn.Module:
         if not cfg["fp8_base"]:
             return network.Flux.from_state_dict(sd, dtype=dtype, device=device, **cfg["model_overrides"])
-        sd = strip_prefix(sd, network.PREFIXES)[0]
-        with torch.device("meta"):
-            model = network.Flux(self.params(sd, cfg))
-        blocks = [b for group in self.blocks(model).values() for b in group]
-        return fp8.fp8_state_dict_to_model(model, sd, dtype=dtype, device=device, blocks=blocks,
-                                           per_row=cfg["fp8_per_row"])
+        return self.load_fp8(strip_prefix(sd, network.PREFIXES)[0], self.params(sd, cfg), cfg, dtype, device)
 
     def variant(self, params: network.FluxParams) -> str:
         return "dev" if params.guidance_embed else "schnell"  # the guidance embedder tells them apart

@@ -46,7 +46,6 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-import fp8
 import losses
 import sample
 import samplers
@@ -153,11 +152,7 @@ class SD3(Family):
             overrides = self._overrides(cfg, has_vae=_has_vae(cfg, sd))
             return network.MMDiT.from_state_dict(sd, dtype=dtype, device=device, **overrides)
         params = self.params(sd, cfg)
-        sd, _ = strip_prefix(sd, network.PREFIXES)  # the denoiser's keys only
-        with torch.device("meta"):
-            model = network.MMDiT(params)
-        return fp8.fp8_state_dict_to_model(model, sd, dtype=dtype, device=device, blocks=list(model.joint_blocks),
-                                           per_row=cfg["fp8_per_row"])
+        return self.load_fp8(strip_prefix(sd, network.PREFIXES)[0], params, cfg, dtype, device)  # the denoiser's keys
 
     def variant(self, params: network.MMDiTParams) -> str:
         """kohya's reading of the shapes: no QK-norm is SD3 Medium, attn2 is SD3.5 Medium."""

@@ -42,7 +42,6 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-import fp8
 import losses
 from blockswap import MIN_RESIDENT  # blocks of each group that stay on the device
 import sample
@@ -100,12 +99,7 @@ class SDXL(Family):
     def load(self, sd: dict, cfg: dict, dtype: torch.dtype, device="cpu") -> nn.Module:
         if not cfg["fp8_base"]:
             return network.UNet.from_state_dict(sd, dtype=dtype, device=device, **cfg["model_overrides"])
-        sd = strip_prefix(sd, network.PREFIXES)[0]
-        with torch.device("meta"):
-            model = network.UNet(self.params(sd, cfg))
-        blocks = [b for group in self.blocks(model).values() for b in group]
-        return fp8.fp8_state_dict_to_model(model, sd, dtype=dtype, device=device, blocks=blocks,
-                                           per_row=cfg["fp8_per_row"])
+        return self.load_fp8(strip_prefix(sd, network.PREFIXES)[0], self.params(sd, cfg), cfg, dtype, device)
 
     def variant(self, params: network.UNetParams) -> str:
         return "base 1.0" if params == network.UNetParams() else "(custom shapes)"
