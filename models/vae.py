@@ -189,13 +189,9 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, p.out_ch, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
-        h = run_mid(self.mid, self.conv_in(z))
-        for up in reversed(self.up):  # deepest level first
-            for block in up.block:
-                h = block(h)
-            if hasattr(up, "upsample"):
-                h = up.upsample(h)
-        return self.conv_out(swish(self.norm_out(h)))
+        # the levels, deepest first (the tiled decode runs them per tile); no name keeps the
+        # middle block's output alive while they run
+        return decoder_upsampling(self, run_mid(self.mid, self.conv_in(z)))
 
 
 # The top-level modules that make up each half: loading one half never touches the other's tensors.
