@@ -13,7 +13,6 @@ it), model_config.unet_config with the fields its *_to_diffusers helpers read (d
 keys, and from shapes where a width is needed), and the class comfy.model_base.<Family> that
 model_lora_keys_unet tests with isinstance to add the family's diffusers names.
 """
-import logging
 import re
 from collections.abc import Mapping
 from types import SimpleNamespace
@@ -26,6 +25,7 @@ shim.install()
 import comfy.lora  # noqa: E402  (the vendored files, after the shim)
 import comfy.lora_convert  # noqa: E402
 import comfy.model_base  # noqa: E402
+from log_capture import logged
 
 # family name -> ComfyUI's model class for it (comfy/model_base.py names)
 MODEL_CLASSES = {"flux": "Flux", "sd3": "SD3", "sdxl": "SDXL"}
@@ -108,26 +108,13 @@ def comfy_clip_key_map(text_encoder_state_dict_keys) -> dict:
     return comfy.lora.model_lora_keys_clip(SimpleNamespace(state_dict=lambda: dict.fromkeys(keys)), {})
 
 
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 def comfy_load(lora_sd: dict, key_map: dict) -> tuple[dict, list[str]]:
     """What ComfyUI's LoRA loader does with a file's tensors (comfy/sd.py load_lora_for_models):
     convert_lora, then load_lora. Returns the patches by target and the file keys it logs as
     'lora key not loaded' (sorted); also fails on any error it logs."""
-    records = _Records()
-    logging.getLogger().addHandler(records)
-    try:
+    with logged() as messages:
         patches = comfy.lora.load_lora(comfy.lora_convert.convert_lora(dict(lora_sd)), key_map)
-    finally:
-        logging.getLogger().removeHandler(records)
-    not_loaded = sorted(m.removeprefix("lora key not loaded: ") for m in records.messages
+    not_loaded = sorted(m.removeprefix("lora key not loaded: ") for m in messages
                         if m.startswith("lora key not loaded: "))
     return patches, not_loaded
 
@@ -146,14 +133,10 @@ def comfy_apply(weights: dict[str, torch.Tensor], patches: dict, strength: float
         if name not in weights:
             raise KeyError(f"ComfyUI patch target {target} is no weight of the model")
         by_key.setdefault(key, []).append((strength, patch, 1.0, offset, function))
-    records = _Records()
-    logging.getLogger().addHandler(records)
-    try:
+    with logged() as messages:
         out = {key.removeprefix("diffusion_model."): comfy.lora.calculate_weight(
             plist, weights[key.removeprefix("diffusion_model.")].float().clone(), key) for key, plist in by_key.items()}
-    finally:
-        logging.getLogger().removeHandler(records)
-    errors = [m for m in records.messages if "ERROR" in m or "Failed" in m or "MISMATCH" in m]
+    errors = [m for m in messages if "ERROR" in m or "Failed" in m or "MISMATCH" in m]
     if errors:
         raise RuntimeError(f"ComfyUI could not apply the patches: {errors[:3]}")
     return out

@@ -19,6 +19,7 @@ import lora_tools
 import train
 from comfy_oracle import comfy_clip_key_map, comfy_key_map, comfy_load
 from config import ConfigError, load_config
+from log_capture import logged
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -157,15 +158,6 @@ def round_trip(path, folder: Path, family) -> None:
 # --- SDXL: LoCon everywhere with DoRA, both CLIPs, written for diffusers ------------------------------
 
 
-class Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 def test_sdxl_locon_dora_and_both_clips_train_and_load_in_diffusers_and_comfyui(tmp_path, demos, capsys):
     from diffusers import StableDiffusionXLPipeline
     from test_sdxl_family import diffusers_unet
@@ -181,14 +173,10 @@ def test_sdxl_locon_dora_and_both_clips_train_and_load_in_diffusers_and_comfyui(
     base = {k.removeprefix(PREFIX): v for k, v in load_file(files["model_path"]).items() if k.startswith(PREFIX)}
     unet = UNet.from_state_dict(dict(base), num_head_channels=16)
     theirs = diffusers_unet(base, unet.params)
-    warnings = Records()
-    logging.getLogger("diffusers").addHandler(warnings)
-    try:
+    with logged("diffusers", logging.WARNING) as warnings:
         state_dict, alphas = StableDiffusionXLPipeline.lora_state_dict(str(final), unet_config=theirs.config)
         StableDiffusionXLPipeline.load_lora_into_unet(state_dict, alphas, unet=theirs, adapter_name="t")
-    finally:
-        logging.getLogger("diffusers").removeHandler(warnings)
-    assert warnings.messages == []
+    assert warnings == []
     adapted = {n for n, m in theirs.named_modules() if hasattr(m, "lora_magnitude_vector") and "t" in m.lora_A}
     assert adapted == {k.removeprefix("unet.").split(".lora_")[0] for k in sd if k.startswith("unet.")}
     modules = dict(theirs.named_modules())

@@ -5,7 +5,6 @@ tests/oracles/comfyui/). Features: DoRA, split q/k/v, embedders and final layer,
 (CLIP-L te1, T5 te3), both formats and the round trips between them.
 """
 import copy
-import logging
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from comfy_oracle import comfy_apply, comfy_clip_key_map, comfy_key_map, comfy_l
 from families.flux import FAMILY as FLUX
 from lora import LoRANetwork
 from test_flux import diffusers_model, load_ours, random_inputs, random_state_dict, tiny_params
+from log_capture import logged
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,32 +39,19 @@ def flux_network(model, preset="all", dora=False, split=False, rank=4) -> LoRANe
     return randomize(LoRANetwork.inject(model, targets, alpha=2.0, dora=dora, splits=splits, device="cpu"))
 
 
-class Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 def diffusers_load(path, transformer=None, text_encoder=None):
     """diffusers' FluxPipeline loading path without a pipeline object: lora_state_dict, then
     load_lora_into_transformer / load_lora_into_text_encoder. Returns what diffusers logged."""
     from diffusers import FluxPipeline
 
-    records = Records()
-    logging.getLogger("diffusers").addHandler(records)
-    try:
+    with logged("diffusers") as messages:
         state, alphas = FluxPipeline.lora_state_dict(str(path), return_alphas=True)
         if transformer is not None:
             FluxPipeline.load_lora_into_transformer(state, network_alphas=alphas, transformer=transformer)
         if text_encoder is not None:
             FluxPipeline.load_lora_into_text_encoder(state, network_alphas=alphas, text_encoder=text_encoder,
                                                      prefix="text_encoder")
-    finally:
-        logging.getLogger("diffusers").removeHandler(records)
-    return [m for m in records.messages if any(w in m.lower() for w in ("unexpected", "missing", "unsupported"))]
+    return [m for m in messages if any(w in m.lower() for w in ("unexpected", "missing", "unsupported"))]
 
 
 def deltas(sd: dict) -> dict:

@@ -26,6 +26,7 @@ import training
 from config import DEFAULTS, ConfigError, load_config
 from families import sdxl
 from models.unet import UNet, UNetParams
+from log_capture import logged
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -343,15 +344,6 @@ def diffusers_unet(sd: dict, params: UNetParams):
     return model.eval()
 
 
-class Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 def test_lora_loads_in_diffusers_sdxl_loader_with_every_key_and_the_same_strength(files, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
@@ -361,17 +353,13 @@ def test_lora_loads_in_diffusers_sdxl_loader_with_every_key_and_the_same_strengt
     path = tmp_path / "lora.safetensors"
     save_file(kohya, str(path))
     theirs = diffusers_unet(base, ours.params)
-    warnings = Records()
-    logging.getLogger("diffusers").addHandler(warnings)  # diffusers' loggers do not propagate to the root
-    try:
+    with logged("diffusers", logging.WARNING) as warnings:  # diffusers' loggers do not propagate to the root
         # what pipe.load_lora_weights(path) runs: lora_state_dict with the UNet's config (the sgm block
         # map needs layers_per_block), then load_lora_into_unet
         state_dict, alphas = StableDiffusionXLPipeline.lora_state_dict(str(path), unet_config=theirs.config)
         StableDiffusionXLPipeline.load_lora_into_unet(state_dict, alphas, unet=theirs, adapter_name="t")
         logging.getLogger("diffusers.loaders.peft").warning("the handler hears diffusers")
-    finally:
-        logging.getLogger("diffusers").removeHandler(warnings)
-    assert warnings.messages == ["the handler hears diffusers"]  # no unexpected or missing keys reported
+    assert warnings == ["the handler hears diffusers"]  # no unexpected or missing keys reported
     from peft.tuners.lora import LoraLayer
 
     loaded = [m for m in theirs.modules() if isinstance(m, LoraLayer)]
