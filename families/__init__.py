@@ -362,6 +362,16 @@ def ddpm_options(cfg: dict) -> dict:
         huber_c=cfg["huber_c"], huber_schedule=cfg["huber_schedule"])
 
 
+def check_ranks(rank: int, group_ranks: dict[str, int], known, title: str) -> None:
+    """network_dim and each group_ranks entry a non-negative int, every group one of `known`."""
+    unknown = sorted(set(group_ranks) - set(known))
+    if unknown:
+        raise ValueError(f"group_ranks: unknown groups {unknown}; {title}'s groups are {list(known)}")
+    for name, r in {"rank": rank, **group_ranks}.items():
+        if not isinstance(r, int) or r < 0:
+            raise ValueError(f"LoRA {name} must be a non-negative integer, got {r!r}")
+
+
 # --- the registry ----------------------------------------------------------------------------------
 
 

@@ -57,7 +57,7 @@ from models import deepfloyd as network
 from models.loading import check_family, load_state_dict
 from models.text import IF_T5_LENGTH, IFPromptEncoder
 
-from . import DDPM_KEYS, Family, ddpm_options
+from . import DDPM_KEYS, Family, check_ranks, ddpm_options
 
 LOW_RES_FACTOR = 4  # stage II: 64 px -> 256 px
 MIN_RESIDENT = 2  # blockswap.MIN_RESIDENT
@@ -618,12 +618,7 @@ def lora_targets(model: nn.Module, rank: int, group_ranks: dict[str, int] | None
     `group_ranks` sets a group's rank (0 removes it) and adds res_conv, the ResBlocks' 3x3 convs."""
     group_ranks = dict(group_ranks or {})
     known = list(ATTENTION_GROUPS) + list(RESBLOCK_GROUPS)
-    unknown = sorted(set(group_ranks) - set(known))
-    if unknown:
-        raise ValueError(f"group_ranks: unknown groups {unknown}; DeepFloyd IF's groups are {known}")
-    for name, r in {"rank": rank, **group_ranks}.items():
-        if not isinstance(r, int) or r < 0:
-            raise ValueError(f"LoRA {name} must be a non-negative integer, got {r!r}")
+    check_ranks(rank, group_ranks, known, "DeepFloyd IF")
     ranks = {g: group_ranks.get(g, 0 if g in OFF_BY_DEFAULT else rank) for g in known}
     return {path: ranks[group] for path, group in lora_candidates(model).items() if ranks[group] > 0}
 

@@ -33,7 +33,7 @@ from models import flux as network
 from models import load_text_encoder
 from models.loading import strip_prefix
 
-from . import Family
+from . import Family, check_ranks
 
 DOUBLE_GROUPS = ("img_attn", "txt_attn", "img_mlp", "txt_mlp", "img_mod", "txt_mod")
 SINGLE_GROUPS = ("single", "single_mod")
@@ -423,16 +423,6 @@ def _embedder_names(model: nn.Module, embedders) -> list[str]:
     return list(embedders)
 
 
-def _check_ranks(rank: int, group_ranks: dict[str, int]) -> None:
-    known = DOUBLE_GROUPS + SINGLE_GROUPS + EMBEDDERS
-    unknown = sorted(set(group_ranks) - set(known))
-    if unknown:
-        raise ValueError(f"group_ranks: unknown groups {unknown}; valid groups are {list(known)}")
-    for name, r in {"rank": rank, **group_ranks}.items():
-        if not isinstance(r, int) or r < 0:
-            raise ValueError(f"LoRA {name} must be a non-negative integer, got {r!r}")
-
-
 def lora_targets(model: nn.Module, rank: int, group_ranks: dict[str, int] | None = None,
                  double_blocks="all", single_blocks="all", embedders=False) -> dict[str, int]:
     """Module path -> rank for every Linear that gets a LoRA.
@@ -444,7 +434,7 @@ def lora_targets(model: nn.Module, rank: int, group_ranks: dict[str, int] | None
     ('all', 'none', '0,1,4-7' or a list). `embedders` adds the input embedders' Linears (True,
     or a list among EMBEDDERS)."""
     group_ranks = dict(group_ranks or {})
-    _check_ranks(rank, group_ranks)
+    check_ranks(rank, group_ranks, DOUBLE_GROUPS + SINGLE_GROUPS + EMBEDDERS, "FLUX")
     targets = {}
     for kind, spec in (("double_blocks", double_blocks), ("single_blocks", single_blocks)):
         blocks = getattr(model, kind)

@@ -57,7 +57,7 @@ from models.loading import list_weight_files, load_state_dict, strip_prefix
 from models.text import CLIP_MAX_LENGTH, SD3_T5_LENGTH, SD3PromptEncoder, drop_encoder_parts, sd3_conditioning
 from models.vae import LATENT_SCALING
 
-from . import Family
+from . import Family, check_ranks
 
 VARIANTS = ("sd3-medium", "sd3.5-medium", "sd3.5-large", "sd3.5-large-turbo")
 # The released networks (REFERENCE.md 2.2); Large Turbo has Large's shapes.
@@ -576,16 +576,6 @@ def _roles(half: str, sub_path: str) -> frozenset:
     return frozenset({"context" if half == "context_block" else "image", kind})
 
 
-def _check_ranks(rank: int, group_ranks: dict) -> None:
-    known = GROUPS + tuple(EMBEDDERS)
-    unknown = sorted(set(group_ranks) - set(known))
-    if unknown:
-        raise ValueError(f"group_ranks: unknown groups {unknown}; SD3's groups are {list(known)}")
-    for name, r in {"rank": rank, **group_ranks}.items():
-        if not isinstance(r, int) or r < 0:
-            raise ValueError(f"LoRA {name} must be a non-negative integer, got {r!r}")
-
-
 def lora_targets(model: nn.Module, rank: int, group_ranks: dict | None = None, blocks="all",
                  embedders: bool = False) -> dict[str, int]:
     """Module path -> rank for every layer that gets a LoRA, as kohya's networks.lora_sd3.
@@ -597,7 +587,7 @@ def lora_targets(model: nn.Module, rank: int, group_ranks: dict | None = None, b
     final_mod, final_linear) get one when `embedders` is True (rank `rank`) or when group_ranks
     names them."""
     group_ranks = dict(group_ranks or {})
-    _check_ranks(rank, group_ranks)
+    check_ranks(rank, group_ranks, GROUPS + tuple(EMBEDDERS), "SD3")
     targets = {}
     for i in parse_block_indices(blocks, len(model.joint_blocks), "joint_blocks"):
         for half in ("context_block", "x_block"):
