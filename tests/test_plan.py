@@ -1,6 +1,8 @@
 """The memory plan (plan.py): its accounting against the bytes the CPU allocator actually
 hands out, weight bytes against parameter counts, block swap, the fused step, and the
 shipped low-memory configs against the goals their headers state."""
+import concurrent.futures
+import multiprocessing
 from pathlib import Path
 
 import pytest
@@ -82,28 +84,41 @@ def allocator_increase(prof) -> int:
 # --- (1) the accounting, on real tensors -----------------------------------------------------------
 
 
+def measure_accounting(changes: dict) -> dict:
+    """One training step of the tiny model on real CPU tensors, the tracker's peak beside the
+    allocator's (profiler), and the same walk on meta tensors."""
+    torch.set_num_threads(1)
+    cfg = tiny_cfg(**changes)
+    real = plan.build(cfg, "cpu", TINY)
+    profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    plan.walk(real, measure=lambda: profiler)
+    meta = plan.build(cfg, "meta", TINY)
+    plan.walk(meta)
+    return dict(tracked=real.tracker.peak_bytes - real.tracker.start_bytes, allocated=allocator_increase(profiler),
+                real_peak=real.tracker.peak_bytes, meta_peak=meta.tracker.peak_bytes,
+                real_trainable=real.tracker.peak_breakdown[plan.TRAINABLE],
+                meta_trainable=meta.tracker.peak_breakdown[plan.TRAINABLE])
+
+
 @pytest.mark.parametrize("changes", [
     {},  # LoRA on a bf16 base, AdamW, checkpointing
     {"train_mode": "full", "dtype": "fp32", "optimizer": "adafactor", "fused_backward": True, "max_grad_norm": 0.0},
     {"fp8_base": True, "gradient_checkpointing": False},
 ], ids=["lora-bf16", "full-fused-adafactor", "fp8-no-checkpointing"])
 def test_accounting_matches_the_allocator_and_the_meta_plan(changes):
-    cfg = tiny_cfg(**changes)
-    real = plan.build(cfg, "cpu", TINY)
-    profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-    plan.walk(real, measure=lambda: profiler)
-    tracked = real.tracker.peak_bytes - real.tracker.start_bytes
-    allocated = allocator_increase(profiler)
+    # In a fresh process: the profiler's allocator events are the whole process's. Inside the full
+    # suite (not alone, nor after the 28 test files before this one) the allocator's peak came out
+    # at a sixth of the tracker's in 2 of 5 runs, a cause inside the long pytest process not found.
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        m = pool.submit(measure_accounting, changes).result()
     # Measured: equal to the byte on the recording machine, with and without checkpointing. The
     # bound allows for allocations an operator makes on some CPUs and keeps past its return.
-    assert abs(tracked - allocated) <= 0.001 * allocated, (tracked, allocated)
-
-    meta = plan.build(cfg, "meta", TINY)
-    plan.walk(meta)
+    assert abs(m["tracked"] - m["allocated"]) <= 0.001 * m["allocated"], (m["tracked"], m["allocated"])
     # The same walk on meta tensors: only CPU scalars (AdamW's step counts) and the flash
     # kernel's RNG seed and offset differ. Measured: at most 1.5 KB at a peak of 8.6-10 MB.
-    assert abs(meta.tracker.peak_bytes - real.tracker.peak_bytes) <= 0.005 * real.tracker.peak_bytes
-    assert meta.tracker.peak_breakdown[plan.TRAINABLE] == real.tracker.peak_breakdown[plan.TRAINABLE]
+    assert abs(m["meta_peak"] - m["real_peak"]) <= 0.005 * m["real_peak"]
+    assert m["meta_trainable"] == m["real_trainable"]
 
 
 # --- (2) weights: parameter count times dtype size ------------------------------------------------
