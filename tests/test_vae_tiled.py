@@ -24,7 +24,7 @@ from models.vae import (
     AutoEncoder, AutoEncoderParams, blend_ramp, decode_tiled, decoder_peak_bytes, decoder_upsampling, run_mid,
     tile_starts,
 )
-from test_plan import allocator_increase
+from test_plan import allocator_increase, in_fresh_process
 from test_vae import random_vae_state_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -99,22 +99,31 @@ def peak_allocated(fn) -> int:
     return allocator_increase(profiler)
 
 
+def measured_peak(params: AutoEncoderParams, size: tuple, tile: int = 0) -> int:
+    """peak_allocated of a whole decode (tile 0) or a tiled one (tiles of `tile` latent px, overlap
+    8) of a random decoder; run it with tests/test_plan.py's in_fresh_process (see there why)."""
+    torch.set_num_threads(1)
+    decoder = AutoEncoder.from_state_dict(random_vae_state_dict(params), parts=("decoder",)).eval()
+    z = latent(*size)
+    if tile:
+        return peak_allocated(lambda: decode_tiled(decoder, z, tile_latent=tile, overlap_latent=8))
+    return peak_allocated(lambda: decoder.decode(z))
+
+
 @pytest.mark.parametrize("params,size", [
     (PARAMS, (32, 24)),
     (AutoEncoderParams(ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=16), (24, 20)),
 ])  # fmt: skip
 def test_peak_estimate_matches_the_allocator(params, size):
     """Measured 0.1 % and 0.4 % above the estimate (the small tensors the estimate leaves out)."""
-    decoder_only = AutoEncoder(params, parts=("decoder",)).eval()
-    measured = peak_allocated(lambda: decoder_only.decode(latent(*size)))
+    measured = in_fresh_process(measured_peak, params, size)
     estimate = decoder_peak_bytes(params, *size, dtype=torch.float32)
     assert estimate <= measured <= 1.01 * estimate, (estimate, measured)
 
 
-def test_tiled_peak_follows_the_tile(vae):
-    z = latent(64, 48)
-    whole = peak_allocated(lambda: vae.decode(z))
-    tiled = peak_allocated(lambda: decode_tiled(vae, z, tile_latent=32, overlap_latent=8))
+def test_tiled_peak_follows_the_tile():
+    whole = in_fresh_process(measured_peak, PARAMS, (64, 48))
+    tiled = in_fresh_process(measured_peak, PARAMS, (64, 48), 32)
     canvas = 4 * (3 + 1) * 512 * 384  # fp32 sum of the blended tiles and of their weights
     tile = decoder_peak_bytes(PARAMS, 32, 32, dtype=torch.float32)
     assert tile + canvas <= tiled <= 1.05 * (tile + canvas), (tile, canvas, tiled)  # measured 72.3 MB against 70.3
