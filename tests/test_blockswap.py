@@ -175,6 +175,17 @@ def assert_same(a: list, b: list, what: str) -> None:
         assert torch.equal(x, y), f"{what} {i} differs: max |diff| {(x - y).abs().max().item()}"
 
 
+def assert_steps_alike(twins, step: int) -> None:
+    """One training step of the unswapped model and of its swapped twin: the same output,
+    gradients and updated parameters, bit for bit."""
+    (ref, ref_params, ref_opt), (model, params, opt) = twins
+    out_ref, grads_ref = train_step(ref, ref_params, ref_opt, seed=step)
+    out, grads = train_step(model, params, opt, seed=step)
+    assert torch.equal(out_ref, out)
+    assert_same(grads_ref, grads, "gradient")
+    assert_same(ref_params, params, "parameter after the step")
+
+
 CASES = [
     # (train, swap mode, gradient checkpointing, fp8 base)
     ("full", "exchange", True, False),
@@ -188,7 +199,8 @@ CASES = [
 
 @pytest.mark.parametrize("train,mode,checkpointing,fp8", CASES)
 def test_swapping_changes_nothing_that_is_computed(train, mode, checkpointing, fp8):
-    (ref, ref_params, ref_opt), (model, params, opt) = make_pair(train, checkpointing, fp8)
+    twins = make_pair(train, checkpointing, fp8)
+    (ref, _, _), (model, _, _) = twins
     swap = attach(model, LaggingCopies, mode=mode, blocks_to_swap=BLOCKS_TO_SWAP)
     residency = ResidencyCheck(model, per_group_pools(model, SWAPPED))
     initial = {"double_blocks": [0, 1], "single_blocks": [0, 1]}
@@ -197,11 +209,7 @@ def test_swapping_changes_nothing_that_is_computed(train, mode, checkpointing, f
 
     for step in range(STEPS):
         before = dict(swap.transfers)
-        out_ref, grads_ref = train_step(ref, ref_params, ref_opt, seed=step)
-        out, grads = train_step(model, params, opt, seed=step)
-        assert torch.equal(out_ref, out)
-        assert_same(grads_ref, grads, "gradient")
-        assert_same(ref_params, params, "parameter after AdamW")
+        assert_steps_alike(twins, step)
         assert swap.stalls == 0  # every block was prefetched before it ran
         assert swap.resident_blocks() == initial  # the backward brought the first blocks back
         # every swapped block came in once in forward and once in backward
@@ -235,7 +243,8 @@ RING_CASES = [
 def test_every_block_streams_through_one_ring(train, mode, checkpointing, fp8, slots, staging):
     """All 10 blocks (4 double, 6 single: two sizes) pass through `slots` device slots shared by both
     kinds; training and sampling compute exactly what the unswapped twin computes."""
-    (ref, ref_params, ref_opt), (model, params, opt) = make_pair(train, checkpointing, fp8)
+    twins = make_pair(train, checkpointing, fp8)
+    (ref, _, _), (model, _, _) = twins
     swap = LaggingCopies(model, FLUX.blocks(model), {}, "cpu", mode=mode, pin_memory=False, ring=slots,
                          staging=staging)
     ring = swap.groups["double_blocks+single_blocks"]
@@ -251,11 +260,7 @@ def test_every_block_streams_through_one_ring(train, mode, checkpointing, fp8, s
 
     for step in range(STEPS):
         before = dict(swap.transfers)
-        out_ref, grads_ref = train_step(ref, ref_params, ref_opt, seed=step)
-        out, grads = train_step(model, params, opt, seed=step)
-        assert torch.equal(out_ref, out)
-        assert_same(grads_ref, grads, "gradient")
-        assert_same(ref_params, params, "parameter after the step")
+        assert_steps_alike(twins, step)
         assert swap.stalls == 0 and swap.resident_blocks() == initial
         assert swap.transfers["h2d"] - before["h2d"] == 2 * (blocks - slots)  # every block in, forward and backward
         assert swap.transfers["d2h"] - before["d2h"] == (2 * (blocks - slots) if mode == "exchange" else 0)
