@@ -40,10 +40,6 @@ def checkpoint_blocks(blocks: list[nn.Module], enabled: bool = True) -> None:
             del block.forward  # back to the class's forward
 
 
-def is_checkpointed(block: nn.Module) -> bool:
-    return "forward" in block.__dict__
-
-
 def chunk_feedforward(tokens: int) -> None:
     """Run every network's token-wise parts in chunks of `tokens` tokens from now on (0: whole).
     Same results (each token meets the same operations); the cost is one more forward of each

@@ -132,14 +132,6 @@ def decode_tile(codec, latent: Tensor, device, setting: int, headroom=None) -> i
     return AUTO_TILE if codec.decode_bytes(latent) > available else 0
 
 
-def generate(family, model, codec, prompt: SamplePrompt, cond: dict, neg_cond: dict | None = None,
-             tile_setting: int = -1) -> Image.Image:
-    """One image for one prompt: its latent, then the decode (see decode_images)."""
-    device = next(model.parameters()).device
-    latent = generate_latent(family, model, codec, prompt, cond, neg_cond)
-    return decode_images(codec, [latent], device, tile_setting)[0]
-
-
 def to_pil(pixels: Tensor) -> Image.Image:
     """(1, 3, H, W) in [-1, 1] -> PIL image."""
     array = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()

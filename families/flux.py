@@ -148,8 +148,8 @@ class Flux(Family):
         return autoencoder_skeleton(cfg["ae_path"], "flux") if cfg["ae_path"] else None
 
     def text_length(self, cfg: dict, params) -> int:
-        """T5 tokens: 512 for dev, 256 for schnell (black-forest-labs/flux: cli.py), or the config's."""
-        return cfg["t5_max_length"] or (512 if params.guidance_embed else 256)
+        """T5 tokens: the config's, or the network's default (512 for dev, 256 for schnell)."""
+        return cfg["t5_max_length"] or network.default_t5_max_length(params)
 
     def text_mask(self, cfg: dict) -> bool:
         return cfg["apply_t5_attn_mask"]

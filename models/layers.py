@@ -232,10 +232,6 @@ def set_token_chunk(tokens: int) -> None:
     _token_chunk = tokens
 
 
-def token_chunk() -> int:
-    return _token_chunk
-
-
 @contextmanager
 def token_chunks(tokens: int):
     """set_token_chunk(tokens) for the duration of the context, then the previous size again."""
